@@ -1,0 +1,97 @@
+"""Command line: `duquant run`, `duquant demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from duquant.config import RunConfig
+from duquant.formats import FORMATS
+from duquant.methods import METHODS
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that quantize and evaluate."""
+    p.add_argument("--model", default=None, help="HF id, local HF dir or .gguf file (default: SmolLM2-135M)")
+    p.add_argument("--format", default="mxfp4", choices=sorted(FORMATS))
+    p.add_argument("--w-scale-rule", default=None, help="weight scale rule (default: the format's)")
+    p.add_argument("--a-scale-rule", default=None, help="activation scale rule (default: the format's)")
+    p.add_argument("--rounding", default="even", choices=["even", "away"])
+    p.add_argument("--alpha", type=float, default=None, help="smoothing strength α")
+    p.add_argument("--block-size", type=int, default=None, help="rotation block size B")
+    p.add_argument("--max-steps", type=int, default=None, help="greedy rotation steps")
+    p.add_argument("--eval", dest="evals", nargs="+", default=["wikitext2"],
+                   help="'wikitext2' and/or paths of UTF-8 text files")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+
+
+def _config(args: argparse.Namespace, method: str) -> RunConfig:
+    """A RunConfig from parsed arguments."""
+    fields = RunConfig.__dataclass_fields__
+    return RunConfig(method=method, **{k: v for k, v in vars(args).items() if k in fields and k != "method"})
+
+
+def _table(results: list[dict]) -> str:
+    """A short human table of methods x evaluations."""
+    lines = [f"{'method':<14} {'format':<7} {'w/a rule':<22} {'eval':<12} {'ppl':>10} {'windows':>8} {'seconds':>8}"]
+    for r in results:
+        run = r["config"]["run"]
+        w = r["config"]["weights"] or {}
+        a = r["config"]["activations"] or {}
+        rules = f"{w.get('scale_rule', '-')}/{a.get('scale_rule', '-')}"
+        for name, m in r["metrics"].items():
+            if isinstance(m, dict) and "ppl" in m:
+                lines.append(f"{run['method']:<14} {run['format']:<7} {rules:<22} {name:<12} "
+                             f"{m['ppl']:>10.3f} {m['windows']:>8} {m['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `duquant` console script."""
+    parser = argparse.ArgumentParser(prog="duquant", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="quantize one model with one method and evaluate it")
+    p_run.add_argument("--method", default="rtn", choices=sorted(METHODS))
+    p_run.add_argument("--output", default=None, help="write the result JSON here")
+    _add_run_args(p_run)
+
+    p_demo = sub.add_parser("demo", help="FP vs RTN MXFP4 W4A4 perplexity on the default model, a few windows")
+    p_demo.add_argument("--output", default="results/demo.json")
+    _add_run_args(p_demo)
+    p_demo.set_defaults(max_windows=4, seqlen=1024)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from duquant.runner import run, write_json  # heavy imports after argument errors
+
+    try:
+        if args.command == "run":
+            results = [run(_config(args, args.method))]
+        else:
+            from duquant.models import load_model
+
+            loaded = load_model(args.model, args.dtype, args.device)
+            results = [run(_config(args, "fp"), loaded)]
+            results.append(run(_config(args, "rtn"), loaded))  # rtn replaces layers in place: run last
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"duquant: error: {exc}", file=sys.stderr)
+        return 2
+    print(_table(results))
+    if args.output:
+        write_json(results[0] if len(results) == 1 else {"runs": results}, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Evaluation and calibration text: WikiText-2 from the Hugging Face hub or a local directory.
+
+Source order: a local directory when $DUQUANT_DATA_DIR is set (deterministic and offline), else the hub
+through `datasets`, else the checkout's ../shared/data. WikiText-2 has no offline train split here, so
+offline calibration samples the validation split and the result's config says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WIKITEXT_FILES = {"test": "wikitext2_raw/wiki.test.raw", "validation": "wikitext2_raw/wiki.valid.raw"}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set could be found neither locally nor on the hub."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where a text came from: enough to say in a result how it was made."""
+
+    dataset: str
+    split: str
+    origin: str  # "hub" or a file path
+    sha256: str
+
+
+def data_dir() -> Path | None:
+    """The local data directory: $DUQUANT_DATA_DIR, else a shared/data beside the checkout, else None."""
+    env = os.environ.get("DUQUANT_DATA_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    for cand in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def raw_lines_to_rows(text: str) -> list[str]:
+    """Split a wiki.*.raw file into rows as the hub's `wikitext-2-raw-v1` has them (blank lines become '')."""
+    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+
+
+@functools.cache
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (checked once per process; HF_HUB_OFFLINE=1 says no)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_wikitext(split: str) -> list[str] | None:
+    """WikiText-2 rows from the hub, or None when `datasets` or the hub is unavailable."""
+    if not hub_reachable():
+        return None
+    try:
+        import datasets
+    except ImportError:
+        return None
+    try:
+        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    except Exception as exc:  # offline, blocked, rate limited: fall back to the local copy
+        log.info("WikiText-2 %s not available from the hub (%s)", split, type(exc).__name__)
+        return None
+
+
+def _local_path(relative: str) -> Path | None:
+    """The local copy of a data file, if the data directory has it."""
+    root = data_dir()
+    if root is not None and (root / relative).is_file():
+        return root / relative
+    return None
+
+
+def wikitext2_rows(split: str) -> tuple[list[str], TextSource]:
+    """WikiText-2 raw rows of `split` ('train', 'validation' or 'test') and where they came from."""
+    local_rel = WIKITEXT_FILES.get(split)
+    local = _local_path(local_rel) if local_rel else None
+    if local is not None and os.environ.get("DUQUANT_DATA_DIR"):
+        return _local_rows(local, split)
+    rows = _hub_wikitext(split)
+    if rows is not None:
+        sha = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+        return rows, TextSource("wikitext2", split, "hub", sha)
+    if local is not None:
+        return _local_rows(local, split)
+    where = f"{data_dir()}/{local_rel}" if local_rel else "(no local copy exists for this split)"
+    raise DataNotFoundError(
+        f"WikiText-2 {split} is not reachable on the Hugging Face hub and no local copy was found at "
+        f"{where}. Set DUQUANT_DATA_DIR to a folder holding {local_rel or 'the data'} "
+        "(see shared/data/MANIFEST.md), or install duquant[eval] and go online."
+    )
+
+
+def _local_rows(path: Path, split: str) -> tuple[list[str], TextSource]:
+    """Rows of a local raw file and its provenance."""
+    rows = raw_lines_to_rows(path.read_text(encoding="utf-8"))
+    return rows, TextSource("wikitext2", split, str(path), file_sha256(path))
+
+
+def eval_text(name: str) -> tuple[str, TextSource]:
+    """The evaluation text for `name`: 'wikitext2' (test split) or the path of a UTF-8 text file."""
+    if name == "wikitext2":
+        rows, src = wikitext2_rows("test")
+        return "\n\n".join(rows), src
+    path = Path(name)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"evaluation {name!r} is neither a known data set ('wikitext2') nor an existing text file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from exc
+    return text, TextSource("file", "all", str(path), file_sha256(path))
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """How calibration windows were drawn, recorded in every result."""
+
+    dataset: str
+    split: str
+    origin: str
+    sha256: str
+    nsamples: int
+    seqlen: int
+    seed: int
+
+
+def calibration_windows(
+    tokenizer, nsamples: int, seqlen: int, seed: int = 0
+) -> tuple[torch.Tensor, CalibrationInfo]:
+    """`nsamples` random windows of `seqlen` tokens (seeded) from WikiText-2 train, else validation offline."""
+    try:
+        rows, src = wikitext2_rows("train")
+    except DataNotFoundError:
+        rows, src = wikitext2_rows("validation")
+        log.warning("WikiText-2 train is unavailable offline: calibrating on the validation split")
+    ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    windows = torch.stack([ids[s : s + seqlen] for s in starts])
+    info = CalibrationInfo(src.dataset, src.split, src.origin, src.sha256, nsamples, seqlen, seed)
+    return windows, info

@@ -1,0 +1,52 @@
+"""Methods: each a small declarative composition of input transforms and a weight quantizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What a method does to every linear input of a decoder block.
+
+    `rotation` names the block rotation after smoothing: none, hadamard (Sylvester, deterministic),
+    random-hadamard (random ±1 signs), greedy (DuQuant's outlier-aware search), duquant-v1
+    (rotation, zigzag permutation, rotation). `global_rotation` is QuaRot's residual-stream Hadamard.
+    """
+
+    name: str
+    quantize: bool = True
+    smooth: bool = False
+    alpha: float = 0.6
+    rotation: str = "none"
+    global_rotation: bool = False
+    block_size: int = 32
+    max_steps: int = 128
+    per_block: bool = False  # one rotation per block instead of one shared matrix
+    objective: str = "range"  # greedy search objective: range (paper) or mx (MX quantization error)
+    swap_index: str = "column"  # column (paper) or row_mod_b (released code)
+    refine_from: str = "identity"  # greedy start: identity (paper) or random-hadamard
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method reads calibration activations."""
+        return self.smooth or self.rotation in ("greedy", "duquant-v1")
+
+
+METHODS: dict[str, MethodConfig] = {
+    m.name: m
+    for m in (
+        MethodConfig("fp", quantize=False),
+        MethodConfig("rtn"),
+    )
+}
+
+
+def get_method(name: str, **overrides) -> MethodConfig:
+    """The registered method `name`, with fields overridden (None values are ignored)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return replace(METHODS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+__all__ = ["METHODS", "MethodConfig", "get_method"]

@@ -1,0 +1,80 @@
+"""W4A4 quantized linear layers: weights quantized once, activations transformed and quantized online."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from duquant.formats import QuantSpec
+from duquant.transforms.base import Transform
+
+
+class InputQuantizer(nn.Module):
+    """Online part of one input position: transform then fake-quantize, shared by the linears reading it.
+
+    q/k/v (and gate/up) receive the same tensor object, so the result of the last call is reused when
+    the same tensor comes again, and the online work is done once per position, not once per linear.
+    """
+
+    def __init__(self, online: Transform | None, spec: QuantSpec | None, name: str = "input"):
+        super().__init__()
+        self.online = online
+        self.spec = spec
+        self.name = name
+        self._last_input: weakref.ref | None = None
+        self._last_output: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._last_input is not None and self._last_input() is x:
+            return self._last_output
+        y = self.online(x) if self.online is not None else x
+        if self.spec is not None:
+            y = self.spec.fake_quant(y, name=self.name)
+        self._last_input, self._last_output = weakref.ref(x), y
+        return y
+
+    def reset(self) -> None:
+        """Drop the cached activation."""
+        self._last_input, self._last_output = None, None
+
+
+class QuantLinear(nn.Module):
+    """y = Q_a(T(x)) · Q_w(W·T^-T)^T + b, with T the online transform of this input position."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, input_quantizer: InputQuantizer):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.input_quantizer = input_quantizer
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        spec = self.input_quantizer.spec
+        return f"in={self.in_features}, out={self.out_features}, act={spec}"
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec | None, name: str) -> Tensor:
+    """RTN weight quantization along the input dim (no-op when `spec` is None)."""
+    if spec is None:
+        return w
+    return spec.fake_quant(w.float(), name=name).to(w.dtype)
+
+
+@torch.no_grad()
+def make_quant_linear(
+    linear: nn.Linear, transform: Transform | None, input_quantizer: InputQuantizer,
+    weight_spec: QuantSpec | None, name: str, weight: Tensor | None = None,
+) -> QuantLinear:
+    """Transform `linear`'s weight offline, quantize it (RTN unless `weight` is given) and wrap it."""
+    if weight is None:
+        w = linear.weight.float()
+        if transform is not None:
+            w = transform.weight(w)
+        weight = quantize_weight(w, weight_spec, name)
+    return QuantLinear(weight.to(linear.weight.dtype), linear.bias, input_quantizer)

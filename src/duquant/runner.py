@@ -1,0 +1,81 @@
+"""Quantize a model by a RunConfig and evaluate it: the library entry point behind `duquant run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import duquant
+from duquant.config import RunConfig
+from duquant.data import calibration_windows, eval_text
+from duquant.eval.perplexity import perplexity
+from duquant.formats import QuantSpec
+from duquant.methods import get_method
+from duquant.models import adapter_for, load_model
+from duquant.pipeline import QuantConfig, quantize_model
+
+log = logging.getLogger(__name__)
+
+
+def quant_config(cfg: RunConfig) -> QuantConfig:
+    """The weight and activation specs of a run."""
+    w_rule, a_rule = cfg.resolved_rules()
+    return QuantConfig(QuantSpec(cfg.format, w_rule, cfg.rounding), QuantSpec(cfg.format, a_rule, cfg.rounding))
+
+
+def run(cfg: RunConfig, loaded=None) -> dict:
+    """Load (unless `loaded` is given), quantize and evaluate; return {'config': ..., 'metrics': ...}."""
+    torch.manual_seed(cfg.seed)
+    loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = adapter_for(model)
+    method = get_method(cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps)
+    quant = quant_config(cfg)
+    metrics: dict = {}
+    config: dict = {
+        "run": cfg.to_dict(),
+        "model_source": loaded.source,
+        "method": asdict(method),
+        "weights": asdict(quant.weight) if method.quantize else None,
+        "activations": asdict(quant.act) if method.quantize else None,
+        "duquant_version": duquant.__version__,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+    }
+    windows = None
+    if method.needs_calibration:
+        t = time.perf_counter()
+        windows, calib = calibration_windows(tok, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
+        config["calibration"] = asdict(calib)
+        metrics["calibration_data_seconds"] = time.perf_counter() - t
+    report = quantize_model(model, adapter, method, quant, windows, seed=cfg.seed)
+    metrics["quantize_seconds"] = report.seconds
+    for name in cfg.evals:
+        text, src = eval_text(name)
+        ids = tok(text, return_tensors="pt").input_ids[0]
+        res = perplexity(model, ids, cfg.seqlen, cfg.max_windows, desc=f"{cfg.method} {name}")
+        res["source"] = asdict(src)
+        metrics[Path(name).name if name != "wikitext2" else name] = res
+        log.info("%s %s ppl %.3f over %d windows", cfg.method, name, res["ppl"], res["windows"])
+    return {"config": config, "metrics": metrics}
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    """Write JSON atomically (temp file then rename), so an interrupted write never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write {path}: {exc.strerror or exc} (is the disk full?)") from exc

@@ -1,0 +1,130 @@
+"""Invertible linear maps on a linear layer's input dim: applied online to activations, offline to weights.
+
+A transform A maps an activation row x to x·A and a weight W (out x in) to W·A^-T, so that
+(x·A)·(W·A^-T)^T = x·W^T: the full-precision output is unchanged before quantization.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Transform(nn.Module):
+    """Base class: `forward` is the online activation map, `weight` the offline weight map."""
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """x·A^-1: undoes `forward` (used by tests and by folding into a producer's output)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, dim: int) -> int:
+        """Multiply-adds counted as 2 FLOPs, per activation row of width `dim`."""
+        return 0
+
+
+class Sequence(Transform):
+    """Composition: x -> x·A1·A2·…"""
+
+    def __init__(self, steps: list[Transform]):
+        super().__init__()
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def weight(self, w: Tensor) -> Tensor:
+        for step in self.steps:
+            w = step.weight(w)
+        return w
+
+    def inverse(self, x: Tensor) -> Tensor:
+        for step in reversed(self.steps):
+            x = step.inverse(x)
+        return x
+
+    def flops_per_token(self, dim: int) -> int:
+        return sum(s.flops_per_token(dim) for s in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class ChannelScale(Transform):
+    """Smoothing: x -> x / s, W -> W * s (per input channel)."""
+
+    def __init__(self, scale: Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / self.scale.to(x.dtype)
+
+    def weight(self, w: Tensor) -> Tensor:
+        return w * self.scale.to(w.dtype)
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def flops_per_token(self, dim: int) -> int:
+        return dim
+
+
+class Permutation(Transform):
+    """Channel permutation: new channel j takes old channel perm[j]."""
+
+    def __init__(self, perm: Tensor):
+        super().__init__()
+        self.register_buffer("perm", perm.long().clone())
+        self.register_buffer("inv", torch.argsort(self.perm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., self.perm]
+
+    def weight(self, w: Tensor) -> Tensor:
+        return w[..., self.perm]
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return x[..., self.inv]
+
+
+class BlockRotation(Transform):
+    """Block-diagonal orthogonal map: x viewed as (…, K/B, B) times R (one B x B matrix, or one per block)."""
+
+    def __init__(self, rotation: Tensor):
+        super().__init__()
+        if rotation.ndim == 2:
+            rotation = rotation.unsqueeze(0)
+        self.register_buffer("rotation", rotation.detach().float().clone())
+
+    @property
+    def block_size(self) -> int:
+        return self.rotation.shape[-1]
+
+    def _apply(self, x: Tensor, r: Tensor) -> Tensor:
+        b = r.shape[-1]
+        if x.shape[-1] % b:
+            raise ValueError(f"input width {x.shape[-1]} is not divisible by the rotation block {b}")
+        xb = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+        if r.shape[0] == 1:  # one shared block: a single (tokens * K/B, B) @ (B, B) matmul
+            return (xb @ r[0].to(x.dtype)).reshape(x.shape)
+        return torch.einsum("...nb,nbc->...nc", xb, r.to(x.dtype)).reshape(x.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.rotation)
+
+    def weight(self, w: Tensor) -> Tensor:
+        return self._apply(w, self.rotation)  # orthogonal: A^-T = A
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return self._apply(x, self.rotation.transpose(-1, -2))
+
+    def flops_per_token(self, dim: int) -> int:
+        return 2 * dim * self.block_size
