@@ -95,7 +95,9 @@ def collect_input_stats(
             cur = stats.get(gname)
             amax = x.abs().amax(dim=0)
             if cur is None:
-                stats[gname] = InputStats(amax, x[idx].cpu(), x.T @ x if hessian else None, x.shape[0])
+                stats[gname] = InputStats(
+                    amax, x[idx].cpu(), x.T @ x if hessian else None, x.shape[0]
+                )
             else:
                 cur.absmax = torch.maximum(cur.absmax, amax)
                 cur.sample = torch.cat([cur.sample, x[idx].cpu()])
@@ -106,7 +108,8 @@ def collect_input_stats(
         return hook
 
     handles = [
-        block.get_submodule(g.linears[0]).register_forward_pre_hook(make_hook(g.name)) for g in groups
+        block.get_submodule(g.linears[0]).register_forward_pre_hook(make_hook(g.name))
+        for g in groups
     ]
     try:
         run_block(block, inputs)

@@ -17,6 +17,8 @@ class RunConfig:
     w_scale_rule: str | None = None  # None: the format's (and method's) default
     a_scale_rule: str | None = None
     rounding: str = "even"
+    weights: str = "rtn"  # weight quantizer: rtn or gptq
+    act_order: bool = False
     alpha: float | None = None
     block_size: int | None = None
     max_steps: int | None = None

@@ -20,7 +20,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-WIKITEXT_FILES = {"test": "wikitext2_raw/wiki.test.raw", "validation": "wikitext2_raw/wiki.valid.raw"}
+WIKITEXT_FILES = {
+    "test": "wikitext2_raw/wiki.test.raw",
+    "validation": "wikitext2_raw/wiki.valid.raw",
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -60,7 +63,11 @@ def file_sha256(path: Path) -> str:
 
 def raw_lines_to_rows(text: str) -> list[str]:
     """Split a wiki.*.raw file into rows as the hub's `wikitext-2-raw-v1` has them (blank lines become '')."""
-    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+    # split at "\n" only, as iterating over the file does: str.splitlines also splits at \x0b, \x0c,
+    # \x1c-\x1e, \x85, U+2028 and U+2029, which would make rows the hub does not have
+    lines = text.split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    return [line if line.strip() else "" for line in lines]
 
 
 @functools.cache

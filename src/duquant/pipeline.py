@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -12,20 +13,39 @@ from tqdm.auto import tqdm
 
 from duquant.calibrate import BlockInputs, capture_block_inputs, collect_input_stats, run_block
 from duquant.formats import QuantSpec
+from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_output_error
 from duquant.methods import MethodConfig
-from duquant.methods.build import GroupPlan, plan_group
+from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter
-from duquant.qlinear import InputQuantizer, make_quant_linear
+from duquant.qlinear import InputQuantizer, make_quant_linear, quantize_weight
+from duquant.transforms.quarot import apply_quarot
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ options (see duquant.gptq)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+
+
+@dataclass(frozen=True)
 class QuantConfig:
-    """Formats of weights and activations; `None` leaves that side in full precision."""
+    """Formats of weights and activations (`None` leaves that side in full precision) and the
+    weight quantizer: `rtn` (round to nearest) or `gptq` (on the same grid)."""
 
     weight: QuantSpec | None = QuantSpec()
     act: QuantSpec | None = QuantSpec()
+    weights: str = "rtn"
+    gptq: GPTQConfig = GPTQConfig()
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("rtn", "gptq"):
+            raise ValueError(f"weights must be 'rtn' or 'gptq', got {self.weights!r}")
 
 
 @dataclass
@@ -33,7 +53,9 @@ class QuantizeReport:
     """What quantization did: per-layer plans (for analysis and export) and timings."""
 
     plans: list[dict[str, GroupPlan]] = field(default_factory=list)
+    layer_errors: list[dict] = field(default_factory=list)  # per linear, RTN vs GPTQ output error
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0
 
 
 @torch.no_grad()
@@ -51,36 +73,122 @@ def quantize_model(
     if not method.quantize:
         report.seconds = time.perf_counter() - start
         return report
-    if method.needs_calibration and calib_windows is None:
-        raise ValueError(f"method {method.name} needs calibration windows")
+    gptq = quant.weights == "gptq" and quant.weight is not None
+    needs_inputs = method.needs_calibration or gptq
+    if needs_inputs and calib_windows is None:
+        raise ValueError(
+            f"method {method.name} with {quant.weights} weights needs calibration windows"
+        )
     blocks = adapter.blocks(model)
+    heads = HeadShape.of(model.config)
     inputs: BlockInputs | None = None
-    if method.needs_calibration:
+    global_online = apply_quarot(model, adapter, seed) if method.global_rotation else {}
+    if needs_inputs:
         inputs = capture_block_inputs(model, adapter, calib_windows)
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {method.name}", leave=False)):
         stats = None
-        if inputs is not None:
-            stats = collect_input_stats(block, adapter.groups, inputs, seed=seed + i)
-        plans = {}
-        for group in adapter.groups:
-            plan = plan_group(block, group, method, quant, stats[group.name] if stats else None,
-                              seed=seed * 1000 + i)
-            _apply_plan(block, group, plan, quant, layer=i)
-            plans[group.name] = plan
+        if method.needs_calibration:
+            stats = collect_input_stats(
+                block, adapter.groups, inputs, sample_rows=method.search_rows, seed=seed + i
+            )
+        plans = {
+            g.name: plan_group(
+                block,
+                g,
+                method,
+                quant,
+                stats[g.name] if stats else None,
+                heads,
+                seed=seed * 1000 + i * 10 + j,
+            )
+            for j, g in enumerate(adapter.groups)
+        }
+        for name, online in global_online.items():
+            plans[name] = GroupPlan(weight_transform=online, online=online)
+        # fold every group first: folds rewrite producers (v_proj, up_proj) that are quantized later
+        for g in adapter.groups:
+            plans[g.name].fold(block, g, heads)
+        for g in adapter.groups:
+            _swap_linears(block, g, plans[g.name], quant, layer=i, rtn=not gptq)
+        if gptq:
+            report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i)
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
             inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
     report.seconds = time.perf_counter() - start
+    report.peak_rss_mb = peak_rss_mb()
     return report
 
 
-def _apply_plan(block: nn.Module, group, plan: GroupPlan, quant: QuantConfig, layer: int) -> None:
-    """Fold the plan's offline part into the producer / norm and swap the group's linears."""
-    plan.fold(block)
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _gptq_block(
+    block: nn.Module, adapter: Adapter, inputs: BlockInputs, quant: QuantConfig, layer: int
+) -> list[dict]:
+    """GPTQ the block's linears group by group, each on inputs through the groups already done.
+
+    The Hessian of a group is built from what its linears really see: the transformed, quantized
+    activations (the shared InputQuantizer's output), with every earlier group already quantized.
+    """
+    errors = []
+    for g in adapter.groups:
+        linears = [block.get_submodule(n) for n in g.linears]
+        acc = HessianAccumulator()
+        last: list = [None]
+
+        def hook(_m, _args, out, acc=acc, last=last):
+            if out is not last[0]:  # q/k/v share one cached output: count it once
+                last[0] = out
+                acc.add(out.reshape(-1, out.shape[-1]))
+
+        handle = linears[0].input_quantizer.register_forward_hook(hook)
+        try:
+            run_block(block, inputs)
+        finally:
+            handle.remove()
+            linears[0].input_quantizer.reset()
+        h = acc.finalize()
+        for name, lin in zip(g.linears, linears, strict=True):
+            w_fp = lin.weight.data.float()
+            res = gptq_quantize(
+                w_fp,
+                h,
+                quant.weight,
+                blocksize=quant.gptq.blocksize,
+                percdamp=quant.gptq.percdamp,
+                act_order=quant.gptq.act_order,
+                static_groups=quant.gptq.static_groups,
+            )
+            w_rtn = quantize_weight(w_fp, quant.weight, name)
+            errors.append(
+                {
+                    "layer": layer,
+                    "linear": name,
+                    "rtn_error": hessian_output_error(h, w_fp, w_rtn),
+                    "gptq_error": hessian_output_error(h, w_fp, res.weight),
+                    "fallback": res.fallback,
+                    "seconds": res.seconds,
+                }
+            )
+            lin.weight.data = res.weight.to(lin.weight.dtype)
+    return errors
+
+
+def _swap_linears(
+    block: nn.Module, group, plan: GroupPlan, quant: QuantConfig, layer: int, rtn: bool = True
+) -> None:
+    """Replace the group's linears by QuantLinears sharing one online input quantizer.
+
+    With `rtn=False` the weights stay transformed but unquantized, for GPTQ to quantize next.
+    """
     iq = InputQuantizer(plan.online, quant.act, name=f"layers.{layer}.{group.name} input")
     for lname in group.linears:
         linear = block.get_submodule(lname)
-        qlin = make_quant_linear(linear, plan.weight_transform, iq, quant.weight,
-                                 name=f"layers.{layer}.{lname}.weight")
+        qlin = make_quant_linear(
+            linear, plan.weight_transform, iq, quant.weight, name=f"layers.{layer}.{lname}.weight"
+        )
         parent, _, attr = lname.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, qlin)

@@ -47,7 +47,9 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None, input_quantizer: InputQuantizer):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
         self.input_quantizer = input_quantizer
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
@@ -68,8 +70,12 @@ def quantize_weight(w: Tensor, spec: QuantSpec | None, name: str) -> Tensor:
 
 @torch.no_grad()
 def make_quant_linear(
-    linear: nn.Linear, transform: Transform | None, input_quantizer: InputQuantizer,
-    weight_spec: QuantSpec | None, name: str, weight: Tensor | None = None,
+    linear: nn.Linear,
+    transform: Transform | None,
+    input_quantizer: InputQuantizer,
+    weight_spec: QuantSpec | None,
+    name: str,
+    weight: Tensor | None = None,
 ) -> QuantLinear:
     """Transform `linear`'s weight offline, quantize it (RTN unless `weight` is given) and wrap it."""
     if weight is None:

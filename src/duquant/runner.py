@@ -19,7 +19,7 @@ from duquant.eval.perplexity import perplexity
 from duquant.formats import QuantSpec
 from duquant.methods import get_method
 from duquant.models import adapter_for, load_model
-from duquant.pipeline import QuantConfig, quantize_model
+from duquant.pipeline import GPTQConfig, QuantConfig, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 def quant_config(cfg: RunConfig) -> QuantConfig:
     """The weight and activation specs of a run."""
     w_rule, a_rule = cfg.resolved_rules()
-    return QuantConfig(QuantSpec(cfg.format, w_rule, cfg.rounding), QuantSpec(cfg.format, a_rule, cfg.rounding))
+    return QuantConfig(
+        QuantSpec(cfg.format, w_rule, cfg.rounding),
+        QuantSpec(cfg.format, a_rule, cfg.rounding),
+        weights=cfg.weights,
+        gptq=GPTQConfig(act_order=cfg.act_order),
+    )
 
 
 def run(cfg: RunConfig, loaded=None) -> dict:
@@ -36,7 +41,9 @@ def run(cfg: RunConfig, loaded=None) -> dict:
     loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = loaded.model, loaded.tokenizer
     adapter = adapter_for(model)
-    method = get_method(cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps)
+    method = get_method(
+        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
+    )
     quant = quant_config(cfg)
     metrics: dict = {}
     config: dict = {
@@ -45,19 +52,24 @@ def run(cfg: RunConfig, loaded=None) -> dict:
         "method": asdict(method),
         "weights": asdict(quant.weight) if method.quantize else None,
         "activations": asdict(quant.act) if method.quantize else None,
+        "weight_quantizer": quant.weights,
+        "gptq": asdict(quant.gptq) if quant.weights == "gptq" else None,
         "duquant_version": duquant.__version__,
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
     }
     windows = None
-    if method.needs_calibration:
+    if method.quantize and (method.needs_calibration or cfg.weights == "gptq"):
         t = time.perf_counter()
         windows, calib = calibration_windows(tok, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
         config["calibration"] = asdict(calib)
         metrics["calibration_data_seconds"] = time.perf_counter() - t
     report = quantize_model(model, adapter, method, quant, windows, seed=cfg.seed)
     metrics["quantize_seconds"] = report.seconds
+    metrics["quantize_peak_rss_mb"] = report.peak_rss_mb
+    if report.layer_errors:
+        metrics["layer_errors"] = report.layer_errors
     for name in cfg.evals:
         text, src = eval_text(name)
         ids = tok(text, return_tensors="pt").input_ids[0]

@@ -38,7 +38,9 @@ class QuantSpec:
 
     def fake_quant(self, x: Tensor, name: str = "tensor") -> Tensor:
         """Quantize-dequantize `x` along its last dim with this spec."""
-        return FORMATS[self.format].quantize_dequantize(x, self.scale_rule, self.rounding, name=name)
+        return FORMATS[self.format].quantize_dequantize(
+            x, self.scale_rule, self.rounding, name=name
+        )
 
 
 def spec_for(fmt: str, scale_rule: str | None = None, rounding: str = "even") -> QuantSpec:

@@ -26,7 +26,11 @@ def round_to_e2m1(y: Tensor, rounding: str = "even") -> Tensor:
     # a/step is a tie between two grid points and the even integer is the even E2M1 code
     step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
     scaled = a / step
-    r = torch.round(scaled) if rounding == "even" else torch.floor(scaled + 0.5)
+    if rounding == "even":
+        r = torch.round(scaled)
+    else:  # not floor(scaled + 0.5): that sum rounds up to 1 for the float just below 0.5
+        r = torch.floor(scaled)
+        r = r + (scaled - r >= 0.5).to(scaled.dtype)  # the fraction scaled - r is exact
     return torch.copysign(r * step, y)
 
 
@@ -47,7 +51,9 @@ def decode_e2m1(codes: Tensor) -> Tensor:
 def pack_nibbles(codes: Tensor) -> Tensor:
     """Pack 4-bit codes pairwise along the last dim into bytes: even element in the low nibble."""
     if codes.shape[-1] % 2:
-        raise ValueError(f"cannot pack an odd number of codes along the last dim: {tuple(codes.shape)}")
+        raise ValueError(
+            f"cannot pack an odd number of codes along the last dim: {tuple(codes.shape)}"
+        )
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 

@@ -89,8 +89,41 @@ def _loggrid_scale(amax: Tensor) -> Tensor:
     span = hi - lo
     if span <= 0:  # every group has the same scale: the grid collapses to that one level
         return s
-    code = torch.floor(_LOGGRID_LEVELS * (logs - lo) / span).clamp(0, _LOGGRID_LEVELS)
+    # (logs - lo) / span first: it is exactly 1 for the largest group, which so keeps the top level
+    code = torch.floor(_LOGGRID_LEVELS * ((logs - lo) / span)).clamp(0, _LOGGRID_LEVELS)
     return torch.exp2(lo + code * span / _LOGGRID_LEVELS)
+
+
+def group_scales(x: Tensor, rule: str = "ocp", *, name: str = "tensor") -> Tensor:
+    """Each group's scale [..., K/32] as `quantize_dequantize` applies it: the E8M0 power of two
+    (the rule's global factor excluded, as `pack` stores it) or the loggrid scale; NaN for a group
+    holding NaN or ±Inf. For `duquantpp-loggrid` the log grid spans the groups of `x` passed in.
+    """
+    check_scale_rule(rule)
+    amax = grouped(x, GROUP_SIZE, name).abs().amax(dim=-1)
+    bad = ~torch.isfinite(amax)
+    if rule == "duquantpp-loggrid":
+        scale = _loggrid_scale(amax)
+    else:
+        e = shared_exponent(torch.where(bad, 1.0, amax), rule)
+        scale = torch.ldexp(torch.ones_like(amax), e)
+    return torch.where(bad, torch.nan, scale)
+
+
+def round_with_scale(x: Tensor, scale: Tensor, rule: str = "ocp", rounding: str = "even") -> Tensor:
+    """Fake-quantize `x` elementwise with a given group `scale` (from `group_scales`, broadcast).
+
+    The arithmetic of `_encode` / `_decode`, so `round_with_scale(g, group_scales(g))` is
+    `quantize_dequantize(g)` bit for bit; GPTQ rounds a column with a scale fixed earlier.
+    """
+    check_scale_rule(rule)
+    x, scale = x.float(), scale.float()
+    if rule in GLOBAL_FACTOR:  # keep in step with _encode: x * 3 / 2^e is exact in float64
+        y = x.double() * (1.0 / GLOBAL_FACTOR[rule]) / scale.double()
+        q = round_to_e2m1(y, rounding).float()
+    else:
+        q = round_to_e2m1(x / scale, rounding)
+    return _decode(q, scale, torch.isnan(scale), rule)
 
 
 def _encode(x: Tensor, rule: str, rounding: str, name: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,15 +138,19 @@ def _encode(x: Tensor, rule: str, rounding: str, name: str) -> tuple[Tensor, Ten
     e = shared_exponent(torch.where(bad, 1.0, amax), rule)
     pow2 = torch.ldexp(torch.ones_like(amax), e)
     if rule in GLOBAL_FACTOR:  # fpquant divides by 2^e / 3; the factor comes back in _decode
-        g = g / GLOBAL_FACTOR[rule]
+        # in float64, where x * 3 / 2^e is exact: float32 would round values next to a tie onto it
+        # (then to the wrong side) and overflow for |x| near the float32 maximum
+        y = g.double() * (1.0 / GLOBAL_FACTOR[rule]) / pow2.double()
+        return round_to_e2m1(y, rounding).float(), pow2, bad
     return round_to_e2m1(g / pow2, rounding), pow2, bad  # dividing by 2^e is exact
 
 
 def _decode(q: Tensor, scale: Tensor, bad: Tensor, rule: str) -> Tensor:
     """Grid values times their group scale (and the rule's global factor); NaN for non-finite groups."""
-    out = q * scale
-    if rule in GLOBAL_FACTOR:
-        out = out * GLOBAL_FACTOR[rule]
+    if rule in GLOBAL_FACTOR:  # q * 2^e / 3 rounded once to float32, without overflow of q * 2^e
+        out = (q.double() * scale.double() / (1.0 / GLOBAL_FACTOR[rule])).float()
+    else:
+        out = q * scale
     return torch.where(bad, torch.nan, out)
 
 

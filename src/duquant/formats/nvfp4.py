@@ -29,7 +29,8 @@ SCALE_RULES = ("e4m3",)
 def tensor_scale_of(x: Tensor) -> Tensor:
     """The FP32 per-tensor scale amax / (6 * 448); 1 for an all-zero tensor."""
     amax = x.detach().abs().amax().float()
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    # `amax == 0`, not `amax > 0`: a NaN amax must give a NaN scale (and so NaN everywhere), not 1
+    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
 
 
 def _encode(

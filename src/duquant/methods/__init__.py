@@ -26,6 +26,8 @@ class MethodConfig:
     objective: str = "range"  # greedy search objective: range (paper) or mx (MX quantization error)
     swap_index: str = "column"  # column (paper) or row_mod_b (released code)
     refine_from: str = "identity"  # greedy start: identity (paper) or random-hadamard
+    fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
+    search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
 
     @property
     def needs_calibration(self) -> bool:
@@ -38,6 +40,16 @@ METHODS: dict[str, MethodConfig] = {
     for m in (
         MethodConfig("fp", quantize=False),
         MethodConfig("rtn"),
+        MethodConfig("smoothquant", smooth=True, alpha=0.5),
+        # block Hadamard B=32 (BRQ / MR-GPTQ style: deterministic Sylvester blocks)
+        MethodConfig("hadamard", rotation="hadamard"),
+        MethodConfig("random-hadamard", rotation="random-hadamard"),
+        # DuQuant++ with the greedy rotation replaced by a randomized block Hadamard (the ablation)
+        MethodConfig("smooth+hadamard", smooth=True, rotation="random-hadamard"),
+        MethodConfig("quarot", global_rotation=True),
+        MethodConfig("duquant", smooth=True, rotation="duquant-v1"),
+        # the paper: smoothing then ONE B=32 greedy outlier-aware rotation shared by all blocks
+        MethodConfig("duquant++", smooth=True, rotation="greedy"),
     )
 }
 

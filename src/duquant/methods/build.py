@@ -1,15 +1,46 @@
-"""Turn a method config and calibration statistics into the transform plan of one input group."""
+"""Turn a method config and calibration statistics into the transform plan of one input group.
+
+Per input group the transform is a list of steps (smoothing Λ, block rotations, permutation). The
+weights of the group's linears receive all of them offline. Online, a leading run of steps that can
+be folded exactly is moved into what produces the activation instead: Λ into the preceding RMSNorm
+(q/k/v, gate/up) or into up_proj's rows (down_proj input); Λ and block rotations that stay inside one
+attention head into v_proj's rows (o_proj input). What cannot be folded runs online.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from duquant.calibrate import InputStats
 from duquant.methods import MethodConfig
 from duquant.models.adapters import InputGroup
-from duquant.transforms.base import Sequence, Transform
+from duquant.transforms.base import BlockRotation, ChannelScale, Permutation, Sequence, Transform
+from duquant.transforms.hadamard import block_hadamard, random_signs
+from duquant.transforms.permutation import zigzag_permutation
+from duquant.transforms.rotation import greedy_rotation, per_block_greedy
+from duquant.transforms.smooth import share_over_heads, smoothing_scale
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """Attention geometry needed to fold o_proj-input transforms into v_proj."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> HeadShape:
+        """From a transformers config."""
+        n = config.num_attention_heads
+        return cls(
+            n,
+            getattr(config, "num_key_value_heads", None) or n,
+            getattr(config, "head_dim", None) or config.hidden_size // n,
+        )
 
 
 @dataclass
@@ -18,13 +49,98 @@ class GroupPlan:
 
     weight_transform: Transform | None = None
     online: Transform | None = None
-    folds: list = field(default_factory=list)  # callables(block) applying exact offline folds
+    folded: list[Transform] = field(default_factory=list)
+    fold_target: str | None = None
     info: dict = field(default_factory=dict)
 
-    def fold(self, block: nn.Module) -> None:
-        """Apply the offline folds to the block (norm weights, producer rows)."""
-        for f in self.folds:
-            f(block)
+    def fold(self, block: nn.Module, group: InputGroup, heads: HeadShape | None) -> None:
+        """Apply the folded steps to the norm weight or the producer's output rows, in place."""
+        for step in self.folded:
+            if group.norm is not None:
+                norm = block.get_submodule(group.norm)
+                norm.weight.data = step(norm.weight.data.float()).to(norm.weight.dtype)
+            else:
+                _fold_rows(block.get_submodule(group.producer), _to_producer(step, group, heads))
+
+
+def _fold_rows(linear: nn.Linear, step: Transform) -> None:
+    """Make `linear`'s output y become step(y): W <- (W^T A)^T, b <- b A."""
+    w = linear.weight.data
+    linear.weight.data = step(w.float().T).T.contiguous().to(w.dtype)
+    if linear.bias is not None:
+        linear.bias.data = step(linear.bias.data.float()).to(linear.bias.dtype)
+
+
+def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) -> Transform:
+    """The same map expressed on the producer's output width (KV heads for v_proj under GQA)."""
+    if group.producer is None or not group.producer.endswith("v_proj") or heads is None:
+        return step
+    if heads.n_kv_heads == heads.n_heads:
+        return step
+    rep = heads.n_heads // heads.n_kv_heads
+    if isinstance(step, ChannelScale):
+        return ChannelScale(
+            step.scale.reshape(heads.n_kv_heads, rep, heads.head_dim)[:, 0].reshape(-1)
+        )
+    return step  # a shared block rotation is the same on every head
+
+
+def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bool:
+    """Whether `step` can move into the norm / producer exactly."""
+    if isinstance(step, ChannelScale):
+        if group.producer is not None and group.producer.endswith("v_proj") and heads is not None:
+            rep = heads.n_heads // heads.n_kv_heads
+            s = step.scale.reshape(heads.n_kv_heads, rep, heads.head_dim)
+            return bool((s == s[:, :1]).all())
+        return group.norm is not None or group.producer is not None
+    if isinstance(step, BlockRotation) and group.producer is not None and heads is not None:
+        return (
+            group.producer.endswith("v_proj")
+            and step.rotation.shape[0] == 1
+            and heads.head_dim % step.block_size == 0
+        )
+    return False
+
+
+def _rotation_steps(
+    method: MethodConfig, x: Tensor | None, weights: Tensor, absmax: Tensor | None, quant, gen
+) -> tuple[list[Transform], dict]:
+    """The rotation part of a method on (already smoothed) activations `x` and weights."""
+    b = method.block_size
+    if method.rotation == "none":
+        return [], {}
+    if method.rotation == "hadamard":
+        return [BlockRotation(block_hadamard(b))], {}
+    if method.rotation == "random-hadamard":
+        return [BlockRotation(block_hadamard(b, random_signs(b, gen)))], {}
+    start = (
+        block_hadamard(b, random_signs(b, gen)) if method.refine_from == "random-hadamard" else None
+    )
+    kw = dict(
+        block_size=b,
+        max_steps=method.max_steps,
+        generator=gen,
+        objective=method.objective,
+        swap_index=method.swap_index,
+        spec=quant.act if quant else None,
+    )
+    w = weights if method.objective == "mx" else None
+    if method.rotation == "greedy":
+        if method.per_block:
+            r, info = per_block_greedy(x, weight=w, start=start, **kw)
+        else:
+            r, info = greedy_rotation(x, start=start, weight=w, **kw)
+        return [BlockRotation(r)], info
+    if method.rotation == "duquant-v1":
+        r1, info1 = greedy_rotation(x, start=start, weight=w, **kw)
+        rot1 = BlockRotation(r1)
+        x1 = rot1(x.float())
+        perm = Permutation(zigzag_permutation(x1.abs().amax(dim=0), b))
+        x2 = perm(x1)
+        w2 = None if w is None else perm.weight(rot1.weight(w.float()))
+        r2, info2 = greedy_rotation(x2, weight=w2, **kw)
+        return [rot1, perm, BlockRotation(r2)], {"steps": [info1["steps"], info2["steps"]]}
+    raise ValueError(f"unknown rotation {method.rotation!r}")
 
 
 def plan_group(
@@ -33,11 +149,37 @@ def plan_group(
     method: MethodConfig,
     quant,
     stats: InputStats | None,
+    heads: HeadShape | None = None,
     seed: int = 0,
 ) -> GroupPlan:
-    """Build the transforms of `group` for `method` (no transform at all for rtn)."""
+    """Build the transform plan of `group` for `method` from calibration statistics."""
+    weights = [block.get_submodule(n).weight.detach().float() for n in group.linears]
+    w_cat = torch.cat(weights, dim=0)
+    gen = torch.Generator().manual_seed(seed)
     steps: list[Transform] = []
+    info: dict = {}
+    x = None if stats is None else stats.sample.float()
+    if method.smooth:
+        scale = smoothing_scale(stats.absmax, weights, method.alpha)
+        if group.producer is not None and group.producer.endswith("v_proj") and heads is not None:
+            scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
+        steps.append(ChannelScale(scale))
+        x = x / scale
+        w_cat = w_cat * scale
+    rot, rinfo = _rotation_steps(
+        method, x, w_cat, None if stats is None else stats.absmax, quant, gen
+    )
+    steps += rot
+    info.update(rinfo)
     if not steps:
-        return GroupPlan()
-    seq = Sequence(steps)
-    return GroupPlan(weight_transform=seq, online=seq)
+        return GroupPlan(info=info)
+    n_fold = 0
+    while method.fold and n_fold < len(steps) and _foldable(steps[n_fold], group, heads):
+        n_fold += 1
+    online = steps[n_fold:]
+    return GroupPlan(
+        weight_transform=Sequence(steps),
+        online=Sequence(online) if online else None,
+        folded=steps[:n_fold],
+        info=info,
+    )

@@ -52,7 +52,11 @@ LLAMA = Adapter(
     name="llama",
     layers="model.layers",
     groups=(
-        InputGroup("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), norm="input_layernorm"),
+        InputGroup(
+            "qkv",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            norm="input_layernorm",
+        ),
         InputGroup("o", ("self_attn.o_proj",), producer="self_attn.v_proj"),
         InputGroup("gate_up", ("mlp.gate_proj", "mlp.up_proj"), norm="post_attention_layernorm"),
         InputGroup("down", ("mlp.down_proj",), producer="mlp.up_proj"),

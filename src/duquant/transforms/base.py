@@ -111,7 +111,9 @@ class BlockRotation(Transform):
     def _apply(self, x: Tensor, r: Tensor) -> Tensor:
         b = r.shape[-1]
         if x.shape[-1] % b:
-            raise ValueError(f"input width {x.shape[-1]} is not divisible by the rotation block {b}")
+            raise ValueError(
+                f"input width {x.shape[-1]} is not divisible by the rotation block {b}"
+            )
         xb = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
         if r.shape[0] == 1:  # one shared block: a single (tokens * K/B, B) @ (B, B) matmul
             return (xb @ r[0].to(x.dtype)).reshape(x.shape)

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real default model (session-scoped, skipped when absent) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The offline data folder (WikiText-2 raw files): $DUQUANT_DATA_DIR, else ../shared/data."""
+    env = os.environ.get("DUQUANT_DATA_DIR")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if (cand / "wikitext2_raw" / "wiki.test.raw").is_file():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the offline data folder; skips the test when it cannot be found."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("offline WikiText-2 copy not found (set DUQUANT_DATA_DIR)")
+    return path
+
+
+@pytest.fixture
+def offline_data(monkeypatch, shared_data) -> Path:
+    """Point duquant at the offline data folder and make sure nothing asks the network."""
+    import duquant.data
+
+    monkeypatch.setenv("DUQUANT_DATA_DIR", str(shared_data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(duquant.data, "hub_reachable", lambda *a, **k: False)
+    return shared_data
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (SmolLM2-135M-Instruct GGUF) loaded once per session via `load_model()`.
+
+    Skips when the model cannot be found. Tests must not modify it in place: deep-copy `.model` first.
+    """
+    from duquant.models import default_model, load_model
+
+    try:
+        source = default_model()
+    except FileNotFoundError as exc:
+        pytest.skip(f"default model not found: {exc}")
+    if source.endswith(".gguf") and not Path(source).is_file():
+        pytest.skip(f"default model {source} does not exist")
+    return load_model()
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM (hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A fresh seeded tiny random Llama per test (tests may modify it in place)."""
+    return make_tiny_llama()
