@@ -71,6 +71,7 @@ class CompareConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    threads: int | None = None  # torch threads (None: torch's default); recorded, not in the hash
 
     def __post_init__(self) -> None:
         bad = [e for e in self.evals if e not in EVALS]
@@ -406,6 +407,8 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
     from duquant.pipeline import quantize_model
     from duquant.runner import write_json
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model_source = loaded.source if loaded is not None else (cfg.model or default_model())
     out = Path(cfg.out) if cfg.out else default_out(model_source)
     jobs = jobs_of(cfg)
@@ -493,6 +496,8 @@ def _row(cells: list[Cell]) -> dict:
         if cell.name in PPL_COLUMNS:
             col = PPL_COLUMNS[cell.name]
             row[col] = rec["result"]["ppl"] if rec.get("status") == "ok" else rec.get("status")
+            if rec.get("status") == "ok":
+                row[f"{col} windows"] = rec["result"].get("windows")
             continue
         if rec.get("status") != "ok":
             for col in (*ZS_COLUMNS, "Avg"):
@@ -507,6 +512,12 @@ def _row(cells: list[Cell]) -> dict:
             row[col] = 100 * t["score"] if ok else t.get("status", "missing")
             if t.get("note"):
                 notes.append(f"{col}: {t['note']}")
+            if ok:
+                row.setdefault("examples", {})[col] = (
+                    f"{t.get('n_examples')}/{t.get('n_available')}"
+                )
+            if ok and t.get("perplexity") is not None:
+                row["LAMB PPL"] = t["perplexity"]
         avg = res["average"]
         row["Avg"] = 100 * avg["value"] if avg["over"] else "missing"
         row["Avg over"] = [TASKS[t].column for t in avg["over"]]
@@ -583,9 +594,32 @@ def table_markdown(table: dict) -> str:
                         note = f"{t} missing: {r.get('reason')}"
                         if note not in notes:
                             notes.append(note)
+    notes.extend(_detail_notes(table["rows"]))
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _detail_notes(rows: list[dict]) -> list[str]:
+    """Footnotes with windows, examples per task and LAMBADA perplexity."""
+    notes = []
+    for col in PPL_COLUMNS.values():
+        wins = {r["label"]: r["values"].get(f"{col} windows") for r in rows}
+        if any(w is not None for w in wins.values()):
+            notes.append(f"{col} windows: " + ", ".join(f"{k} {w}" for k, w in wins.items()))
+    examples = next((r["values"]["examples"] for r in rows if r["values"].get("examples")), None)
+    if examples:
+        notes.append(
+            "zero-shot examples evaluated/available: "
+            + ", ".join(f"{k} {v}" for k, v in examples.items())
+        )
+    lamb = {r["label"]: r["values"].get("LAMB PPL") for r in rows}
+    if any(v is not None for v in lamb.values()):
+        notes.append(
+            "LAMBADA perplexity: "
+            + ", ".join(f"{k} {_fmt(v, True)}" for k, v in lamb.items() if v is not None)
+        )
+    return notes
 
 
 def plot_table(table: dict, path: Path) -> Path | None:
@@ -680,6 +714,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=compare_main)
     return p
 

@@ -120,6 +120,20 @@ def quantize_model(
     return report
 
 
+def online_flops_per_token(model: nn.Module) -> int:
+    """FLOPs of the online input transforms per token, each shared input position counted once."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, InputQuantizer) and id(mod) not in seen:
+            seen.add(id(mod))
+            if mod.online is not None:
+                width = next(
+                    m for m in model.modules() if getattr(m, "input_quantizer", None) is mod
+                )
+                total += mod.online.flops_per_token(width.in_features)
+    return total
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -188,7 +202,11 @@ def _swap_linears(
     for lname in group.linears:
         linear = block.get_submodule(lname)
         qlin = make_quant_linear(
-            linear, plan.weight_transform, iq, quant.weight, name=f"layers.{layer}.{lname}.weight"
+            linear,
+            plan.weight_transform,
+            iq,
+            quant.weight if rtn else None,
+            name=f"layers.{layer}.{lname}.weight",
         )
         parent, _, attr = lname.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, qlin)

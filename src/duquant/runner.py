@@ -19,7 +19,7 @@ from duquant.eval.perplexity import perplexity
 from duquant.formats import QuantSpec
 from duquant.methods import get_method
 from duquant.models import adapter_for, load_model
-from duquant.pipeline import GPTQConfig, QuantConfig, quantize_model
+from duquant.pipeline import GPTQConfig, QuantConfig, online_flops_per_token, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def run(cfg: RunConfig, loaded=None) -> dict:
     report = quantize_model(model, adapter, method, quant, windows, seed=cfg.seed)
     metrics["quantize_seconds"] = report.seconds
     metrics["quantize_peak_rss_mb"] = report.peak_rss_mb
+    metrics["online_flops_per_token"] = online_flops_per_token(model)
     if report.layer_errors:
         metrics["layer_errors"] = report.layer_errors
     for name in cfg.evals:

@@ -7,7 +7,7 @@ What is implemented, step by step (GPTQ `datautils.get_c4`, copied by OmniQuant 
    or from a local file of the same layout (gzip JSON lines with a `text` field) at
    `$DUQUANT_DATA_DIR/c4/c4-validation.00000-of-00008.json.gz`.
    Source order, as for WikiText-2 in `duquant.data`: the local file when $DUQUANT_DATA_DIR is set and holds
-   it, else the hub when `hub_reachable()`, else the local file in the default data directory, else
+   it, else the hub when `duquant.data.hub_reachable()`, else the local file in the default data directory, else
    `DataNotFoundError` naming the file needed. Never another corpus in its place.
 2. Sampling: `rng = random.Random(seed)` (seed 0, the same stream as the peers' `random.seed(0)`); for each
    of `nwindows` (256) windows, draw `i = rng.randint(0, ndocs - 1)` until document i tokenizes
@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from duquant.data import DataNotFoundError, TextSource, data_dir, file_sha256, hub_reachable
+import duquant.data as dqdata
+from duquant.data import DataNotFoundError, TextSource, data_dir, file_sha256
 from duquant.eval.perplexity import perplexity
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def c4_mode() -> str:
     local = local_c4_path()
     if local is not None and os.environ.get("DUQUANT_DATA_DIR"):
         return "local"
-    if hub_reachable():
+    if dqdata.hub_reachable():
         return "hub"
     return "local" if local is not None else "missing"
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from torch import nn
 
-from duquant.data import file_sha256, hub_reachable
+import duquant.data as dqdata
+from duquant.data import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _sha256(path: str) -> str:
 
 def plan_tasks(cfg: ZeroShotConfig) -> list[TaskPlan]:
     """Resolve every task of `cfg` to hub, local or missing (cheap: no model, no lm-eval)."""
-    use_hub = cfg.source == "hub" or (cfg.source == "auto" and hub_reachable())
+    use_hub = cfg.source == "hub" or (cfg.source == "auto" and dqdata.hub_reachable())
     plans = []
     for name in cfg.tasks:
         if use_hub:

@@ -17,16 +17,23 @@ NaN scale: non-finite values are never silently clipped into range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from duquant.formats.e2m1 import (
     E2M1_MAX,
+    check_rounding,
     decode_e2m1,
     encode_e2m1,
+    fused_round,
+    group_amax,
     grouped,
     pack_nibbles,
+    round_e2m1_,
     round_to_e2m1,
+    run_compiled,
     unpack_nibbles,
 )
 
@@ -94,19 +101,52 @@ def _loggrid_scale(amax: Tensor) -> Tensor:
     return torch.exp2(lo + code * span / _LOGGRID_LEVELS)
 
 
+# exponent field offset and mantissa threshold (bits below the hidden one) of each power-of-two rule:
+# e = floor(log2 amax) - 2 (+1 when the mantissa exceeds the threshold), read off the float32 bits
+_RULE_BITS = {
+    "ocp": (129, None, False),
+    "fpquant": (127, None, False),
+    "ceil": (129, 0x400000, False),  # mantissa > 1.5
+    "ct-round": (129, 0x600000, True),  # mantissa >= 1.75
+}
+
+
+def _exponent_from_bits(amax: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+    """(E8M0 exponent as `shared_exponent` gives it, non-finite mask) of float32 group maxima >= 0.
+
+    Subnormal maxima read as exponent -127 and zero as well: every rule's exponent is then at most
+    -127 and clamps there, as `shared_exponent` clamps frexp's exact value. A non-finite group's
+    exponent is arbitrary (its output is NaN).
+    """
+    bits = amax.view(torch.int32)
+    bad = bits >= 0x7F800000
+    offset, threshold, inclusive = _RULE_BITS[rule]
+    e = (bits >> 23) - offset
+    if threshold is not None:
+        mant = bits & 0x7FFFFF
+        e += (mant >= threshold if inclusive else mant > threshold).to(torch.int32)
+    return e.clamp_(E8M0_MIN_EXP, E8M0_MAX_EXP), bad
+
+
+def _pow2(e: Tensor) -> Tensor:
+    """2^e (float32) for int32 e in [-127, 127], bit for bit `torch.ldexp(1, e)`, from the bits."""
+    # ldexp goes through a vectorised pow, about ten times slower; 2^-127 is the one subnormal
+    return torch.where(e > E8M0_MIN_EXP, (e + 127) << 23, 0x00400000).view(torch.float32)
+
+
 def group_scales(x: Tensor, rule: str = "ocp", *, name: str = "tensor") -> Tensor:
     """Each group's scale [..., K/32] as `quantize_dequantize` applies it: the E8M0 power of two
     (the rule's global factor excluded, as `pack` stores it) or the loggrid scale; NaN for a group
     holding NaN or ±Inf. For `duquantpp-loggrid` the log grid spans the groups of `x` passed in.
     """
     check_scale_rule(rule)
-    amax = grouped(x, GROUP_SIZE, name).abs().amax(dim=-1)
-    bad = ~torch.isfinite(amax)
+    amax = group_amax(grouped(x, GROUP_SIZE, name)).squeeze(-1)
     if rule == "duquantpp-loggrid":
+        bad = ~torch.isfinite(amax)
         scale = _loggrid_scale(amax)
     else:
-        e = shared_exponent(torch.where(bad, 1.0, amax), rule)
-        scale = torch.ldexp(torch.ones_like(amax), e)
+        e, bad = _exponent_from_bits(amax, rule)
+        scale = _pow2(e)
     return torch.where(bad, torch.nan, scale)
 
 
@@ -117,49 +157,115 @@ def round_with_scale(x: Tensor, scale: Tensor, rule: str = "ocp", rounding: str 
     `quantize_dequantize(g)` bit for bit; GPTQ rounds a column with a scale fixed earlier.
     """
     check_scale_rule(rule)
+    check_rounding(rounding)
     x, scale = x.float(), scale.float()
     if rule in GLOBAL_FACTOR:  # keep in step with _encode: x * 3 / 2^e is exact in float64
         y = x.double() * (1.0 / GLOBAL_FACTOR[rule]) / scale.double()
-        q = round_to_e2m1(y, rounding).float()
+        q = round_to_e2m1(y, rounding)
     else:
         q = round_to_e2m1(x / scale, rounding)
     return _decode(q, scale, torch.isnan(scale), rule)
 
 
-def _encode(x: Tensor, rule: str, rounding: str, name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Group `x` and return (E2M1 grid values, group scale multiplier, non-finite group mask)."""
+def _encode(
+    x: Tensor, rule: str, rounding: str, name: str, inplace: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Group `x`: (E2M1 grid values, group scale multiplier, non-finite group mask [..., K/32, 1]).
+
+    The grid values are a tensor the caller may overwrite (float64 for `fpquant`, else float32):
+    `x`'s own storage when `inplace` and x is float32 and contiguous, else a fresh one. Scaling by a
+    power of two is exact, so g * 2^-e is g / 2^e; every rounding is `round_to_e2m1`'s, done in place
+    with the signs of g (scales are positive).
+    """
     check_scale_rule(rule)
+    check_rounding(rounding)
     g = grouped(x, GROUP_SIZE, name)
-    amax = g.abs().amax(dim=-1, keepdim=True)
-    bad = ~torch.isfinite(amax)
+    own = inplace and g.data_ptr() == x.data_ptr() and x.is_contiguous()
+    amax = group_amax(g)
     if rule == "duquantpp-loggrid":
-        scale = _loggrid_scale(amax)
-        return round_to_e2m1(g / scale, rounding), scale, bad
-    e = shared_exponent(torch.where(bad, 1.0, amax), rule)
-    pow2 = torch.ldexp(torch.ones_like(amax), e)
+        bad = ~torch.isfinite(amax)
+        scale = _loggrid_scale(amax)  # not a power of two: divide, as the reference does
+        y = g.div_(scale) if own else g / scale
+        return round_e2m1_(y, rounding, sign=None if own else g), scale, bad
+    e, bad = _exponent_from_bits(amax, rule)
+    pow2 = _pow2(e)
     if rule in GLOBAL_FACTOR:  # fpquant divides by 2^e / 3; the factor comes back in _decode
         # in float64, where x * 3 / 2^e is exact: float32 would round values next to a tie onto it
-        # (then to the wrong side) and overflow for |x| near the float32 maximum
-        y = g.double() * (1.0 / GLOBAL_FACTOR[rule]) / pow2.double()
-        return round_to_e2m1(y, rounding).float(), pow2, bad
-    return round_to_e2m1(g / pow2, rounding), pow2, bad  # dividing by 2^e is exact
+        # (then to the wrong side) and overflow for |x| near the float32 maximum. amax * 3 / 2^e
+        # lies in [3, 6) (or below 6 when e clamps at -127), so no element needs saturating
+        factor = _pow2(-e).double().mul_(1.0 / GLOBAL_FACTOR[rule])  # 3 * 2^-e: exact
+        y = g.double().mul_(factor)
+        return round_e2m1_(y, rounding, sign=g, saturate=False), pow2, bad
+    # ceil puts amax / 2^e in (3, 6]: nothing to saturate; ocp and ct-round reach 8 and 7
+    y = g.mul_(_pow2(-e)) if own else g * _pow2(-e)
+    saturate = rule != "ceil"
+    return round_e2m1_(y, rounding, sign=None if own else g, saturate=saturate), pow2, bad
 
 
 def _decode(q: Tensor, scale: Tensor, bad: Tensor, rule: str) -> Tensor:
-    """Grid values times their group scale (and the rule's global factor); NaN for non-finite groups."""
+    """Grid values times their group scale (and the rule's global factor); NaN for non-finite groups.
+
+    Overwrites `q` (float32 / float64 from `_encode` or `round_to_e2m1`).
+    """
     if rule in GLOBAL_FACTOR:  # q * 2^e / 3 rounded once to float32, without overflow of q * 2^e
-        out = (q.double() * scale.double() / (1.0 / GLOBAL_FACTOR[rule])).float()
+        out = q.double().mul_(scale.double()).div_(1.0 / GLOBAL_FACTOR[rule]).float()
     else:
-        out = q * scale
-    return torch.where(bad, torch.nan, out)
+        out = q.mul_(scale)
+    if bad.any():  # rare: skip the full-size masked write in the common all-finite case
+        out.masked_fill_(bad, torch.nan)
+    return out
+
+
+def _fused_kernel(rule: str, rounding: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """The whole power-of-two-rule fake-quant of a (rows, K) tensor as one function, for torch.compile.
+
+    The arithmetic of `_encode` / `_decode` written out of place (inductor fuses it into one loop);
+    NaN groups are masked by where(), so the rounding's NaN payloads never show.
+    """
+
+    def kernel(x2: Tensor) -> tuple[Tensor, Tensor]:
+        g = x2.float().reshape(x2.shape[0], -1, GROUP_SIZE)
+        amax = g.abs().amax(dim=-1, keepdim=True)
+        # a NaN max may come out with the sign bit set (vector max): mask it before comparing
+        bits = amax.view(torch.int32) & 0x7FFFFFFF
+        e, bad = _exponent_from_bits(bits.view(torch.float32), rule)
+        pow2 = _pow2(e)
+        if rule in GLOBAL_FACTOR:
+            y = g.double() * (_pow2(-e).double() * (1.0 / GLOBAL_FACTOR[rule]))
+            q = fused_round(y, rounding, saturate=False)
+            out = (q * pow2.double() / (1.0 / GLOBAL_FACTOR[rule])).float()
+        else:
+            out = fused_round(g * _pow2(-e), rounding, saturate=rule != "ceil") * pow2
+        out = torch.where(bad, torch.nan, out).reshape(x2.shape).to(x2.dtype)
+        return out, torch.zeros((), dtype=torch.bool)
+
+    return kernel
 
 
 def quantize_dequantize(
-    x: Tensor, scale_rule: str = "ocp", rounding: str = "even", *, name: str = "tensor"
+    x: Tensor,
+    scale_rule: str = "ocp",
+    rounding: str = "even",
+    *,
+    name: str = "tensor",
+    inplace: bool = False,
 ) -> Tensor:
-    """Fake-quantize `x` to MXFP4 along its last dim: same shape and dtype, values on the MXFP4 grid."""
-    q, scale, bad = _encode(x, scale_rule, rounding, name)
-    return _decode(q, scale, bad, scale_rule).reshape(x.shape).to(x.dtype)
+    """Fake-quantize `x` to MXFP4 along its last dim: same shape and dtype, values on the MXFP4 grid.
+
+    `inplace=True` lets the codec overwrite a float32 `x` the caller owns and return it (saving a
+    full-size allocation); use the returned tensor either way.
+    """
+
+    def eager() -> Tensor:
+        q, scale, bad = _encode(x, scale_rule, rounding, name, inplace)
+        return _decode(q, scale, bad, scale_rule).reshape(x.shape).to(x.dtype)
+
+    if scale_rule not in POWER_OF_TWO_RULES or rounding not in ("even", "away"):
+        return eager()  # loggrid's tensor-wide grid stays eager; eager raises the clear errors
+    if x.ndim == 0 or x.shape[-1] % GROUP_SIZE or not x.is_floating_point():
+        return eager()
+    kernel = _fused_kernel(scale_rule, rounding)
+    return run_compiled(("mxfp4", scale_rule, rounding), kernel, x, eager)
 
 
 def pack(
@@ -173,7 +279,7 @@ def pack(
             f"pack with one of {POWER_OF_TWO_RULES} (its fake-quant stays available)"
         )
     q, pow2, bad = _encode(x, scale_rule, rounding, name)
-    codes = encode_e2m1(torch.where(bad, 0.0, q)).reshape(x.shape)
+    codes = encode_e2m1(torch.where(bad, 0.0, q.float())).reshape(x.shape)
     exps = _floor_log2(pow2)[0] + E8M0_BIAS
     scales = torch.where(bad, E8M0_NAN, exps).to(torch.uint8).squeeze(-1)
     return pack_nibbles(codes), scales

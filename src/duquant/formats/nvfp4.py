@@ -8,16 +8,23 @@ A group whose E4M3 scale underflows to zero quantizes to zeros. A non-finite inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from duquant.formats import reference
 from duquant.formats.e2m1 import (
     E2M1_MAX,
+    check_rounding,
     decode_e2m1,
     encode_e2m1,
+    fused_round,
+    group_amax,
     grouped,
     pack_nibbles,
-    round_to_e2m1,
+    round_e2m1_,
+    run_compiled,
     unpack_nibbles,
 )
 
@@ -28,21 +35,64 @@ SCALE_RULES = ("e4m3",)
 
 def tensor_scale_of(x: Tensor) -> Tensor:
     """The FP32 per-tensor scale amax / (6 * 448); 1 for an all-zero tensor."""
-    amax = x.detach().abs().amax().float()
+    x = x.detach()
+    # max and -min, not |x|.amax(): no full-size temporary; abs_ gives a NaN amax the sign |x| would
+    amax = torch.maximum(x.amax(), x.amin().neg()).abs_().float()
     # `amax == 0`, not `amax > 0`: a NaN amax must give a NaN scale (and so NaN everywhere), not 1
     return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
 
 
 def _encode(
-    x: Tensor, rounding: str, tensor_scale: Tensor | None, name: str
+    x: Tensor, rounding: str, tensor_scale: Tensor | None, name: str, inplace: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Group `x`: (E2M1 grid values, E4M3 group scales as float32, per-tensor scale)."""
+    """Group `x`: (E2M1 grid values as float32, E4M3 group scales as float32, per-tensor scale).
+
+    The grid values overwrite `x` when `inplace` and x is float32 and contiguous, else are fresh.
+    """
+    check_rounding(rounding)
     g = grouped(x, GROUP_SIZE, name)
+    own = inplace and g.data_ptr() == x.data_ptr() and x.is_contiguous()
     ts = tensor_scale_of(x) if tensor_scale is None else torch.as_tensor(tensor_scale).float()
-    amax = g.abs().amax(dim=-1, keepdim=True)
+    amax = group_amax(g)
     s = (amax / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
-    y = torch.where(s > 0, g / (s * ts), 0.0)
-    return round_to_e2m1(y, rounding), s, ts
+    st = s * ts
+    live = s > 0
+    if (live & ~((st > 0) & (st < float("inf")))).any():
+        # a subnormal, zero or infinite tensor scale makes g / (s * ts) infinite or NaN in a live
+        # group, where the sign of a NaN is y's and not g's: leave that corner to the plain code
+        return reference.nv_encode(x, rounding, ts)
+    # s * ts > 0 in live groups, so y has g's signs
+    y = round_e2m1_(g.div_(st), rounding) if own else round_e2m1_(g / st, rounding, sign=g)
+    if not live.all():  # groups whose E4M3 scale underflows (or is NaN) quantize to +0
+        y.masked_fill_(~live, 0.0)
+    return y, s, ts
+
+
+def _fused_kernel(rounding: str, given_scale: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The whole NVFP4 fake-quant of a (rows, K) tensor as one function, for torch.compile.
+
+    `_encode`'s arithmetic out of place. The fallback flag sends non-finite inputs (whose NaN bit
+    patterns the fused max reduction does not keep) and `_encode`'s corner of a live group with
+    s * ts zero or infinite to the eager code.
+    """
+
+    def kernel(x2: Tensor, *given: Tensor) -> tuple[Tensor, Tensor]:
+        g = x2.float().reshape(x2.shape[0], -1, GROUP_SIZE)
+        if given_scale:
+            ts = given[0]
+        else:
+            amax_t = torch.maximum(x2.amax(), x2.amin().neg()).abs().float()
+            ts = torch.where(amax_t == 0, 1.0, amax_t / (E2M1_MAX * E4M3_MAX))
+        amax = g.abs().amax(dim=-1, keepdim=True)
+        s = (amax / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+        st = s * ts
+        live = s > 0
+        q = torch.where(live, fused_round(g / st, rounding), 0.0)
+        out = (q * s * ts).reshape(x2.shape).to(x2.dtype)
+        degenerate = live & ~((st > 0) & (st < float("inf")))
+        return out, degenerate.any() | ~torch.isfinite(amax).all() | ~torch.isfinite(ts)
+
+    return kernel
 
 
 def quantize_dequantize(
@@ -52,11 +102,25 @@ def quantize_dequantize(
     *,
     tensor_scale: Tensor | None = None,
     name: str = "tensor",
+    inplace: bool = False,
 ) -> Tensor:
-    """Fake-quantize `x` to NVFP4 along its last dim: same shape and dtype."""
+    """Fake-quantize `x` to NVFP4 along its last dim: same shape and dtype.
+
+    `inplace=True` lets the codec overwrite a float32 `x` the caller owns and return it.
+    """
     _check_rule(scale_rule)
-    q, s, ts = _encode(x, rounding, tensor_scale, name)
-    return (q * s * ts).reshape(x.shape).to(x.dtype)
+
+    def eager() -> Tensor:
+        q, s, ts = _encode(x, rounding, tensor_scale, name, inplace)
+        return q.mul_(s).mul_(ts).reshape(x.shape).to(x.dtype)
+
+    if rounding not in ("even", "away") or not x.is_floating_point():
+        return eager()
+    if x.ndim == 0 or x.shape[-1] % GROUP_SIZE:
+        return eager()
+    given = () if tensor_scale is None else (torch.as_tensor(tensor_scale).float(),)
+    key = ("nvfp4", rounding, bool(given))
+    return run_compiled(key, _fused_kernel(rounding, bool(given)), x, eager, *given)
 
 
 def pack(

@@ -26,6 +26,8 @@ class MethodConfig:
     objective: str = "range"  # greedy search objective: range (paper) or mx (MX quantization error)
     swap_index: str = "column"  # column (paper) or row_mod_b (released code)
     refine_from: str = "identity"  # greedy start: identity (paper) or random-hadamard
+    objective_rows: int = 128  # activation and weight rows the MX-error objective sees
+    start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
 
@@ -50,6 +52,33 @@ METHODS: dict[str, MethodConfig] = {
         MethodConfig("duquant", smooth=True, rotation="duquant-v1"),
         # the paper: smoothing then ONE B=32 greedy outlier-aware rotation shared by all blocks
         MethodConfig("duquant++", smooth=True, rotation="greedy"),
+        # candidates for the improved search (measured in docs/results.md)
+        MethodConfig(
+            "dqpp-mx",
+            smooth=True,
+            rotation="greedy",
+            objective="mx",
+            refine_from="random-hadamard",
+            max_steps=32,
+        ),
+        MethodConfig(
+            "dqpp-best-had",
+            smooth=True,
+            rotation="greedy",
+            objective="mx",
+            refine_from="random-hadamard",
+            start_candidates=16,
+            max_steps=0,
+        ),
+        MethodConfig(
+            "dqpp-best-had-mx",
+            smooth=True,
+            rotation="greedy",
+            objective="mx",
+            refine_from="random-hadamard",
+            start_candidates=16,
+            max_steps=32,
+        ),
     )
 }
 

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from duquant.calibrate import InputStats
+from duquant.formats import QuantSpec
 from duquant.methods import MethodConfig
 from duquant.models.adapters import InputGroup
 from duquant.transforms.base import BlockRotation, ChannelScale, Permutation, Sequence, Transform
 from duquant.transforms.hadamard import block_hadamard, random_signs
 from duquant.transforms.permutation import zigzag_permutation
-from duquant.transforms.rotation import greedy_rotation, per_block_greedy
+from duquant.transforms.rotation import best_start, greedy_rotation, per_block_greedy
 from duquant.transforms.smooth import share_over_heads, smoothing_scale
 
 
@@ -102,6 +103,13 @@ def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bo
     return False
 
 
+def _rows(t: Tensor, n: int) -> Tensor:
+    """At most `n` evenly spaced rows of `t` (deterministic)."""
+    if t.shape[0] <= n:
+        return t
+    return t[torch.linspace(0, t.shape[0] - 1, n).long()]
+
+
 def _rotation_steps(
     method: MethodConfig, x: Tensor | None, weights: Tensor, absmax: Tensor | None, quant, gen
 ) -> tuple[list[Transform], dict]:
@@ -113,24 +121,34 @@ def _rotation_steps(
         return [BlockRotation(block_hadamard(b))], {}
     if method.rotation == "random-hadamard":
         return [BlockRotation(block_hadamard(b, random_signs(b, gen)))], {}
-    start = (
-        block_hadamard(b, random_signs(b, gen)) if method.refine_from == "random-hadamard" else None
-    )
+    a_spec = (quant.act if quant else None) or QuantSpec()
+    w_spec = (quant.weight if quant else None) or QuantSpec()
+    start, info0 = None, {}
+    xs, ws = _rows(x, method.objective_rows), _rows(weights, method.objective_rows)
+    if method.refine_from == "random-hadamard":
+        cands = [block_hadamard(b, random_signs(b, gen)) for _ in range(method.start_candidates)]
+        pick, errs = best_start(xs, cands, a_spec, ws, w_spec) if len(cands) > 1 else (0, [])
+        start, info0 = cands[pick], {"start_errors": errs, "start_pick": pick}
     kw = dict(
         block_size=b,
         max_steps=method.max_steps,
         generator=gen,
         objective=method.objective,
         swap_index=method.swap_index,
-        spec=quant.act if quant else None,
+        spec=a_spec,
+        w_spec=w_spec,
     )
-    w = weights if method.objective == "mx" else None
+    w = None
+    if method.objective == "mx":
+        # the MX-error objective ranks candidates: a row subsample ranks them as well, far cheaper
+        x = _rows(x, method.objective_rows)
+        w = _rows(weights, method.objective_rows)
     if method.rotation == "greedy":
         if method.per_block:
             r, info = per_block_greedy(x, weight=w, start=start, **kw)
         else:
             r, info = greedy_rotation(x, start=start, weight=w, **kw)
-        return [BlockRotation(r)], info
+        return [BlockRotation(r)], {**info0, **info}
     if method.rotation == "duquant-v1":
         r1, info1 = greedy_rotation(x, start=start, weight=w, **kw)
         rot1 = BlockRotation(r1)

@@ -52,17 +52,41 @@ def _swap(r: Tensor, k: int) -> Tensor:
     return r[perm][:, perm]
 
 
-def _objective(m: Tensor, kind: str, spec: QuantSpec | None, w: Tensor | None) -> float:
+def _rel_err(m: Tensor, spec: QuantSpec) -> Tensor:
+    """‖Q(m) − m‖² / ‖m‖² over the whole tensor."""
+    return (spec.fake_quant(m) - m).pow(2).sum() / m.pow(2).sum().clamp(min=1e-30)
+
+
+def _objective(
+    m: Tensor, kind: str, spec: QuantSpec | None, w: Tensor | None, w_spec: QuantSpec | None = None
+) -> float:
     """Search objective of rotated rows `m` (and rotated weight rows `w`): peak range or MX error."""
     if kind == "range":
         lo, hi = torch.aminmax(m)
         return float(hi - lo)
-    err = (spec.fake_quant(m.float()) - m.float()).pow(2).sum() / m.pow(2).sum().clamp(min=1e-30)
+    err = _rel_err(m, spec)
     if w is not None:
-        err = err + (spec.fake_quant(w.float()) - w.float()).pow(2).sum() / w.pow(2).sum().clamp(
-            min=1e-30
-        )
+        err = err + _rel_err(w, w_spec or spec)
     return float(err)
+
+
+def best_start(
+    x: Tensor,
+    candidates: list[Tensor],
+    spec: QuantSpec,
+    weight: Tensor | None = None,
+    w_spec: QuantSpec | None = None,
+) -> tuple[int, list[float]]:
+    """Index of the B x B rotation among `candidates` with the smallest MX error of x·R (and W·R)."""
+    b = candidates[0].shape[0]
+    m = x.float().reshape(-1, b)
+    w = None if weight is None else weight.float().reshape(-1, b)
+    with single_thread():
+        errs = [
+            _objective(m @ r.float(), "mx", spec, None if w is None else w @ r.float(), w_spec)
+            for r in candidates
+        ]
+    return min(range(len(errs)), key=errs.__getitem__), errs
 
 
 def greedy_rotation(*args, **kwargs) -> tuple[Tensor, dict]:
@@ -81,6 +105,7 @@ def _greedy_rotation(
     start: Tensor | None = None,
     weight: Tensor | None = None,
     spec: QuantSpec | None = None,
+    w_spec: QuantSpec | None = None,
 ) -> tuple[Tensor, dict]:
     """Search one B x B rotation for activation rows `x` (rows, K); returns (R, info).
 
@@ -100,7 +125,7 @@ def _greedy_rotation(
     m = m @ cur.float()
     w = None if w is None else w @ cur.float()
     base = random_spread(b, gen)
-    best_obj, best_steps, best = _objective(m, objective, spec, w), 0, cur.clone()
+    best_obj, best_steps, best = _objective(m, objective, spec, w, w_spec), 0, cur.clone()
     first_obj = best_obj
     for step in range(1, max_steps + 1):
         flat = int(m.abs().argmax())
@@ -111,7 +136,7 @@ def _greedy_rotation(
         m = m @ r_step.float()
         if w is not None:
             w = w @ r_step.float()
-        obj = _objective(m, objective, spec, w)
+        obj = _objective(m, objective, spec, w, w_spec)
         if obj < best_obj:
             best_obj, best_steps, best = obj, step, cur.clone()
     return best, {"steps": best_steps, "objective": objective, "start": first_obj, "best": best_obj}
