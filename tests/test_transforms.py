@@ -126,7 +126,7 @@ def test_zigzag_balances_block_maxima():
     assert sorted(block_max.tolist()) == sorted(m.topk(4).values.tolist())
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if not n.startswith("dqpp-")))
 @pytest.mark.parametrize("tie", [False, True])
 def test_every_method_leaves_fp_logits_unchanged(name, tie):
     base = outlier_llama(tie)

@@ -257,7 +257,8 @@ def result_key(
         "model": model_source,
         "dtype": cfg.dtype,
         "device": cfg.device,
-        "method": asdict(method),
+        # an unquantized method is its name: fields added to MethodConfig later cannot change it
+        "method": asdict(method) if method.quantize else {"name": method.name, "quantize": False},
         "weights": job.weights,
         "quant": asdict(quant) if method.quantize else None,
         "seed": cfg.seed,
@@ -647,7 +648,8 @@ def plot_table(table: dict, path: Path) -> Path | None:
         for k, row in enumerate(rows):
             ys = [row["values"][c] if _num(row["values"][c]) else 0.0 for c in cols]
             xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(cols))]
-            ax.bar(xs, ys, width, label=row["label"])
+            bars = ax.bar(xs, ys, width, label=row["label"])
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(cols)), cols, rotation=30)
         ax.set_title(title)
         if title.startswith("perplexity"):

@@ -89,8 +89,9 @@ def round_to_e2m1(y: Tensor, rounding: str = "even") -> Tensor:
     and dtype; other floating dtypes give float32, as the reference's float32 step promotes them to.
     """
     check_rounding(rounding)
-    if y.dtype not in _MAGIC:
-        return round_to_e2m1(y.float(), rounding)
+    if y.dtype not in _MAGIC:  # |y| clamped in y's dtype, as the reference (it makes NaN canonical)
+        a = y.abs().clamp(max=E2M1_MAX).float()
+        return round_e2m1_(a, rounding, sign=y, saturate=False)
     return round_e2m1_(y.clamp(-E2M1_MAX, E2M1_MAX), rounding, sign=y, saturate=False)
 
 
@@ -103,7 +104,7 @@ _FUSED_C = {
 
 
 def fused_round(y: Tensor, rounding: str, saturate: bool = True) -> Tensor:
-    """Functional E2M1 rounding of float32/float64 `y` for `torch.compile`, same values as `round_to_e2m1`.
+    """E2M1 rounding of float32/float64 `y` out of place, for `torch.compile`: `round_to_e2m1`'s values.
 
     NaN payloads may differ from the eager path: fused callers mask every group holding a NaN.
     """
@@ -163,8 +164,9 @@ def run_compiled(
 
     `key` must determine `kernel` (it is compiled once per key, dtype and K); tensors that vary
     between calls go in `args`. The kernel returns (output, fallback): a true 0-d `fallback` sends
-    the call to `eager` (a corner the kernel does not cover). The first call of each key is checked bit for bit against `eager`;
-    a mismatch or any compile / run error turns the key off for the process, with a warning.
+    the call to `eager` (a corner the kernel does not cover). The first call of each key is checked
+    bit for bit against `eager`; a mismatch or any compile / run error turns the key off for the
+    process, with a warning.
     """
     if not compile_requested() or x.numel() < COMPILE_MIN_NUMEL or x.device.type != "cpu":
         return eager()
@@ -228,7 +230,7 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 def group_amax(g: Tensor) -> Tensor:
     """max |g| over the last dim (keepdim), as `g.abs().amax(-1)` without a full-size |g| temporary."""
     # two reductions over the input beat materialising |g| (a pass and an allocation); abs_ on the
-    # small result clears the sign a NaN may carry, so a NaN group's amax is the canonical +NaN
+    # small result clears the sign bit a NaN may carry, as |g| would have
     return torch.maximum(g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True).neg_()).abs_()
 
 

@@ -77,6 +77,13 @@ class ChannelScale(Transform):
         return dim
 
 
+def _gather_last(x: Tensor, index: Tensor) -> Tensor:
+    """x[..., index] for a 1-D index as long as x's last dim (a permutation of it)."""
+    # gather with the index broadcast (a stride-0 view) is 2-3x faster on CPU than advanced
+    # indexing, which computes an offset per element (measured in docs/benchmarks.md)
+    return torch.gather(x, -1, index.expand(x.shape))
+
+
 class Permutation(Transform):
     """Channel permutation: new channel j takes old channel perm[j]."""
 
@@ -86,13 +93,13 @@ class Permutation(Transform):
         self.register_buffer("inv", torch.argsort(self.perm))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x[..., self.perm]
+        return _gather_last(x, self.perm)
 
     def weight(self, w: Tensor) -> Tensor:
-        return w[..., self.perm]
+        return _gather_last(w, self.perm)
 
     def inverse(self, x: Tensor) -> Tensor:
-        return x[..., self.inv]
+        return _gather_last(x, self.inv)
 
 
 class BlockRotation(Transform):
