@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from test_transforms import outlier_llama
 
 from duquant.analyze import analyze, group_error, outlier_ratio, plot, write_csv
 from duquant.formats import QuantSpec
 from duquant.models import adapter_for
-from test_transforms import outlier_llama
 
 
 def test_group_error_matches_hand_computation():

@@ -20,6 +20,8 @@ from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, quantize_model
 from duquant.qlinear import QuantLinear
 
+OCP = QuantConfig(QuantSpec("mxfp4", "ocp"), QuantSpec("mxfp4", "ocp"))  # the exactness reference
+
 # ---------------------------------------------------------------------------------------------
 # a compact independent MXFP4 `ocp` reference (exhaustive nearest-even search, frexp exponents)
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def test_rtn_replaces_every_linear_with_grid_weights(tiny_llama):
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
     before = _logits(model, ids)
 
-    report = quantize_model(model, adapter, get_method("rtn"), QuantConfig())
+    report = quantize_model(model, adapter, get_method("rtn"), OCP)
     assert report.seconds >= 0 and len(report.plans) == 2
     for i, block in enumerate(adapter.blocks(model)):
         for lname in LINEARS:
@@ -102,7 +104,7 @@ def test_rtn_replaces_every_linear_with_grid_weights(tiny_llama):
 def test_rtn_quant_linear_quantizes_activations(tiny_llama):
     model = tiny_llama
     adapter = adapter_for(model)
-    quantize_model(model, adapter, get_method("rtn"), QuantConfig())
+    quantize_model(model, adapter, get_method("rtn"), OCP)
     down = adapter.blocks(model)[1].mlp.down_proj
     x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1)) * 3
     expected = F.linear(ref_ocp_qdq(x), down.weight)
@@ -248,8 +250,9 @@ def test_cli_run_rtn_vs_fp(cli_on_smollm, tmp_path, capsys):
         assert wt["seconds"] > 0
         assert wt["source"]["split"] == "test"
         assert metrics["quantize_seconds"] >= 0
-    assert results["rtn"]["config"]["weights"]["scale_rule"] == "ocp"
-    assert results["rtn"]["config"]["activations"]["scale_rule"] == "ocp"
+    # the methods' measured default rule (docs/results.md), recorded in every result
+    assert results["rtn"]["config"]["weights"]["scale_rule"] == "ct-round"
+    assert results["rtn"]["config"]["activations"]["scale_rule"] == "ct-round"
     fp, rtn = (
         results["fp"]["metrics"]["wikitext2"]["ppl"],
         results["rtn"]["metrics"]["wikitext2"]["ppl"],

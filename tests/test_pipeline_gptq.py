@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import make_tiny_llama
+
 from duquant.formats import QuantSpec
 from duquant.methods import get_method
 from duquant.models import adapter_for

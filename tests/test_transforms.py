@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
-from duquant.formats import QuantSpec
+
 from duquant.methods import METHODS, get_method
 from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, quantize_model

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from duquant.calibrate import BlockInputs, capture_block_inputs, collect_input_stats, run_block
-from duquant.formats import QuantSpec
+from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_output_error
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
@@ -38,8 +38,8 @@ class QuantConfig:
     """Formats of weights and activations (`None` leaves that side in full precision) and the
     weight quantizer: `rtn` (round to nearest) or `gptq` (on the same grid)."""
 
-    weight: QuantSpec | None = QuantSpec()
-    act: QuantSpec | None = QuantSpec()
+    weight: QuantSpec | None = spec_for("mxfp4")
+    act: QuantSpec | None = spec_for("mxfp4")
     weights: str = "rtn"
     gptq: GPTQConfig = GPTQConfig()
 
