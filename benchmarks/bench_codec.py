@@ -5,7 +5,7 @@ buffer) and an allocating copy (`src.clone()`); the simple reference codec, the 
 optionally compiled one, and torchao's MX / NVFP4 emulation when it imports. Every case is checked
 to give the reference's bits (torchao's equality is recorded, not required).
 
-    python benchmarks/bench_codec.py --threads 1 --repeats 7 --out results/bench/codec.json
+    python benchmarks/bench_codec.py --threads 1 --repeats 5 --compile --out results/bench/codec.json
     /work/.venv-torchao/bin/python benchmarks/bench_codec.py ...   # the same, with torchao importable
 """
 

@@ -130,7 +130,7 @@ def _exponent_from_bits(amax: Tensor, rule: str) -> tuple[Tensor, Tensor]:
 
 def _pow2(e: Tensor) -> Tensor:
     """2^e (float32) for int32 e in [-127, 127], bit for bit `torch.ldexp(1, e)`, from the bits."""
-    # ldexp goes through a vectorised pow, about ten times slower; 2^-127 is the one subnormal
+    # ldexp goes through a vectorised pow, several times slower; 2^-127 is the one subnormal
     return torch.where(e > E8M0_MIN_EXP, (e + 127) << 23, 0x00400000).view(torch.float32)
 
 
