@@ -13,12 +13,18 @@ from duquant.qlinear import QuantLinear
 
 
 def test_gptq_pipeline_weights_on_grid_and_better_than_rtn():
-    m = make_tiny_llama(seed=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
-                        num_key_value_heads=1)
+    m = make_tiny_llama(
+        seed=2, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+    )
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
     spec = QuantSpec("mxfp4", "ocp")
-    rep = quantize_model(m, adapter_for(m), get_method("smooth+hadamard"),
-                         QuantConfig(spec, spec, weights="gptq"), ids)
+    rep = quantize_model(
+        m,
+        adapter_for(m),
+        get_method("smooth+hadamard"),
+        QuantConfig(spec, spec, weights="gptq"),
+        ids,
+    )
     assert len(rep.layer_errors) == 2 * 7
     for e in rep.layer_errors:
         assert not e["fallback"]

@@ -21,8 +21,12 @@ from duquant.transforms.rotation import greedy_rotation, helmert_spread, random_
 def outlier_llama(tie: bool = False):
     """Tiny Llama (head_dim 64, GQA, intermediate 384) with injected massive activation channels."""
     m = make_tiny_llama(
-        seed=1, hidden_size=256, intermediate_size=384, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie,
+        seed=1,
+        hidden_size=256,
+        intermediate_size=384,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
     )
     with torch.no_grad():
         m.model.embed_tokens.weight[:, [3, 77]] *= 40.0  # residual-stream outliers
@@ -144,8 +148,9 @@ def test_every_method_leaves_fp_logits_unchanged(name, tie):
 def test_duquantpp_folds_what_is_foldable():
     m = outlier_llama()
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
-    rep = quantize_model(m, adapter_for(m), get_method("duquant++", max_steps=8),
-                         QuantConfig(None, None), ids)
+    rep = quantize_model(
+        m, adapter_for(m), get_method("duquant++", max_steps=8), QuantConfig(None, None), ids
+    )
     plans = rep.plans[0]
     # Λ folds into the norms and up_proj, Λ and R of the o_proj input into v_proj (head_dim 64)
     assert plans["o"].online is None and len(plans["o"].folded) == 2
@@ -177,8 +182,9 @@ def test_methods_are_deterministic_with_a_seed():
     outs = []
     for _ in range(2):
         m = copy.deepcopy(base)
-        quantize_model(m, adapter_for(m), get_method("duquant++", max_steps=8), QuantConfig(), ids,
-                       seed=3)
+        quantize_model(
+            m, adapter_for(m), get_method("duquant++", max_steps=8), QuantConfig(), ids, seed=3
+        )
         with torch.no_grad():
             outs.append(m(ids).logits)
     assert torch.equal(outs[0], outs[1])

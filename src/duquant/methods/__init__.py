@@ -37,6 +37,16 @@ class MethodConfig:
         return self.smooth or self.rotation in ("greedy", "duquant-v1")
 
 
+_DQPP_MX = MethodConfig(
+    "duquant++mx",
+    smooth=True,
+    rotation="greedy",
+    objective="mx",
+    refine_from="random-hadamard",
+    start_candidates=16,
+    max_steps=0,
+)
+
 METHODS: dict[str, MethodConfig] = {
     m.name: m
     for m in (
@@ -55,42 +65,11 @@ METHODS: dict[str, MethodConfig] = {
         # ours: smoothing + the best of 16 randomized block Hadamards, scored by the MX quantization
         # error of the calibration activations and the rotated weights (docs/results.md has the
         # measurement against smooth+hadamard); same online cost as duquant++ (one 32 x 32 block)
-        MethodConfig(
-            "duquant++mx",
-            smooth=True,
-            rotation="greedy",
-            objective="mx",
-            refine_from="random-hadamard",
-            start_candidates=16,
-            max_steps=0,
-        ),
-        # variants measured on the way there
-        MethodConfig(
-            "dqpp-best-had",
-            smooth=True,
-            rotation="greedy",
-            objective="mx",
-            refine_from="random-hadamard",
-            start_candidates=16,
-            max_steps=0,
-        ),
-        MethodConfig(
-            "dqpp-mx",
-            smooth=True,
-            rotation="greedy",
-            objective="mx",
-            refine_from="random-hadamard",
-            max_steps=16,
-        ),
-        MethodConfig(
-            "dqpp-best-had-mx",
-            smooth=True,
-            rotation="greedy",
-            objective="mx",
-            refine_from="random-hadamard",
-            start_candidates=16,
-            max_steps=16,
-        ),
+        _DQPP_MX,
+        # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
+        replace(_DQPP_MX, name="dqpp-best-had"),
+        replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
+        replace(_DQPP_MX, name="dqpp-best-had-mx", max_steps=16),
     )
 }
 
