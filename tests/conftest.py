@@ -58,20 +58,23 @@ def smollm():
     return load_model()
 
 
+# the tiny decoder geometry every architecture test shares
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM (hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, vocab 128)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
+    kwargs = dict(TINY_CONFIG, tie_word_embeddings=False)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**kwargs))

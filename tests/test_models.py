@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from torch import nn
 
 from duquant.models import (
@@ -18,15 +19,7 @@ from duquant.models import (
 )
 from duquant.models.loading import check_finite_weights
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=128,
-)
+TINY = dict(TINY_CONFIG, max_position_embeddings=128)
 
 
 def _tiny(arch: str) -> nn.Module:
