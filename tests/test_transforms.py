@@ -188,3 +188,23 @@ def test_methods_are_deterministic_with_a_seed():
         with torch.no_grad():
             outs.append(m(ids).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_online_flops_match_a_hand_count():
+    from duquant.pipeline import online_flops_per_token
+
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    flops = {}
+    for name in ("rtn", "duquant++", "duquant"):
+        m = outlier_llama()  # hidden 256, intermediate 384, head_dim 64, 2 layers
+        quantize_model(m, adapter_for(m), get_method(name, max_steps=4), QuantConfig(), ids)
+        flops[name] = online_flops_per_token(m)
+    # duquant++: one 32x32 block matmul (2*K*32) on the q/k/v, gate/up and down inputs; o folds into v
+    per_layer = 2 * 256 * 32 + 2 * 256 * 32 + 2 * 384 * 32
+    assert flops == {
+        "rtn": 0,
+        "duquant++": 2 * per_layer,
+        # v1: two rotations on those three inputs, plus the o input's second rotation (its
+        # permutation keeps it online; the first rotation and Λ fold into v_proj)
+        "duquant": 2 * (2 * per_layer + 2 * 256 * 32),
+    }

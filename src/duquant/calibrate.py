@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -69,9 +69,7 @@ class InputStats:
 
     absmax: Tensor  # per-channel max |x|
     sample: Tensor  # a fixed subset of activation rows for searches
-    hessian: Tensor | None = None  # sum of x^T x (for GPTQ), when asked
     rows: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -80,10 +78,9 @@ def collect_input_stats(
     groups: tuple[InputGroup, ...],
     inputs: BlockInputs,
     sample_rows: int = 2048,
-    hessian: bool = False,
     seed: int = 0,
 ) -> dict[str, InputStats]:
-    """Per input group: per-channel absmax, a seeded row sample and optionally X^T X, in one pass."""
+    """Per input group: per-channel absmax and a seeded row sample, in one pass."""
     stats: dict[str, InputStats] = {}
     per_sample = max(1, sample_rows // max(1, len(inputs.hidden)))
     gen = torch.Generator().manual_seed(seed)
@@ -95,14 +92,10 @@ def collect_input_stats(
             cur = stats.get(gname)
             amax = x.abs().amax(dim=0)
             if cur is None:
-                stats[gname] = InputStats(
-                    amax, x[idx].cpu(), x.T @ x if hessian else None, x.shape[0]
-                )
+                stats[gname] = InputStats(amax, x[idx].cpu(), x.shape[0])
             else:
                 cur.absmax = torch.maximum(cur.absmax, amax)
                 cur.sample = torch.cat([cur.sample, x[idx].cpu()])
-                if hessian:
-                    cur.hessian += x.T @ x
                 cur.rows += x.shape[0]
 
         return hook

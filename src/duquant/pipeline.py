@@ -17,7 +17,7 @@ from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_output_error
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter
-from duquant.qlinear import InputQuantizer, make_quant_linear, quantize_weight
+from duquant.qlinear import InputQuantizer, QuantLinear, make_quant_linear, quantize_weight
 from duquant.transforms.quarot import apply_quarot
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,11 @@ def online_flops_per_token(model: nn.Module) -> int:
     """FLOPs of the online input transforms per token, each shared input position counted once."""
     seen, total = set(), 0
     for mod in model.modules():
-        if isinstance(mod, InputQuantizer) and id(mod) not in seen:
-            seen.add(id(mod))
-            if mod.online is not None:
-                width = next(
-                    m for m in model.modules() if getattr(m, "input_quantizer", None) is mod
-                )
-                total += mod.online.flops_per_token(width.in_features)
+        iq = getattr(mod, "input_quantizer", None)
+        if isinstance(mod, QuantLinear) and id(iq) not in seen:
+            seen.add(id(iq))
+            if iq.online is not None:
+                total += iq.online.flops_per_token(mod.in_features)
     return total
 
 

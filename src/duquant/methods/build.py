@@ -51,7 +51,6 @@ class GroupPlan:
     weight_transform: Transform | None = None
     online: Transform | None = None
     folded: list[Transform] = field(default_factory=list)
-    fold_target: str | None = None
     info: dict = field(default_factory=dict)
 
     def fold(self, block: nn.Module, group: InputGroup, heads: HeadShape | None) -> None:
@@ -72,11 +71,14 @@ def _fold_rows(linear: nn.Linear, step: Transform) -> None:
         linear.bias.data = step(linear.bias.data.float()).to(linear.bias.dtype)
 
 
+def _fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
+    """Whether the group's input is attention-head output produced by v_proj (the o_proj input)."""
+    return group.producer is not None and group.producer.endswith("v_proj") and heads is not None
+
+
 def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) -> Transform:
     """The same map expressed on the producer's output width (KV heads for v_proj under GQA)."""
-    if group.producer is None or not group.producer.endswith("v_proj") or heads is None:
-        return step
-    if heads.n_kv_heads == heads.n_heads:
+    if not _fed_by_heads(group, heads) or heads.n_kv_heads == heads.n_heads:
         return step
     rep = heads.n_heads // heads.n_kv_heads
     if isinstance(step, ChannelScale):
@@ -89,17 +91,13 @@ def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) ->
 def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bool:
     """Whether `step` can move into the norm / producer exactly."""
     if isinstance(step, ChannelScale):
-        if group.producer is not None and group.producer.endswith("v_proj") and heads is not None:
+        if _fed_by_heads(group, heads):
             rep = heads.n_heads // heads.n_kv_heads
             s = step.scale.reshape(heads.n_kv_heads, rep, heads.head_dim)
             return bool((s == s[:, :1]).all())
         return group.norm is not None or group.producer is not None
-    if isinstance(step, BlockRotation) and group.producer is not None and heads is not None:
-        return (
-            group.producer.endswith("v_proj")
-            and step.rotation.shape[0] == 1
-            and heads.head_dim % step.block_size == 0
-        )
+    if isinstance(step, BlockRotation) and _fed_by_heads(group, heads):
+        return step.rotation.shape[0] == 1 and heads.head_dim % step.block_size == 0
     return False
 
 
@@ -111,7 +109,7 @@ def _rows(t: Tensor, n: int) -> Tensor:
 
 
 def _rotation_steps(
-    method: MethodConfig, x: Tensor | None, weights: Tensor, absmax: Tensor | None, quant, gen
+    method: MethodConfig, x: Tensor | None, weights: Tensor, quant, gen
 ) -> tuple[list[Transform], dict]:
     """The rotation part of a method on (already smoothed) activations `x` and weights."""
     b = method.block_size
@@ -124,6 +122,7 @@ def _rotation_steps(
     a_spec = (quant.act if quant else None) or QuantSpec()
     w_spec = (quant.weight if quant else None) or QuantSpec()
     start, info0 = None, {}
+    # the MX-error objective ranks candidates: a row subsample ranks them as well, far cheaper
     xs, ws = _rows(x, method.objective_rows), _rows(weights, method.objective_rows)
     if method.refine_from == "random-hadamard":
         cands = [block_hadamard(b, random_signs(b, gen)) for _ in range(method.start_candidates)]
@@ -139,10 +138,8 @@ def _rotation_steps(
         w_spec=w_spec,
     )
     w = None
-    if method.objective == "mx":
-        # the MX-error objective ranks candidates: a row subsample ranks them as well, far cheaper
-        x = _rows(x, method.objective_rows)
-        w = _rows(weights, method.objective_rows)
+    if method.objective == "mx":  # the range objective keeps every sampled row
+        x, w = xs, ws
     if method.rotation == "greedy":
         if method.per_block:
             r, info = per_block_greedy(x, weight=w, start=start, **kw)
@@ -179,14 +176,12 @@ def plan_group(
     x = None if stats is None else stats.sample.float()
     if method.smooth:
         scale = smoothing_scale(stats.absmax, weights, method.alpha)
-        if group.producer is not None and group.producer.endswith("v_proj") and heads is not None:
+        if _fed_by_heads(group, heads):
             scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
         steps.append(ChannelScale(scale))
         x = x / scale
         w_cat = w_cat * scale
-    rot, rinfo = _rotation_steps(
-        method, x, w_cat, None if stats is None else stats.absmax, quant, gen
-    )
+    rot, rinfo = _rotation_steps(method, x, w_cat, quant, gen)
     steps += rot
     info.update(rinfo)
     if not steps:
