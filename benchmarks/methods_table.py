@@ -28,7 +28,9 @@ def main() -> None:
         "--methods", default="fp,rtn,smoothquant,hadamard,smooth+hadamard,quarot,duquant,duquant++"
     )
     p.add_argument(
-        "--rules", default="ocp", help="comma list of scale rules (weights = activations)"
+        "--rules",
+        default="ocp",
+        help="comma list of scale rules; RULE for weights and activations or W/A for separate ones",
     )
     p.add_argument("--seeds", default="0")
     p.add_argument("--format", default="mxfp4")
@@ -50,14 +52,16 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         for rule in args.rules.split(","):
+            w_rule, _, a_rule = rule.partition("/")
+            a_rule = a_rule or w_rule
             ppls = []
             for seed in (int(s) for s in args.seeds.split(",")):
                 cfg = RunConfig(
                     model=args.model,
                     method=method,
                     format=args.format,
-                    w_scale_rule=rule,
-                    a_scale_rule=rule,
+                    w_scale_rule=w_rule,
+                    a_scale_rule=a_rule,
                     max_windows=args.max_windows,
                     seqlen=args.seqlen,
                     nsamples=args.nsamples,
@@ -71,7 +75,8 @@ def main() -> None:
                 res = run(cfg, copy_)
                 res["metrics"]["total_seconds"] = time.perf_counter() - t
                 tag = "" if args.weights == "rtn" else f"_{args.weights}"
-                write_json(res, out / f"{method}{tag}_{rule}_s{seed}.json")
+                name = rule.replace("/", "+")
+                write_json(res, out / f"{method}{tag}_{name}_s{seed}.json")
                 ppls.append(res["metrics"]["wikitext2"]["ppl"])
                 print(
                     f"{method:<18} {rule:<18} seed {seed}: ppl {ppls[-1]:.3f} "

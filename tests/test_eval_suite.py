@@ -365,3 +365,19 @@ def test_compare_reports_missing_and_rejects_unknown_weights(
         cmp.run_compare(bad, _loaded(tiny_llama))
     with pytest.raises(ValueError, match="unknown method"):
         cmp.CompareConfig(methods=["nope"])
+
+
+def test_star_method_means_gptq_weights():
+    """`quarot*` is QuaRot with GPTQ weights (the paper's notation), next to --weights for the rest."""
+    import duquant.compare as cmp
+
+    cfg = cmp.CompareConfig(methods=["fp", "rtn", "quarot", "quarot*"], weights=["rtn"])
+    assert cmp.jobs_of(cfg) == [
+        cmp.Job("fp", None),
+        cmp.Job("rtn", "rtn"),
+        cmp.Job("quarot", "rtn"),
+        cmp.Job("quarot", "gptq"),
+    ]
+    assert cmp.jobs_of(cfg)[-1].label == "quarot (gptq)"
+    with pytest.raises(ValueError, match="unknown method"):
+        cmp.CompareConfig(methods=["nope*"])

@@ -690,3 +690,72 @@ def test_loggrid_largest_group_never_clips():
         out = qdq(x.reshape(1, -1), "duquantpp-loggrid").reshape(n, 32)
         top = amax.argmax()
         np.testing.assert_allclose(out[top, 0], amax[top], rtol=2e-6, err_msg=f"amax {amax}")
+
+
+# ---------------------------------------------------------------------------------------------
+# `mse`: the per-group best of two E8M0 exponents, against a brute force over every exponent
+# ---------------------------------------------------------------------------------------------
+
+
+def _group_sse(g: np.ndarray, e: int, rounding: str = "even") -> float:
+    """Sum of squared errors of rounding group `g` (float64) with the power-of-two scale 2^e."""
+    q = ref_round_e2m1(g / 2.0**e, rounding) * 2.0**e
+    return float(np.sum((q - g) ** 2))
+
+
+def test_mse_rule_hand_computed():
+    # scale 1 has the grid 0, .5, 1, 1.5, 2, 3, 4, 6; scale 2 has 0, 1, 2, 3, 4, 6, 8, 12. Group
+    # [7, 1.5, .5, .5, .5]: scale 1 errs only on 7 -> 6 (1); scale 2 on 7 -> 8 (1), 1.5 -> 2 (.25) and
+    # each .5 -> 0 (ties to even, 3 x .25): ocp's scale wins, 1 against 2
+    g = np.zeros(32)
+    g[:5] = [7.0, 1.5, 0.5, 0.5, 0.5]
+    assert (_group_sse(g, 0), _group_sse(g, 1)) == (1.0, 2.0)
+    out = mxfp4.quantize_dequantize(torch.tensor(g, dtype=torch.float32)[None], "mse")
+    assert out[0, :5].tolist() == [6.0, 1.5, 0.5, 0.5, 0.5]
+    # amax 7.9 alone: scale 1 gives 6 (error 1.9), scale 2 gives 8 (error 0.1): mse takes 2
+    g2 = np.zeros(32)
+    g2[0] = 7.9
+    out = mxfp4.quantize_dequantize(torch.tensor(g2, dtype=torch.float32)[None], "mse")
+    assert out[0, 0].item() == 8.0
+    assert mxfp4.group_scales(torch.tensor(g2, dtype=torch.float32)[None], "mse").item() == 2.0
+    codes, scales = mxfp4.pack(torch.tensor(g2, dtype=torch.float32)[None], "mse")
+    assert scales.item() == 128  # E8M0 code of 2^1
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_mse_rule_is_best_of_all_amax_rules_per_group(rounding):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=gen) * torch.rand(64, 1, generator=gen) * 10
+    x[:, ::37] *= 50  # outliers in some groups
+    out = mxfp4.quantize_dequantize(x, "mse", rounding).double()
+    err = (out - x.double()).square().reshape(64, -1, 32).sum(-1)
+    groups = x.double().numpy().reshape(-1, 32)
+    for rule in ("ocp", "ceil", "ct-round"):
+        other = mxfp4.quantize_dequantize(x, rule, rounding).double()
+        err_o = (other - x.double()).square().reshape(64, -1, 32).sum(-1)
+        assert (err <= err_o).all(), rule
+    # brute force: no exponent in a window of 5 around ocp's does better (the optimum is one of two)
+    got = err.reshape(-1).numpy()
+    for i in range(0, groups.shape[0], 7):
+        g = groups[i]
+        e0 = math.frexp(float(np.abs(g).max()))[1] - 1 - 2
+        best = min(_group_sse(g, e, rounding) for e in range(e0 - 2, e0 + 3))
+        assert got[i] == pytest.approx(best, rel=1e-12, abs=0.0)
+    assert torch.equal(
+        mxfp4.group_scales(x, "mse").log2().round(), mxfp4.group_scales(x, "mse").log2()
+    )
+
+
+def test_mse_rule_special_values_and_pack_roundtrip():
+    x = torch.randn(4, 64)
+    x[1, 3] = float("nan")
+    x[2] = 0.0
+    x[3, 40] = float("inf")
+    out = mxfp4.quantize_dequantize(x, "mse")
+    assert out[1, :32].isnan().all() and out[3, 32:].isnan().all()
+    assert torch.equal(out[2], torch.zeros(64))
+    codes, scales = mxfp4.pack(x, "mse")
+    back = mxfp4.unpack(codes, scales, scale_rule="mse")
+    assert torch.equal(back.nan_to_num(7.0), out.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="group maximum alone"):
+        mxfp4.shared_exponent(x.abs().amax(-1), "mse")

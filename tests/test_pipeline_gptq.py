@@ -48,3 +48,26 @@ def test_gptq_needs_calibration():
         assert "calibration" in str(exc)
     else:
         raise AssertionError("GPTQ without calibration data must fail clearly")
+
+
+def test_feed_block_until_sees_what_a_full_block_pass_sees():
+    """Stopping the block after the hooked module gives that module's outputs of a full pass, and
+    runs nothing after it."""
+    from duquant.calibrate import capture_block_inputs, feed_block_until
+
+    m = make_tiny_llama(seed=1)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(m, adapter_for(m), ids)
+    block = m.model.layers[0]
+    full, calls = [], []
+    h1 = block.self_attn.o_proj.register_forward_hook(lambda _m, _a, out: full.append(out.clone()))
+    h2 = block.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    for h in inputs.hidden:
+        block(h, **inputs.kwargs)
+    assert len(calls) == 3
+    h1.remove()
+    got = []
+    feed_block_until(block, inputs, block.self_attn.o_proj, lambda out: got.append(out.clone()))
+    assert len(calls) == 3, "the MLP after the stop point must not run"
+    h2.remove()
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, full, strict=True))

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by a hook once what it needs is recorded: the rest of the forward is skipped."""
 
 
 @dataclass
@@ -61,6 +61,29 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
             out = block(h, **inputs.kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+def feed_block_until(block: nn.Module, inputs: BlockInputs, module: nn.Module, fn) -> None:
+    """Call `fn(output of module)` for every captured input, skipping the rest of the block.
+
+    GPTQ needs only the input of the group it quantizes next; stopping there saves the
+    attention and MLP that follow (most of the block for q/k/v).
+    """
+
+    def hook(_m, _args, out):
+        fn(out)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for h in inputs.hidden:
+                try:
+                    block(h, **inputs.kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
 
 
 @dataclass

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 EVALS = ("wikitext2", "c4", "zeroshot")
 PPL_COLUMNS = {"wikitext2": "W2 PPL", "c4": "C4 PPL"}
+GPTQ_MARK = "*"  # `--methods quarot*`: the paper's notation for a method with GPTQ weights
 ZS_COLUMNS = ("ARC-E", "ARC-C", "HS", "WG", "LAMB", "PIQA", "OBQA")
 COLUMNS = ("method", "W2 PPL", "C4 PPL", *ZS_COLUMNS, "Avg")
 
@@ -77,7 +78,7 @@ class CompareConfig:
         bad = [e for e in self.evals if e not in EVALS]
         if bad:
             raise ValueError(f"unknown evaluation(s) {bad}; choose from {list(EVALS)}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m.removesuffix(GPTQ_MARK) not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
         if not self.methods or not self.evals or not self.weights:
@@ -148,10 +149,13 @@ def resolve(cfg: CompareConfig, job: Job) -> tuple[MethodConfig, Any, RunConfig]
 
 
 def jobs_of(cfg: CompareConfig) -> list[Job]:
-    """Methods x weight quantizers; an unquantized method (fp) appears once."""
+    """Methods x weight quantizers; an unquantized method (fp) appears once, and a method written
+    with the paper's star (`duquant++*`) means that method with GPTQ weights only."""
     jobs: list[Job] = []
     for m in cfg.methods:
-        if not get_method(m).quantize:
+        if m.endswith(GPTQ_MARK):
+            jobs.append(Job(m.removesuffix(GPTQ_MARK), "gptq"))
+        elif not get_method(m).quantize:
             jobs.append(Job(m, None))
         else:
             jobs.extend(Job(m, w) for w in cfg.weights)
@@ -692,7 +696,12 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
         "compare", help="methods x evaluations in one resumable command, with a Table-1 summary"
     )
     p.add_argument("--model", default=None, help="HF id, local HF dir or .gguf (default: SmolLM2)")
-    p.add_argument("--methods", type=_csv, default=["fp", "rtn"], help="e.g. fp,rtn,duquant++")
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        default=["fp", "rtn"],
+        help="e.g. fp,rtn,duquant++,duquant++* (a trailing * = that method with GPTQ weights)",
+    )
     p.add_argument("--weights", type=_csv, default=["rtn"], help="weight quantizers, e.g. rtn,gptq")
     p.add_argument("--evals", type=_csv, default=list(EVALS), help="wikitext2,c4,zeroshot")
     p.add_argument("--out", default=None, help="output folder (default results/<model>/)")

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from duquant.calibrate import BlockInputs, capture_block_inputs, collect_input_stats, run_block
+from duquant.calibrate import (
+    BlockInputs,
+    capture_block_inputs,
+    collect_input_stats,
+    feed_block_until,
+    run_block,
+)
 from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_output_error
 from duquant.methods import MethodConfig
@@ -149,19 +155,11 @@ def _gptq_block(
     for g in adapter.groups:
         linears = [block.get_submodule(n) for n in g.linears]
         acc = HessianAccumulator()
-        last: list = [None]
-
-        def hook(_m, _args, out, acc=acc, last=last):
-            if out is not last[0]:  # q/k/v share one cached output: count it once
-                last[0] = out
-                acc.add(out.reshape(-1, out.shape[-1]))
-
-        handle = linears[0].input_quantizer.register_forward_hook(hook)
+        iq = linears[0].input_quantizer
         try:
-            run_block(block, inputs)
+            feed_block_until(block, inputs, iq, acc.add)
         finally:
-            handle.remove()
-            linears[0].input_quantizer.reset()
+            iq.reset()
         h = acc.finalize()
         for name, lin in zip(g.linears, linears, strict=True):
             w_fp = lin.weight.data.float()

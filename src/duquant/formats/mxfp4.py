@@ -8,7 +8,12 @@ Scale rules (all but `duquantpp-loggrid` give a power of two, which MXFP4 hardwa
 | `fpquant`           | 2^floor(log2 amax) / 3  (E8M0 times a global factor of 1/3) | [3, 6)       |
 | `ceil`              | 2^ceil(log2(amax / 6))                                      | (3, 6]       |
 | `ct-round`          | as `ocp` after rounding amax up to a power of two when its mantissa >= 1.75 | [3.5, 7) |
+| `mse`               | whichever of the `ocp` scale and twice it gives the group the smaller squared error | [2, 8) |
 | `duquantpp-loggrid` | amax/6 floored onto 256 log-uniform levels between the tensor's extremes | ~6 |
+
+`ceil` and `ct-round` choose between the same two powers of two as `mse` from the mantissa of amax
+alone; `mse` looks at the whole group (both roundings, twice the codec work), so no other E8M0 rule
+with amax / scale in [3, 8) gives a group a smaller error.
 
 Special values: an all-zero group gets the E8M0 scale 2^-127 and zeros. A group holding NaN or ±Inf
 dequantizes to NaN in every element and packs with the E8M0 NaN code 0xFF, as the OCP spec encodes a
@@ -41,8 +46,10 @@ GROUP_SIZE = 32
 E8M0_BIAS = 127
 E8M0_NAN = 255
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
-SCALE_RULES = ("ocp", "fpquant", "ceil", "ct-round", "duquantpp-loggrid")
-POWER_OF_TWO_RULES = ("ocp", "fpquant", "ceil", "ct-round")
+SCALE_RULES = ("ocp", "fpquant", "ceil", "ct-round", "mse", "duquantpp-loggrid")
+# rules whose exponent is a function of the group maximum alone (`shared_exponent`)
+AMAX_RULES = ("ocp", "fpquant", "ceil", "ct-round")
+POWER_OF_TWO_RULES = (*AMAX_RULES, "mse")
 # a rule whose E8M0 exponent is multiplied by a constant, folded into the GEMM epilogue on hardware
 GLOBAL_FACTOR = {"fpquant": 1.0 / 3.0}
 _LOGGRID_LEVELS = 255
@@ -68,11 +75,11 @@ def _floor_log2(amax: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def shared_exponent(amax: Tensor, rule: str) -> Tensor:
-    """E8M0 exponent (int32, clamped to [-127, 127]) of each group for a power-of-two `rule`."""
-    if rule not in POWER_OF_TWO_RULES:
+    """E8M0 exponent (int32, clamped to [-127, 127]) of each group from its maximum, for an amax rule."""
+    if rule not in AMAX_RULES:
         raise ValueError(
-            f"scale rule {rule!r} is not a power of two and has no E8M0 exponent; "
-            f"use one of {POWER_OF_TWO_RULES} to pack MXFP4"
+            f"scale rule {rule!r} is not a function of the group maximum alone; "
+            f"use one of {AMAX_RULES} here (`group_scales` covers every rule)"
         )
     e, m = _floor_log2(amax)
     if rule == "ocp":
@@ -134,6 +141,25 @@ def _pow2(e: Tensor) -> Tensor:
     return torch.where(e > E8M0_MIN_EXP, (e + 127) << 23, 0x00400000).view(torch.float32)
 
 
+def _mse_encode(g: Tensor, amax: Tensor, rounding: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`mse` rule on groups `g` [..., 32]: (grid values, E8M0 exponent, non-finite mask), each group
+    rounded with the `ocp` exponent e and with e + 1 and kept at whichever gives the smaller error.
+
+    Errors are compared in units of 2^e in float64, where every difference and square is exact;
+    a tie keeps e (the finer step). e + 1 is not taken where its largest value, 4 * 2^(e + 1),
+    would overflow float32 (e > 124).
+    """
+    e, bad = _exponent_from_bits(amax, "ocp")
+    y = g * _pow2(-e)  # exact: a power-of-two scaling
+    q0 = round_e2m1_(y.clone(), rounding, sign=g)
+    q1 = round_e2m1_(y * 0.5, rounding, sign=g)  # |y| / 2 < 4: never saturates
+    yd = y.double()
+    err0 = (q0.double() - yd).square_().sum(-1, keepdim=True)
+    err1 = (q1.double() * 2.0 - yd).square_().sum(-1, keepdim=True)
+    up = (err1 < err0) & (e <= E8M0_MAX_EXP - 3)
+    return torch.where(up, q1, q0), e + up.to(torch.int32), bad
+
+
 def group_scales(x: Tensor, rule: str = "ocp", *, name: str = "tensor") -> Tensor:
     """Each group's scale [..., K/32] as `quantize_dequantize` applies it: the E8M0 power of two
     (the rule's global factor excluded, as `pack` stores it) or the loggrid scale; NaN for a group
@@ -144,6 +170,10 @@ def group_scales(x: Tensor, rule: str = "ocp", *, name: str = "tensor") -> Tenso
     if rule == "duquantpp-loggrid":
         bad = ~torch.isfinite(amax)
         scale = _loggrid_scale(amax)
+    elif rule == "mse":
+        g = grouped(x, GROUP_SIZE, name).float()
+        _, e, bad = _mse_encode(g, amax.unsqueeze(-1), "even")
+        scale, bad = _pow2(e).squeeze(-1), bad.squeeze(-1)
     else:
         e, bad = _exponent_from_bits(amax, rule)
         scale = _pow2(e)
@@ -187,6 +217,9 @@ def _encode(
         scale = _loggrid_scale(amax)  # not a power of two: divide, as the reference does
         y = g.div_(scale) if own else g / scale
         return round_e2m1_(y, rounding, sign=None if own else g), scale, bad
+    if rule == "mse":
+        q, e, bad = _mse_encode(g.float(), amax, rounding)
+        return q, _pow2(e), bad
     e, bad = _exponent_from_bits(amax, rule)
     pow2 = _pow2(e)
     if rule in GLOBAL_FACTOR:  # fpquant divides by 2^e / 3; the factor comes back in _decode
@@ -260,8 +293,10 @@ def quantize_dequantize(
         q, scale, bad = _encode(x, scale_rule, rounding, name, inplace)
         return _decode(q, scale, bad, scale_rule).reshape(x.shape).to(x.dtype)
 
-    if scale_rule not in POWER_OF_TWO_RULES or rounding not in ("even", "away"):
-        return eager()  # loggrid's tensor-wide grid stays eager; eager raises the clear errors
+    if scale_rule not in AMAX_RULES or rounding not in ("even", "away"):
+        return (
+            eager()
+        )  # loggrid's tensor-wide grid and mse stay eager; eager raises the clear errors
     if x.ndim == 0 or x.shape[-1] % GROUP_SIZE or not x.is_floating_point():
         return eager()
     kernel = _fused_kernel(scale_rule, rounding)

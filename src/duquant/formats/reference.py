@@ -58,6 +58,21 @@ def mx_shared_exponent(amax: Tensor, rule: str) -> Tensor:
     return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 
+def mx_mse_exponent(g: Tensor, rounding: str = "even") -> Tensor:
+    """`mse` rule: of the `ocp` exponent e and e + 1, the one whose rounding of the group [..., 32]
+    has the smaller sum of squared errors (float64); a tie keeps e; e + 1 only while 4 * 2^(e + 1)
+    stays finite in float32."""
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    e = mx_shared_exponent(torch.where(torch.isfinite(amax), amax, 1.0), "ocp")
+    errors = []
+    for cand in (e, e + 1):
+        pow2 = torch.ldexp(torch.ones_like(amax), cand)
+        q = round_to_e2m1(g / pow2, rounding).double() * pow2.double()
+        errors.append((q - g.double()).square().sum(dim=-1, keepdim=True))
+    up = (errors[1] < errors[0]) & (e <= E8M0_MAX_EXP - 3)
+    return e + up.to(torch.int32)
+
+
 def mx_loggrid_scale(amax: Tensor) -> Tensor:
     """The released DuQuant++ code's scale: amax/6 floored onto a 256-level log grid over the tensor."""
     s = (amax / E2M1_MAX).clamp(min=_LOGGRID_FLOOR)
@@ -78,6 +93,9 @@ def mx_group_scales(x: Tensor, rule: str = "ocp") -> Tensor:
     bad = ~torch.isfinite(amax)
     if rule == "duquantpp-loggrid":
         scale = mx_loggrid_scale(amax)
+    elif rule == "mse":
+        e = mx_mse_exponent(grouped(x, MX_GROUP, "tensor")).squeeze(-1)
+        scale = torch.ldexp(torch.ones_like(amax), e)
     else:
         e = mx_shared_exponent(torch.where(bad, 1.0, amax), rule)
         scale = torch.ldexp(torch.ones_like(amax), e)
@@ -105,7 +123,10 @@ def _mx_encode(x: Tensor, rule: str, rounding: str) -> tuple[Tensor, Tensor, Ten
     if rule == "duquantpp-loggrid":
         scale = mx_loggrid_scale(amax)
         return round_to_e2m1(g / scale, rounding), scale, bad
-    e = mx_shared_exponent(torch.where(bad, 1.0, amax), rule)
+    if rule == "mse":
+        e = mx_mse_exponent(g, rounding)
+    else:
+        e = mx_shared_exponent(torch.where(bad, 1.0, amax), rule)
     pow2 = torch.ldexp(torch.ones_like(amax), e)
     if rule in MX_GLOBAL_FACTOR:  # x * 3 / 2^e in float64, where it is exact
         y = g.double() * (1.0 / MX_GLOBAL_FACTOR[rule]) / pow2.double()
