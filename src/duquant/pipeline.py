@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from duquant.calibrate import (
     run_block,
 )
 from duquant.formats import QuantSpec, spec_for
-from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_output_error
+from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_row_energy
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter
@@ -154,17 +155,20 @@ def _gptq_block(
     errors = []
     for g in adapter.groups:
         linears = [block.get_submodule(n) for n in g.linears]
-        acc = HessianAccumulator()
+        acc = HessianAccumulator(product_dtype=torch.float32)
         iq = linears[0].input_quantizer
         try:
             feed_block_until(block, inputs, iq, acc.add)
         finally:
             iq.reset()
         h = acc.finalize()
-        for name, lin in zip(g.linears, linears, strict=True):
-            w_fp = lin.weight.data.float()
+        w_fps = [lin.weight.data.float() for lin in linears]
+        for idxs in _shared_solves(quant.weight, len(linears)):
+            # GPTQ is independent per output row given H (MX scales are per row and group), so the
+            # linears reading one input (q/k/v, gate/up) are solved as one stacked matrix: the
+            # same weights, one Cholesky and one column sweep instead of several
             res = gptq_quantize(
-                w_fp,
+                torch.cat([w_fps[i] for i in idxs]),
                 h,
                 quant.weight,
                 blocksize=quant.gptq.blocksize,
@@ -172,19 +176,37 @@ def _gptq_block(
                 act_order=quant.gptq.act_order,
                 static_groups=quant.gptq.static_groups,
             )
-            w_rtn = quantize_weight(w_fp, quant.weight, name)
-            errors.append(
-                {
-                    "layer": layer,
-                    "linear": name,
-                    "rtn_error": hessian_output_error(h, w_fp, w_rtn),
-                    "gptq_error": hessian_output_error(h, w_fp, res.weight),
-                    "fallback": res.fallback,
-                    "seconds": res.seconds,
-                }
-            )
-            lin.weight.data = res.weight.to(lin.weight.dtype)
+            rows = [w_fps[i].shape[0] for i in idxs]
+            for i, w_q in zip(idxs, res.weight.split(rows), strict=True):
+                name, w_fp = g.linears[i], w_fps[i]
+                w_rtn = quantize_weight(w_fp, quant.weight, name)
+                den = hessian_row_energy(h, w_fp).sum().item()
+                errors.append(
+                    {
+                        "layer": layer,
+                        "linear": name,
+                        "rtn_error": _rel(hessian_row_energy(h, w_fp - w_rtn).sum().item(), den),
+                        "gptq_error": _rel(hessian_row_energy(h, w_fp - w_q).sum().item(), den),
+                        "fallback": res.fallback,
+                        "solve_seconds": res.seconds,  # of the stacked solve
+                        "solved_with": [g.linears[j] for j in idxs],
+                    }
+                )
+                linears[i].weight.data = w_q.to(linears[i].weight.dtype)
     return errors
+
+
+def _shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:
+    """Which of a group's n linears GPTQ solves together: all of them for MXFP4; one by one for
+    NVFP4, whose per-tensor scale belongs to each linear."""
+    return [list(range(n))] if spec.format == "mxfp4" else [[i] for i in range(n)]
+
+
+def _rel(num_sq: float, den_sq: float) -> float:
+    """sqrt(num_sq / den_sq): a relative output error from squared energies (0/0 = 0)."""
+    if den_sq == 0.0:
+        return 0.0 if num_sq == 0.0 else math.inf
+    return math.sqrt(num_sq / den_sq)
 
 
 def _swap_linears(
