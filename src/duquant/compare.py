@@ -32,6 +32,7 @@ import duquant
 from duquant.config import RunConfig
 from duquant.data import DataNotFoundError, eval_text, wikitext2_rows
 from duquant.eval.perplexity import NonFiniteLossError, perplexity
+from duquant.formats import DEFAULT_SCALE_RULE
 from duquant.methods import METHODS, MethodConfig, get_method
 
 log = logging.getLogger(__name__)
@@ -567,11 +568,12 @@ def _fmt(value: Any, ppl: bool) -> str:
 def table_markdown(table: dict) -> str:
     """The paper's Table-1 layout as Markdown, with the settings and footnotes."""
     cfg = table["config"]
+    default = DEFAULT_SCALE_RULE.get(cfg["format"], "default")
     lines = [
         f"# duquant compare: {table['model']}",
         "",
         f"Format {cfg['format']} W4A4, weight/act scale rules "
-        f"{cfg['w_scale_rule'] or 'default'}/{cfg['a_scale_rule'] or 'default'}, rounding {cfg['rounding']}; "
+        f"{cfg['w_scale_rule'] or default}/{cfg['a_scale_rule'] or default}, rounding {cfg['rounding']}; "
         f"PPL seqlen {cfg['seqlen']}, max windows {cfg['max_windows'] or 'all'}; zero-shot limit "
         f"{cfg['limit'] or 'none'} per task (accuracies in %); seed {cfg['seed']}.",
         "",
@@ -648,19 +650,21 @@ def plot_table(table: dict, path: Path) -> Path | None:
         1, len(panels), figsize=(4 + 1.2 * sum(len(c) for _, c in panels), 4), squeeze=False
     )
     width = 0.8 / max(len(rows), 1)
+    colors = plt.get_cmap("tab20").colors  # distinct for up to 20 rows (tab10 repeats after 10)
     for ax, (title, cols) in zip(axes[0], panels, strict=True):
         for k, row in enumerate(rows):
             ys = [row["values"][c] if _num(row["values"][c]) else 0.0 for c in cols]
             xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(cols))]
-            bars = ax.bar(xs, ys, width, label=row["label"])
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            bars = ax.bar(xs, ys, width, label=row["label"], color=colors[k % len(colors)])
+            if len(rows) <= 6:  # more labels than that overlap into noise
+                ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(range(len(cols)), cols, rotation=30)
         ax.set_title(title)
         if title.startswith("perplexity"):
             ax.set_yscale("log")
-    axes[0][0].legend(fontsize="small")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize="small")
     fig.suptitle(Path(str(table["model"])).name, fontsize="small")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
