@@ -322,7 +322,12 @@ def hessian_output_error(hessian: Tensor, w_ref: Tensor, w_q: Tensor) -> float:
     delta = ref - w_q.detach().double()
     num = ((delta @ h) * delta).sum().clamp(min=0.0).item()
     den = ((ref @ h) * ref).sum().clamp(min=0.0).item()
-    return _ratio(math.sqrt(num), math.sqrt(den))
+    return energy_ratio(num, den)
+
+
+def energy_ratio(num_sq: float, den_sq: float) -> float:
+    """sqrt(num_sq / den_sq): a relative output error from squared energies (0/0 = 0)."""
+    return _ratio(math.sqrt(num_sq), math.sqrt(den_sq))
 
 
 def hessian_row_energy(hessian: Tensor, w: Tensor) -> Tensor:
@@ -347,6 +352,7 @@ __all__ = [
     "hessian_from_inputs",
     "hessian_output_error",
     "hessian_row_energy",
+    "energy_ratio",
     "layer_output_error",
     "round_to_grid",
 ]

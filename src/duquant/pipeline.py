@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,12 @@ from duquant.calibrate import (
     run_block,
 )
 from duquant.formats import QuantSpec, spec_for
-from duquant.gptq import HessianAccumulator, gptq_quantize, hessian_row_energy
+from duquant.gptq import (
+    HessianAccumulator,
+    energy_ratio,
+    gptq_quantize,
+    hessian_row_energy,
+)
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter
@@ -185,8 +189,12 @@ def _gptq_block(
                     {
                         "layer": layer,
                         "linear": name,
-                        "rtn_error": _rel(hessian_row_energy(h, w_fp - w_rtn).sum().item(), den),
-                        "gptq_error": _rel(hessian_row_energy(h, w_fp - w_q).sum().item(), den),
+                        "rtn_error": energy_ratio(
+                            hessian_row_energy(h, w_fp - w_rtn).sum().item(), den
+                        ),
+                        "gptq_error": energy_ratio(
+                            hessian_row_energy(h, w_fp - w_q).sum().item(), den
+                        ),
                         "fallback": res.fallback,
                         "solve_seconds": res.seconds,  # of the stacked solve
                         "solved_with": [g.linears[j] for j in idxs],
@@ -200,13 +208,6 @@ def _shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:
     """Which of a group's n linears GPTQ solves together: all of them for MXFP4; one by one for
     NVFP4, whose per-tensor scale belongs to each linear."""
     return [list(range(n))] if spec.format == "mxfp4" else [[i] for i in range(n)]
-
-
-def _rel(num_sq: float, den_sq: float) -> float:
-    """sqrt(num_sq / den_sq): a relative output error from squared energies (0/0 = 0)."""
-    if den_sq == 0.0:
-        return 0.0 if num_sq == 0.0 else math.inf
-    return math.sqrt(num_sq / den_sq)
 
 
 def _swap_linears(
