@@ -166,6 +166,7 @@ def _gptq_block(
         finally:
             iq.reset()
         h = acc.finalize()
+        h32 = h.float()  # the error report's precision, converted once for all its products
         w_fps = [lin.weight.data.float() for lin in linears]
         for idxs in _shared_solves(quant.weight, len(linears)):
             # GPTQ is independent per output row given H (MX scales are per row and group), so the
@@ -184,16 +185,16 @@ def _gptq_block(
             for i, w_q in zip(idxs, res.weight.split(rows), strict=True):
                 name, w_fp = g.linears[i], w_fps[i]
                 w_rtn = quantize_weight(w_fp, quant.weight, name)
-                den = hessian_row_energy(h, w_fp).sum().item()
+                den = hessian_row_energy(h32, w_fp).sum().item()
                 errors.append(
                     {
                         "layer": layer,
                         "linear": name,
                         "rtn_error": energy_ratio(
-                            hessian_row_energy(h, w_fp - w_rtn).sum().item(), den
+                            hessian_row_energy(h32, w_fp - w_rtn).sum().item(), den
                         ),
                         "gptq_error": energy_ratio(
-                            hessian_row_energy(h, w_fp - w_q).sum().item(), den
+                            hessian_row_energy(h32, w_fp - w_q).sum().item(), den
                         ),
                         "fallback": res.fallback,
                         "solve_seconds": res.seconds,  # of the stacked solve

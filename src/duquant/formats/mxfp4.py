@@ -172,6 +172,7 @@ def group_scales(x: Tensor, rule: str = "ocp", *, name: str = "tensor") -> Tenso
         scale = _loggrid_scale(amax)
     elif rule == "mse":
         g = grouped(x, GROUP_SIZE, name).float()
+        # either rounding gives the same choice: a tie is equally far from both neighbours
         _, e, bad = _mse_encode(g, amax.unsqueeze(-1), "even")
         scale, bad = _pow2(e).squeeze(-1), bad.squeeze(-1)
     else:
@@ -293,10 +294,9 @@ def quantize_dequantize(
         q, scale, bad = _encode(x, scale_rule, rounding, name, inplace)
         return _decode(q, scale, bad, scale_rule).reshape(x.shape).to(x.dtype)
 
+    # loggrid's tensor-wide grid and mse stay eager; eager raises the clear errors
     if scale_rule not in AMAX_RULES or rounding not in ("even", "away"):
-        return (
-            eager()
-        )  # loggrid's tensor-wide grid and mse stay eager; eager raises the clear errors
+        return eager()
     if x.ndim == 0 or x.shape[-1] % GROUP_SIZE or not x.is_floating_point():
         return eager()
     kernel = _fused_kernel(scale_rule, rounding)
