@@ -28,7 +28,13 @@ from duquant.gptq import (
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter
-from duquant.qlinear import InputQuantizer, QuantLinear, make_quant_linear, quantize_weight
+from duquant.qlinear import (
+    InputQuantizer,
+    QuantLinear,
+    make_quant_linear,
+    quantize_weight,
+    reset_caches_after_forward,
+)
 from duquant.transforms.quarot import apply_quarot
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,7 @@ def quantize_model(
             plans[g.name].fold(block, g, heads)
         for g in adapter.groups:
             _swap_linears(block, g, plans[g.name], quant, layer=i, rtn=not gptq)
+        reset_caches_after_forward(block)
         if gptq:
             report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i)
         report.plans.append(plans)

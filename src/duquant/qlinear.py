@@ -74,6 +74,23 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, act={spec}"
 
 
+def reset_caches_after_forward(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
+    """Drop the InputQuantizers' cached activations once `module` (a decoder block) has run.
+
+    The cache only serves the linears of one forward; kept afterwards, every block would hold its
+    last activations (27 MiB a block at 2048 tokens for SmolLM2) for the life of the model.
+    """
+    iqs = list({id(m): m for m in module.modules() if isinstance(m, InputQuantizer)}.values())
+    if not iqs:
+        return None
+
+    def hook(_module, _args, _out) -> None:
+        for iq in iqs:
+            iq.reset()
+
+    return module.register_forward_hook(hook)
+
+
 def quantize_weight(w: Tensor, spec: QuantSpec | None, name: str) -> Tensor:
     """RTN weight quantization along the input dim (no-op when `spec` is None)."""
     if spec is None:
