@@ -121,9 +121,10 @@ def label(case: str, scheme: str) -> str:
     """Table label of a case: `ours:<method>` or `llmc`."""
     if case == "llmc":
         return f"llm-compressor GPTQ ({scheme})"
-    method = case.split(":", 1)[1]
+    method, _, hessian = case.split(":", 1)[1].partition("/")
     star = {"duquant++": "DuQuant++*: ", "rtn": "plain GPTQ: "}.get(method, "")
-    return f"{star}duquant {method} --weights gptq"
+    extra = f" --gptq-hessian {hessian}" if hessian else ""
+    return f"{star}duquant {method} --weights gptq{extra}"
 
 
 def worker_ours(args: argparse.Namespace, windows: torch.Tensor) -> dict:
@@ -139,10 +140,12 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor) -> dict:
     from duquant.runner import quant_config
 
     loaded, load_s = _load(args.model)
+    method_name, _, hessian = args.method.partition("/")
     cfg = RunConfig(
         model=args.model,
-        method=args.method,
+        method=method_name,
         weights="gptq",
+        gptq_hessian=hessian or "quantized",
         nsamples=windows.shape[0],
         calib_seqlen=windows.shape[1],
         seed=args.seed,
@@ -274,7 +277,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, round_: int) -> dict:
     """Run one case in a fresh subprocess; its result dict (the log tail on failure)."""
-    stem = case.replace(":", "_").replace("+", "p") + str(round_)
+    stem = case.replace(":", "_").replace("+", "p").replace("/", "_") + str(round_)
     result, log = tmp / f"{stem}.json", tmp / f"{stem}.log"
     cmd = [python, str(Path(__file__).resolve()), "--worker", case, "--windows", str(tmp / "w.pt")]
     cmd += ["--result", str(result), "--threads", str(args.threads), "--seed", str(args.seed)]
@@ -311,7 +314,8 @@ def main() -> None:
         "--ours-methods",
         default="duquant++",
         help="duquant methods quantized with --weights gptq, comma-separated; the first is the\n"
-        "baseline of the ratios (rtn = plain GPTQ on the MX grid, no transform)",
+        "baseline of the ratios (rtn = plain GPTQ on the MX grid, no transform); METHOD/fp\n"
+        "uses --gptq-hessian fp",
     )
     p.add_argument("--python", default=sys.executable, help="python of the duquant environment")
     p.add_argument("--llmc-python", default="/work/.venv-llmc/bin/python")

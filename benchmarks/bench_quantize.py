@@ -20,7 +20,13 @@ from _common import machine, write_json
 
 
 def one(
-    method: str, weights: str, nsamples: int, seqlen: int, threads: int, rule: str | None
+    method: str,
+    weights: str,
+    nsamples: int,
+    seqlen: int,
+    threads: int,
+    rule: str | None,
+    hessian: str = "quantized",
 ) -> dict:
     """Quantize the default model once in this process; the numbers of that one run."""
     import torch
@@ -37,6 +43,7 @@ def one(
         calib_seqlen=seqlen,
         w_scale_rule=rule,
         a_scale_rule=rule,
+        gptq_hessian=hessian,
     )
     t = time.perf_counter()
     res = run(cfg)
@@ -64,17 +71,23 @@ def main() -> None:
     p.add_argument("--sizes", default="16x512,128x2048", help="comma list of NSAMPLESxSEQLEN")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rule", default=None, help="scale rule of both sides (default: the format's)")
+    p.add_argument("--gptq-hessian", default="quantized", choices=["quantized", "fp"])
     p.add_argument("--out", default="results/bench/quantize.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         n, s = (int(v) for v in args.one.split("x"))
-        print(json.dumps(one(args.method, args.weights, n, s, args.threads, args.rule)))
+        print(
+            json.dumps(
+                one(args.method, args.weights, n, s, args.threads, args.rule, args.gptq_hessian)
+            )
+        )
         return
     rows = []
     for size in args.sizes.split(","):
         cmd = [sys.executable, __file__, "--one", size, "--method", args.method]
         cmd += ["--weights", args.weights, "--threads", str(args.threads)]
+        cmd += ["--gptq-hessian", args.gptq_hessian]
         if args.rule:
             cmd += ["--rule", args.rule]
         proc = subprocess.run(cmd, capture_output=True, text=True)

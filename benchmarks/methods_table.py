@@ -43,6 +43,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (1 when running several)"
     )
     p.add_argument("--weights", default="rtn", help="weight quantizer: rtn or gptq")
+    p.add_argument("--gptq-hessian", default="quantized", choices=["quantized", "fp"])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +69,7 @@ def main() -> None:
                     calib_seqlen=args.calib_seqlen,
                     seed=seed,
                     weights=args.weights,
+                    gptq_hessian=args.gptq_hessian,
                 )
                 t = time.perf_counter()
                 copy_ = copy.copy(loaded)
@@ -75,6 +77,8 @@ def main() -> None:
                 res = run(cfg, copy_)
                 res["metrics"]["total_seconds"] = time.perf_counter() - t
                 tag = "" if args.weights == "rtn" else f"_{args.weights}"
+                if args.weights == "gptq" and args.gptq_hessian != "quantized":
+                    tag += f"-{args.gptq_hessian}"
                 name = rule.replace("/", "+")
                 write_json(res, out / f"{method}{tag}_{name}_s{seed}.json")
                 ppls.append(res["metrics"]["wikitext2"]["ppl"])

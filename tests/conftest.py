@@ -10,6 +10,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# without a GPU the Triton kernel tests run in Triton's CPU interpreter, which must be switched on
+# before triton is first imported (a GPU machine keeps the real compiler)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def shared_data_dir() -> Path | None:
     """The offline data folder (WikiText-2 raw files): $DUQUANT_DATA_DIR, else ../shared/data."""

@@ -71,3 +71,49 @@ def test_feed_block_until_sees_what_a_full_block_pass_sees():
     assert len(calls) == 3, "the MLP after the stop point must not run"
     h2.remove()
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, full, strict=True))
+
+
+def test_transformed_hessian_is_the_hessian_of_transformed_inputs():
+    from duquant.gptq import hessian_from_inputs
+    from duquant.pipeline import transformed_hessian
+    from duquant.transforms.base import BlockRotation, ChannelScale, Sequence
+    from duquant.transforms.rotation import random_spread
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    t = Sequence(
+        [ChannelScale(torch.rand(64, generator=g) + 0.5), BlockRotation(random_spread(32, g))]
+    )
+    expected = hessian_from_inputs(t(x))
+    got = transformed_hessian(hessian_from_inputs(x), t)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _gptq_inputs(monkeypatch, hessian: str, act) -> tuple[list[torch.Tensor], int]:
+    """Hessians handed to GPTQ and block-0 forward calls of a tiny DuQuant++* run."""
+    import duquant.pipeline as pipeline
+    from duquant.gptq import gptq_quantize as real
+    from duquant.pipeline import GPTQConfig
+
+    m = make_tiny_llama(seed=3)
+    ids = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(1))
+    seen, calls = [], []
+    monkeypatch.setattr(
+        pipeline, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
+    )
+    m.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    spec = QuantSpec("mxfp4", "ct-round")
+    quant = QuantConfig(spec, act, weights="gptq", gptq=GPTQConfig(hessian=hessian))
+    quantize_model(m, adapter_for(m), get_method("duquant++", max_steps=8), quant, ids)
+    return seen, len(calls)
+
+
+def test_fp_hessians_skip_the_group_passes_and_match_the_first_group(monkeypatch):
+    # without activation quantization the first group (q/k/v of block 0) sees the same inputs either
+    # way, so its fp Hessian (Tᵀ H T of the statistics pass) equals the one accumulated per group
+    h_q, calls_q = _gptq_inputs(monkeypatch, "quantized", None)
+    h_f, calls_f = _gptq_inputs(monkeypatch, "fp", None)
+    assert len(h_q) == len(h_f) > 0
+    assert torch.allclose(h_f[0], h_q[0], rtol=1e-5, atol=1e-6)
+    # per window: capture + statistics + output pass, vs those plus one partial pass per group
+    assert calls_f == 3 * 3 and calls_q == (3 + 4) * 3

@@ -110,6 +110,38 @@ def test_greedy_rotation_is_orthogonal_lowers_peak_and_is_seeded():
     assert info["steps"] >= 1 and info["best"] < info["start"]
 
 
+def _greedy_reference(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+    """The search written plainly: |m|.argmax() for the outlier, a global aminmax for the range."""
+    from duquant.transforms.rotation import _swap
+
+    gen = torch.Generator().manual_seed(seed)
+    m = x.float().reshape(-1, 32)
+    cur = torch.eye(32, dtype=torch.float64)
+    base = random_spread(32, gen)
+    lo, hi = torch.aminmax(m)
+    best_obj, best = float(hi - lo), cur.clone()
+    for _ in range(steps):
+        k = int(m.abs().argmax()) % 32
+        r = _swap(base, k)
+        cur, m = cur @ r, m @ r.float()
+        lo, hi = torch.aminmax(m)
+        if float(hi - lo) < best_obj:
+            best_obj, best = float(hi - lo), cur.clone()
+    return best
+
+
+def test_greedy_rotation_matches_the_plain_search():
+    # the fast search (numpy argmax/argmin) must pick the same outliers, ties included: integer
+    # activations make +v and -v maxima and repeated maxima common
+    gen = torch.Generator().manual_seed(1)
+    for x in (
+        torch.randn(64, 96, generator=gen) * torch.logspace(0, 2, 96),
+        torch.randint(-3, 4, (40, 64), generator=gen).float(),
+    ):
+        r, _ = greedy_rotation(x, 32, 24, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(r, _greedy_reference(x, 24, 7))
+
+
 def test_greedy_rotation_keeps_identity_when_nothing_helps():
     x = torch.zeros(8, 32)
     x[:, 0] = 1.0
@@ -208,3 +240,12 @@ def test_online_flops_match_a_hand_count():
         # permutation keeps it online; the first rotation and Λ fold into v_proj)
         "duquant": 2 * (2 * per_layer + 2 * 256 * 32),
     }
+
+
+def test_block_rotation_moves_with_its_module() -> None:
+    # nn.Module.to / .double / .cuda go through Module._apply: a transform must not shadow it
+    rot = BlockRotation(torch.eye(32))
+    seq = Sequence([rot]).double()
+    assert rot.rotation.dtype == torch.float64
+    x = torch.randn(2, 64, dtype=torch.float64)
+    assert torch.equal(seq(x), x)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from duquant.gptq import HessianAccumulator
 from duquant.models.adapters import Adapter, InputGroup
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class InputStats:
     absmax: Tensor  # per-channel max |x|
     sample: Tensor  # a fixed subset of activation rows for searches
     rows: int = 0
+    moments: object | None = None  # a HessianAccumulator of the raw rows, when asked for
 
 
 @torch.no_grad()
@@ -102,8 +104,10 @@ def collect_input_stats(
     inputs: BlockInputs,
     sample_rows: int = 2048,
     seed: int = 0,
+    moments: bool = False,
 ) -> dict[str, InputStats]:
-    """Per input group: per-channel absmax and a seeded row sample, in one pass."""
+    """Per input group: per-channel absmax and a seeded row sample (and with `moments` the raw
+    second moments Σ x xᵀ, for GPTQ's `fp` Hessians), in one pass."""
     stats: dict[str, InputStats] = {}
     per_sample = max(1, sample_rows // max(1, len(inputs.hidden)))
     gen = torch.Generator().manual_seed(seed)
@@ -115,11 +119,14 @@ def collect_input_stats(
             cur = stats.get(gname)
             amax = x.abs().amax(dim=0)
             if cur is None:
-                stats[gname] = InputStats(amax, x[idx].cpu(), x.shape[0])
+                acc = HessianAccumulator(product_dtype=torch.float32) if moments else None
+                cur = stats[gname] = InputStats(amax, x[idx].cpu(), x.shape[0], acc)
             else:
                 cur.absmax = torch.maximum(cur.absmax, amax)
                 cur.sample = torch.cat([cur.sample, x[idx].cpu()])
                 cur.rows += x.shape[0]
+            if cur.moments is not None:
+                cur.moments.add(x)
 
         return hook
 

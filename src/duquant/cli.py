@@ -29,6 +29,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="weight quantizer: round to nearest, or GPTQ on the same grid",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (MX groups kept whole)")
+    p.add_argument(
+        "--gptq-hessian",
+        default="quantized",
+        choices=["quantized", "fp"],
+        help="GPTQ Hessians from the transformed, quantized inputs each group sees (one partial "
+        "block pass per group), or from the statistics pass's FP inputs (faster)",
+    )
     p.add_argument("--alpha", type=float, default=None, help="smoothing strength α")
     p.add_argument("--block-size", type=int, default=None, help="rotation block size B")
     p.add_argument("--max-steps", type=int, default=None, help="greedy rotation steps")

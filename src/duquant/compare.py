@@ -58,6 +58,7 @@ class CompareConfig:
     a_scale_rule: str | None = None
     rounding: str = "even"
     act_order: bool = False
+    gptq_hessian: str = "quantized"
     alpha: float | None = None
     block_size: int | None = None
     max_steps: int | None = None
@@ -723,6 +724,12 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--a-scale-rule", default=None)
     p.add_argument("--rounding", default="even", choices=["even", "away"])
     p.add_argument("--act-order", action="store_true", help="GPTQ activation order")
+    p.add_argument(
+        "--gptq-hessian",
+        default="quantized",
+        choices=["quantized", "fp"],
+        help="GPTQ Hessians: as each group sees its inputs (quantized) or from FP inputs (faster)",
+    )
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)

@@ -19,6 +19,9 @@ class RunConfig:
     rounding: str = "even"
     weights: str = "rtn"  # weight quantizer: rtn or gptq
     act_order: bool = False
+    gptq_hessian: str = (
+        "quantized"  # GPTQ Hessians: quantized (per group, as seen) or fp (one pass)
+    )
     alpha: float | None = None
     block_size: int | None = None
     max_steps: int | None = None

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from duquant.calibrate import (
@@ -35,6 +35,7 @@ from duquant.qlinear import (
     quantize_weight,
     reset_caches_after_forward,
 )
+from duquant.transforms.base import Transform
 from duquant.transforms.quarot import apply_quarot
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ class GPTQConfig:
     percdamp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
+    # `quantized`: each group's Hessian from what it sees at inference (transformed, fake-quantized,
+    # earlier groups of the block already GPTQ'd), one partial block pass per group. `fp`: from the
+    # raw inputs of the statistics pass, transformed exactly (Tᵀ H T), no activation quantization,
+    # as llm-compressor and non-true-sequential GPTQ do: no extra pass at all
+    hessian: str = "quantized"
+
+    def __post_init__(self) -> None:
+        if self.hessian not in HESSIAN_SOURCES:
+            raise ValueError(f"gptq hessian must be one of {HESSIAN_SOURCES}, got {self.hessian!r}")
+
+
+HESSIAN_SOURCES = ("quantized", "fp")
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,17 @@ def quantize_model(
     global_online = apply_quarot(model, adapter, seed) if method.global_rotation else {}
     if needs_inputs:
         inputs = capture_block_inputs(model, adapter, calib_windows)
+    fp_hessians = gptq and quant.gptq.hessian == "fp"
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {method.name}", leave=False)):
         stats = None
-        if method.needs_calibration:
+        if method.needs_calibration or fp_hessians:
             stats = collect_input_stats(
-                block, adapter.groups, inputs, sample_rows=method.search_rows, seed=seed + i
+                block,
+                adapter.groups,
+                inputs,
+                sample_rows=method.search_rows,
+                seed=seed + i,
+                moments=fp_hessians,
             )
         plans = {
             g.name: plan_group(
@@ -114,7 +133,7 @@ def quantize_model(
                 g,
                 method,
                 quant,
-                stats[g.name] if stats else None,
+                stats[g.name] if stats and method.needs_calibration else None,
                 heads,
                 seed=seed * 1000 + i * 10 + j,
             )
@@ -129,7 +148,15 @@ def quantize_model(
             _swap_linears(block, g, plans[g.name], quant, layer=i, rtn=not gptq)
         reset_caches_after_forward(block)
         if gptq:
-            report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i)
+            given = None
+            if fp_hessians:
+                given = {
+                    g.name: transformed_hessian(
+                        stats[g.name].moments.finalize(), plans[g.name].weight_transform
+                    )
+                    for g in adapter.groups
+                }
+            report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i, given=given)
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
             inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
@@ -155,24 +182,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def transformed_hessian(h: Tensor, transform: Transform | None) -> Tensor:
+    """The Hessian of x·T from that of x: Tᵀ H T, with T the linear map `transform` applies to rows."""
+    if transform is None:
+        return h
+    t = transform(torch.eye(h.shape[0], dtype=torch.float64, device=h.device))
+    return t.T @ h @ t
+
+
 def _gptq_block(
-    block: nn.Module, adapter: Adapter, inputs: BlockInputs, quant: QuantConfig, layer: int
+    block: nn.Module,
+    adapter: Adapter,
+    inputs: BlockInputs,
+    quant: QuantConfig,
+    layer: int,
+    given: dict[str, Tensor] | None = None,
 ) -> list[dict]:
     """GPTQ the block's linears group by group, each on inputs through the groups already done.
 
     The Hessian of a group is built from what its linears really see: the transformed, quantized
-    activations (the shared InputQuantizer's output), with every earlier group already quantized.
+    activations (the shared InputQuantizer's output), with every earlier group already quantized;
+    `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes.
     """
     errors = []
     for g in adapter.groups:
         linears = [block.get_submodule(n) for n in g.linears]
-        acc = HessianAccumulator(product_dtype=torch.float32)
-        iq = linears[0].input_quantizer
-        try:
-            feed_block_until(block, inputs, iq, acc.add)
-        finally:
-            iq.reset()
-        h = acc.finalize()
+        if given is not None:
+            h = given[g.name]
+        else:
+            acc = HessianAccumulator(product_dtype=torch.float32)
+            iq = linears[0].input_quantizer
+            try:
+                feed_block_until(block, inputs, iq, acc.add)
+            finally:
+                iq.reset()
+            h = acc.finalize()
         h32 = h.float()  # the error report's precision, converted once for all its products
         w_fps = [lin.weight.data.float() for lin in linears]
         for idxs in _shared_solves(quant.weight, len(linears)):

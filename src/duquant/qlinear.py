@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from duquant.formats import FORMATS, QuantSpec
-from duquant.transforms.base import Transform
+from duquant.transforms.base import BlockRotation, Sequence, Transform
+
+TRITON_ENV = "DUQUANT_TRITON"  # 1: the fused Triton rotation + MXFP4 kernel where it applies
 
 
 def _fresh(y: Tensor, x: Tensor) -> bool:
@@ -38,6 +41,10 @@ class InputQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._last_input is not None and self._last_input() is x:
             return self._last_output
+        y = _fused(x, self.online, self.spec)
+        if y is not None:
+            self._last_input, self._last_output = weakref.ref(x), y
+            return y
         y = self.online(x) if self.online is not None else x
         if self.spec is not None:
             # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
@@ -52,6 +59,38 @@ class InputQuantizer(nn.Module):
     def reset(self) -> None:
         """Drop the cached activation."""
         self._last_input, self._last_output = None, None
+
+
+def _fused_rotation(online: Transform | None) -> tuple[bool, Tensor | None]:
+    """(whether `online` is a single 32 x 32 block rotation or nothing, its matrix)."""
+    if online is None:
+        return True, None
+    if isinstance(online, Sequence) and len(online) == 1:
+        online = online.steps[0]
+    if isinstance(online, BlockRotation) and online.block_size == 32:
+        return True, online.rotation
+    return False, None
+
+
+def _fused(x: Tensor, online: Transform | None, spec: QuantSpec | None) -> Tensor | None:
+    """The Triton kernel's output when $DUQUANT_TRITON=1 and it covers this position, else None.
+
+    Covered: MXFP4 with the `ocp`, `ceil` or `ct-round` rule, online part a 32 x 32 block rotation
+    (DuQuant++, block Hadamard) or none, CUDA tensors (CPU ones only in Triton's interpreter).
+    """
+    if spec is None or spec.format != "mxfp4" or os.environ.get(TRITON_ENV, "") != "1":
+        return None
+    from duquant.kernels import triton_mx
+
+    if not (triton_mx.triton_available() and triton_mx.supports(spec.scale_rule, spec.rounding)):
+        return None
+    if x.device.type != "cuda" and not triton_mx.interpreter_on():
+        return None
+    ok, rotation = _fused_rotation(online)
+    if not ok or x.requires_grad:
+        return None
+    y = triton_mx.rotate_quantize_mxfp4(x, rotation, spec.scale_rule, spec.rounding)
+    return y.to(x.dtype)
 
 
 class QuantLinear(nn.Module):

@@ -31,7 +31,7 @@ def quant_config(cfg: RunConfig) -> QuantConfig:
         QuantSpec(cfg.format, w_rule, cfg.rounding),
         QuantSpec(cfg.format, a_rule, cfg.rounding),
         weights=cfg.weights,
-        gptq=GPTQConfig(act_order=cfg.act_order),
+        gptq=GPTQConfig(act_order=cfg.act_order, hessian=cfg.gptq_hessian),
     )
 
 

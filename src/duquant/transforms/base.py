@@ -115,7 +115,7 @@ class BlockRotation(Transform):
     def block_size(self) -> int:
         return self.rotation.shape[-1]
 
-    def _apply(self, x: Tensor, r: Tensor) -> Tensor:
+    def _rotate(self, x: Tensor, r: Tensor) -> Tensor:
         b = r.shape[-1]
         if x.shape[-1] % b:
             raise ValueError(
@@ -127,13 +127,13 @@ class BlockRotation(Transform):
         return torch.einsum("...nb,nbc->...nc", xb, r.to(x.dtype)).reshape(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._apply(x, self.rotation)
+        return self._rotate(x, self.rotation)
 
     def weight(self, w: Tensor) -> Tensor:
-        return self._apply(w, self.rotation)  # orthogonal: A^-T = A
+        return self._rotate(w, self.rotation)  # orthogonal: A^-T = A
 
     def inverse(self, x: Tensor) -> Tensor:
-        return self._apply(x, self.rotation.transpose(-1, -2))
+        return self._rotate(x, self.rotation.transpose(-1, -2))
 
     def flops_per_token(self, dim: int) -> int:
         return 2 * dim * self.block_size
