@@ -19,9 +19,8 @@ class RunConfig:
     rounding: str = "even"
     weights: str = "rtn"  # weight quantizer: rtn or gptq
     act_order: bool = False
-    gptq_hessian: str = (
-        "quantized"  # GPTQ Hessians: quantized (per group, as seen) or fp (one pass)
-    )
+    # GPTQ Hessians: quantized (per group, as the layer sees its inputs) or fp (the statistics pass)
+    gptq_hessian: str = "quantized"
     alpha: float | None = None
     block_size: int | None = None
     max_steps: int | None = None

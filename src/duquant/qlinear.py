@@ -42,17 +42,19 @@ class InputQuantizer(nn.Module):
         if self._last_input is not None and self._last_input() is x:
             return self._last_output
         y = _fused(x, self.online, self.spec)
-        if y is not None:
-            self._last_input, self._last_output = weakref.ref(x), y
-            return y
-        y = self.online(x) if self.online is not None else x
-        if self.spec is not None:
-            # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
-            # activation-sized allocation (and its page faults) less per input position
-            codec = FORMATS[self.spec.format]
-            y = codec.quantize_dequantize(
-                y, self.spec.scale_rule, self.spec.rounding, name=self.name, inplace=_fresh(y, x)
-            )
+        if y is None:
+            y = self.online(x) if self.online is not None else x
+            if self.spec is not None:
+                # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
+                # activation-sized allocation (and its page faults) less per input position
+                codec = FORMATS[self.spec.format]
+                y = codec.quantize_dequantize(
+                    y,
+                    self.spec.scale_rule,
+                    self.spec.rounding,
+                    name=self.name,
+                    inplace=_fresh(y, x),
+                )
         self._last_input, self._last_output = weakref.ref(x), y
         return y
 
