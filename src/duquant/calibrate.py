@@ -94,7 +94,7 @@ class InputStats:
     absmax: Tensor  # per-channel max |x|
     sample: Tensor  # a fixed subset of activation rows for searches
     rows: int = 0
-    moments: object | None = None  # a HessianAccumulator of the raw rows, when asked for
+    moments: HessianAccumulator | None = None  # raw Σ x xᵀ, when asked for
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import sys
 from duquant.config import RunConfig
 from duquant.formats import FORMATS
 from duquant.methods import METHODS
+from duquant.pipeline import HESSIAN_SOURCES
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gptq-hessian",
         default="quantized",
-        choices=["quantized", "fp"],
+        choices=HESSIAN_SOURCES,
         help="GPTQ Hessians from the transformed, quantized inputs each group sees (one partial "
         "block pass per group), or from the statistics pass's FP inputs (faster)",
     )

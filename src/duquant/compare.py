@@ -34,6 +34,7 @@ from duquant.data import DataNotFoundError, eval_text, wikitext2_rows
 from duquant.eval.perplexity import NonFiniteLossError, perplexity
 from duquant.formats import DEFAULT_SCALE_RULE
 from duquant.methods import METHODS, MethodConfig, get_method
+from duquant.pipeline import HESSIAN_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -727,7 +728,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--gptq-hessian",
         default="quantized",
-        choices=["quantized", "fp"],
+        choices=HESSIAN_SOURCES,
         help="GPTQ Hessians: as each group sees its inputs (quantized) or from FP inputs (faster)",
     )
     p.add_argument("--alpha", type=float, default=None)

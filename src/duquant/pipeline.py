@@ -41,6 +41,9 @@ from duquant.transforms.quarot import apply_quarot
 log = logging.getLogger(__name__)
 
 
+HESSIAN_SOURCES = ("quantized", "fp")  # where GPTQConfig.hessian comes from
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ options (see duquant.gptq)."""
@@ -58,9 +61,6 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if self.hessian not in HESSIAN_SOURCES:
             raise ValueError(f"gptq hessian must be one of {HESSIAN_SOURCES}, got {self.hessian!r}")
-
-
-HESSIAN_SOURCES = ("quantized", "fp")
 
 
 @dataclass(frozen=True)
