@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_llama
 from torch import nn
 
 from duquant.eval.perplexity import NonFiniteLossError, perplexity
@@ -192,6 +193,55 @@ def test_perplexity_errors():
         perplexity(_FixedLM(10, 0.0), torch.arange(10), seqlen=16)
     with pytest.raises(NonFiniteLossError, match="window 0"):
         perplexity(_FixedLM(10, 0.0, nan=True), torch.arange(40) % 10, seqlen=16)
+
+
+class _Counting(nn.Module):
+    """Wraps a model: counts forwards and raises KeyboardInterrupt on the `stop_at`-th one."""
+
+    def __init__(self, model: nn.Module, stop_at: int | None = None):
+        super().__init__()
+        self.model, self.calls, self.stop_at = model, 0, stop_at
+
+    def forward(self, ids, use_cache=False):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.model(ids, use_cache=use_cache)
+
+
+def test_perplexity_checkpoint_resumes(tmp_path, tiny_llama):
+    """Interrupted after 3 of 5 windows, a re-run checks window 3 again, computes 4-5, and equals a clean run."""
+    ids = torch.randint(0, 128, (5 * 32 + 7,), generator=torch.Generator().manual_seed(5))
+    clean = perplexity(tiny_llama, ids, seqlen=32)
+    ck = tmp_path / "ck.json"
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(_Counting(tiny_llama, stop_at=4), ids, seqlen=32, checkpoint=ck)
+    assert len(json.loads(ck.read_text())["window_nll"]) == 3
+    again = _Counting(tiny_llama)
+    res = perplexity(again, ids, seqlen=32, checkpoint=ck)
+    assert again.calls == 1 + 2  # the check of window 3, then windows 4 and 5
+    assert res["resumed_windows"] == 3
+    assert res["ppl"] == pytest.approx(clean["ppl"], rel=1e-9)
+    # finished: a third call only re-checks the last window
+    third = _Counting(tiny_llama)
+    assert perplexity(third, ids, seqlen=32, checkpoint=ck)["ppl"] == pytest.approx(clean["ppl"])
+    assert third.calls == 1
+
+
+def test_perplexity_checkpoint_of_another_model_or_text_is_discarded(tmp_path, tiny_llama):
+    """A checkpoint the model cannot reproduce, or one for other tokens, is ignored: a full pass runs."""
+    ids = torch.randint(0, 128, (4 * 32,), generator=torch.Generator().manual_seed(6))
+    ck = tmp_path / "ck.json"
+    perplexity(make_tiny_llama(seed=1), ids, seqlen=32, checkpoint=ck)  # another model's NLLs
+    fresh = _Counting(tiny_llama)
+    res = perplexity(fresh, ids, seqlen=32, checkpoint=ck)
+    assert fresh.calls == 1 + 4 and res["resumed_windows"] == 0
+    assert res["ppl"] == pytest.approx(perplexity(tiny_llama, ids, seqlen=32)["ppl"], rel=1e-9)
+    other = _Counting(tiny_llama)
+    assert perplexity(other, (ids + 1) % 128, seqlen=32, checkpoint=ck)["resumed_windows"] == 0
+    assert other.calls == 4  # other tokens: not even a check window
+    ck.write_text("{not json")
+    assert perplexity(tiny_llama, ids, seqlen=32, checkpoint=ck)["resumed_windows"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

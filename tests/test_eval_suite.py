@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import random
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import make_tiny_llama
 
 import duquant.data
 import duquant.eval.c4 as c4mod
@@ -283,7 +285,7 @@ def test_compare_resumes_after_interruption(tmp_path, monkeypatch, no_hub, tiny_
     fail_on = {("rtn", "c4")}
 
     def fake(name):
-        def run(model, session, desc):
+        def run(model, session, desc, partial):
             label = desc.split(" ")[0]
             if (label, name) in fail_on:
                 raise KeyboardInterrupt  # the user pressed Ctrl-C during rtn's C4
@@ -350,7 +352,7 @@ def test_compare_reports_missing_and_rejects_unknown_weights(
     (data / "wikitext2_raw").mkdir(parents=True)
     (data / "wikitext2_raw" / "wiki.test.raw").write_text("some text\n")
     monkeypatch.setenv("DUQUANT_DATA_DIR", str(data))
-    monkeypatch.setitem(cmp.EVALUATORS, "wikitext2", lambda m, s, d: {"ppl": 5.0, "windows": 1})
+    monkeypatch.setitem(cmp.EVALUATORS, "wikitext2", lambda m, s, d, p: {"ppl": 5.0, "windows": 1})
     cfg = cmp.CompareConfig(methods=["fp"], evals=["wikitext2", "c4"], out=str(tmp_path / "out"))
     table = cmp.run_compare(cfg, _loaded(tiny_llama))
     values = table["rows"][0]["values"]
@@ -381,3 +383,60 @@ def test_star_method_means_gptq_weights():
     assert cmp.jobs_of(cfg)[-1].label == "quarot (gptq)"
     with pytest.raises(ValueError, match="unknown method"):
         cmp.CompareConfig(methods=["nope*"])
+
+
+class _CharTok:
+    """Character-code tokenizer (ids < 128) with the call shape compare uses."""
+
+    def __call__(self, text: str, return_tensors: str = "pt"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[ord(c) % 128 for c in text]]))
+
+
+def test_compare_resumes_inside_a_perplexity_cell(tmp_path, monkeypatch, no_hub, tiny_llama):
+    """Interrupted mid-way through W2, a re-run keeps the finished windows; the result equals a clean run's."""
+    import duquant.compare as cmp
+
+    pplmod = importlib.import_module(
+        "duquant.eval.perplexity"
+    )  # the package re-exports the function
+    from duquant.models import LoadedModel
+
+    data = tmp_path / "data"
+    (data / "wikitext2_raw").mkdir(parents=True)
+    text = "".join(chr(32 + (7 * i) % 90) for i in range(5 * 32 + 3))
+    (data / "wikitext2_raw" / "wiki.test.raw").write_text(text)
+    monkeypatch.setenv("DUQUANT_DATA_DIR", str(data))
+    real = pplmod._window_nll
+    seen: list[int] = []
+    stop = {"at": 4}
+
+    def counted(model, window, index):
+        seen.append(index)
+        if len(seen) == stop["at"]:
+            raise KeyboardInterrupt
+        return real(model, window, index)
+
+    monkeypatch.setattr(pplmod, "_window_nll", counted)
+    kw = dict(methods=["rtn"], evals=["wikitext2"], seqlen=32)
+    cfg = cmp.CompareConfig(**kw, out=str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        cmp.run_compare(cfg, LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"))
+    partial = list((tmp_path / "out" / "cache" / "partial").glob("*.json"))
+    assert len(partial) == 1 and len(json.loads(partial[0].read_text())["window_nll"]) == 3
+
+    seen.clear()
+    stop["at"] = None
+    table = cmp.run_compare(cfg, LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"))
+    assert seen == [2, 3, 4]  # window 2 re-checked, then the two that were left
+    assert not partial[0].exists()
+    rec = json.loads(next((tmp_path / "out" / "cache").glob("rtn-*.json")).read_text())
+    assert rec["result"]["resumed_windows"] == 3 and rec["result"]["windows"] == 5
+    clean = cmp.run_compare(
+        cmp.CompareConfig(**kw, out=str(tmp_path / "clean")),
+        LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"),
+    )
+    assert table["rows"][0]["values"]["W2 PPL"] == pytest.approx(
+        clean["rows"][0]["values"]["W2 PPL"], rel=1e-9
+    )

@@ -295,6 +295,11 @@ def cache_path(out: Path, job: Job, name: str, h: str) -> Path:
     return out / "cache" / f"{job.slug}-{name}-{h}.json"
 
 
+def partial_path(cached: Path) -> Path:
+    """Where an unfinished evaluation of `cached` keeps its per-window progress."""
+    return cached.parent / "partial" / cached.name
+
+
 def load_cached(path: Path) -> dict | None:
     """A finished cached result, or None (absent or unreadable: recompute)."""
     if not path.is_file():
@@ -310,32 +315,34 @@ def load_cached(path: Path) -> dict | None:
 # ----------------------------------------------------------------------------- evaluations
 
 
-def eval_wikitext2(model: torch.nn.Module, s: Session, desc: str) -> dict:
+def eval_wikitext2(model: torch.nn.Module, s: Session, desc: str, partial: Path) -> dict:
     """WikiText-2 test perplexity (text tokenized once per compare run)."""
     if "wikitext2" not in s.cache:
         text, src = eval_text("wikitext2")
         s.cache["wikitext2"] = (s.tokenizer(text, return_tensors="pt").input_ids[0], src)
     ids, src = s.cache["wikitext2"]
-    res = perplexity(model, ids, s.cfg.seqlen, s.cfg.max_windows, desc=desc)
+    res = perplexity(model, ids, s.cfg.seqlen, s.cfg.max_windows, desc=desc, checkpoint=partial)
     res["source"] = asdict(src)
     return res
 
 
-def eval_c4(model: torch.nn.Module, s: Session, desc: str) -> dict:
+def eval_c4(model: torch.nn.Module, s: Session, desc: str, partial: Path) -> dict:
     """C4 perplexity by the peers' random-window protocol (windows drawn once per compare run)."""
     from duquant.eval.c4 import c4_windows
 
     if "c4" not in s.cache:
         s.cache["c4"] = c4_windows(s.tokenizer, s.cfg.seqlen, s.cfg.c4_windows, seed=0)
     windows, info = s.cache["c4"]
-    res = perplexity(model, windows.reshape(-1), s.cfg.seqlen, s.cfg.max_windows, desc=desc)
+    res = perplexity(
+        model, windows.reshape(-1), s.cfg.seqlen, s.cfg.max_windows, desc=desc, checkpoint=partial
+    )
     res["source"] = asdict(info.source)
     res["c4"] = {k: v for k, v in asdict(info).items() if k != "source"}
     return res
 
 
-def eval_zeroshot(model: torch.nn.Module, s: Session, desc: str) -> dict:
-    """Zero-shot accuracies through lm-eval on the in-memory model."""
+def eval_zeroshot(model: torch.nn.Module, s: Session, desc: str, partial: Path) -> dict:
+    """Zero-shot accuracies through lm-eval on the in-memory model (no per-example checkpoint)."""
     from duquant.eval.zeroshot import evaluate_zeroshot
 
     return evaluate_zeroshot(model, s.tokenizer, _zs_config(s.cfg))
@@ -459,6 +466,7 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
         for cell in _pending(cells, job):
             cell.record = _evaluate(cell, model, session, quant_info)
             write_json(cell.record, cell.path)
+            partial_path(cell.path).unlink(missing_ok=True)
             log.info("compare: %s %s done in %.1f s", job.label, cell.name, cell.record["seconds"])
         if model is not loaded.model:
             del model
@@ -470,8 +478,9 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
 def _evaluate(cell: Cell, model: torch.nn.Module, s: Session, quant_info: dict) -> dict:
     """Run one evaluation and wrap it as a cache record."""
     start = time.perf_counter()
+    partial = partial_path(cell.path)
     try:
-        result = EVALUATORS[cell.name](model, s, f"{cell.job.label} {cell.name}")
+        result = EVALUATORS[cell.name](model, s, f"{cell.job.label} {cell.name}", partial)
         status = "ok"
     except NonFiniteLossError as exc:  # a broken quantized model is a result, not a crash
         result, status = {"error": str(exc)}, "nonfinite"

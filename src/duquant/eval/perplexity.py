@@ -2,17 +2,65 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+log = logging.getLogger(__name__)
+
+# A resumed model must reproduce the last checkpointed window's NLL this closely (relative), else the
+# checkpoint belongs to a different model (other code, other threads' rounding) and is discarded.
+RESUME_RTOL = 1e-4
+
 
 class NonFiniteLossError(RuntimeError):
     """The model produced NaN/Inf logits: the quantized model is broken, not merely inaccurate."""
+
+
+def tokens_fingerprint(ids: torch.Tensor, seqlen: int, n_windows: int) -> str:
+    """sha256 of exactly the tokens the evaluated windows cover (ties a checkpoint to its text)."""
+    used = ids[: n_windows * seqlen].to(torch.int64).contiguous().numpy()
+    return hashlib.sha256(used.tobytes()).hexdigest()
+
+
+def _window_nll(model: nn.Module, window: torch.Tensor, index: int) -> float:
+    """Summed next-token NLL of one window; raises on a non-finite loss."""
+    logits = model(window, use_cache=False).logits[0, :-1].float()
+    loss = F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"window {index} gave a non-finite loss ({loss})")
+    return loss
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> list[float]:
+    """Per-window NLLs of an earlier interrupted pass over the same tokens, or [] if none fits."""
+    if not path.is_file():
+        return []
+    try:
+        ck = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable perplexity checkpoint %s (%s)", path, exc)
+        return []
+    if ck.get("fingerprint") != fingerprint or ck.get("seqlen") != seqlen:
+        log.warning("ignoring perplexity checkpoint %s: it is for other tokens", path)
+        return []
+    return [float(x) for x in ck.get("window_nll", [])]
 
 
 @torch.no_grad()
@@ -22,8 +70,13 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     desc: str = "ppl",
+    checkpoint: str | Path | None = None,
 ) -> dict:
-    """PPL of `model` on the 1-D token tensor `input_ids` over ⌊N/seqlen⌋ windows (at most `max_windows`)."""
+    """PPL of `model` on the 1-D token tensor `input_ids` over ⌊N/seqlen⌋ windows (at most `max_windows`).
+
+    With `checkpoint`, every finished window's NLL is saved there, and a later call with the same
+    tokens resumes after the last saved window once the model reproduces that window's NLL.
+    """
     ids = input_ids.reshape(-1)
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
@@ -31,22 +84,52 @@ def perplexity(
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
     start = time.perf_counter()
-    for i in tqdm(range(n_windows), desc=desc, leave=False):
-        window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(window, use_cache=False).logits[0, :-1].float()
-        loss = F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"window {i} gave a non-finite loss ({loss})")
-        nll_sum += loss
-        count += seqlen - 1
+
+    def window(i: int) -> torch.Tensor:
+        return ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+
+    done: list[float] = []
+    ck_path = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = tokens_fingerprint(ids, seqlen, n_windows) if ck_path else ""
+    if ck_path is not None:
+        done = _load_checkpoint(ck_path, fingerprint, seqlen)[:n_windows]
+        if done:
+            last = len(done) - 1
+            again = _window_nll(model, window(last), last)
+            if math.isclose(again, done[last], rel_tol=RESUME_RTOL):
+                log.info(
+                    "%s: resuming after %d of %d windows (%s)", desc, len(done), n_windows, ck_path
+                )
+            else:
+                log.warning(
+                    "%s: checkpoint %s disagrees with this model on window %d (%.6g vs %.6g): starting over",
+                    desc,
+                    ck_path,
+                    last,
+                    again,
+                    done[last],
+                )
+                done = []
+        ck_path.parent.mkdir(parents=True, exist_ok=True)
+    resumed = len(done)
+    for i in tqdm(
+        range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
+    ):
+        done.append(_window_nll(model, window(i), i))
+        if ck_path is not None:
+            _write_atomic(
+                ck_path, {"fingerprint": fingerprint, "seqlen": seqlen, "window_nll": done}
+            )
+    count = n_windows * (seqlen - 1)
+    nll = math.fsum(done) / count
     return {
-        "ppl": math.exp(nll_sum / count),
-        "nll": nll_sum / count,
+        "ppl": math.exp(nll),
+        "nll": nll,
         "windows": n_windows,
         "seqlen": seqlen,
         "tokens": count,
         "total_windows": ids.numel() // seqlen,
+        "resumed_windows": resumed,
         "seconds": time.perf_counter() - start,
     }
