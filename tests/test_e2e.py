@@ -244,6 +244,17 @@ def test_perplexity_checkpoint_of_another_model_or_text_is_discarded(tmp_path, t
     assert perplexity(tiny_llama, ids, seqlen=32, checkpoint=ck)["resumed_windows"] == 0
 
 
+def test_perplexity_unwritable_checkpoint_still_evaluates(tmp_path, tiny_llama, caplog):
+    """A checkpoint that cannot be written (full disk, read-only dir) costs a warning, not the result."""
+    ids = torch.randint(0, 128, (3 * 32,), generator=torch.Generator().manual_seed(7))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="duquant.eval.perplexity"):
+        res = perplexity(tiny_llama, ids, seqlen=32, checkpoint=blocker / "ck.json")
+    assert res["windows"] == 3 and "could not save progress" in caplog.text
+    assert res["ppl"] == pytest.approx(perplexity(tiny_llama, ids, seqlen=32)["ppl"], rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI on the real model
 # ---------------------------------------------------------------------------------------------

@@ -44,8 +44,13 @@ def _window_nll(model: nn.Module, window: torch.Tensor, index: int) -> float:
 def _write_atomic(path: Path, payload: dict) -> None:
     """Write JSON so a crash leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> list[float]:
@@ -111,16 +116,19 @@ def perplexity(
                     done[last],
                 )
                 done = []
-        ck_path.parent.mkdir(parents=True, exist_ok=True)
     resumed = len(done)
     for i in tqdm(
         range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
     ):
         done.append(_window_nll(model, window(i), i))
         if ck_path is not None:
-            _write_atomic(
-                ck_path, {"fingerprint": fingerprint, "seqlen": seqlen, "window_nll": done}
-            )
+            try:
+                _write_atomic(
+                    ck_path, {"fingerprint": fingerprint, "seqlen": seqlen, "window_nll": done}
+                )
+            except OSError as exc:  # a full disk costs the checkpoint, not the evaluation
+                log.warning("could not save progress to %s (%s): going on without", ck_path, exc)
+                ck_path = None
     count = n_windows * (seqlen - 1)
     nll = math.fsum(done) / count
     return {
