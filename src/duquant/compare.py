@@ -5,7 +5,8 @@ runs last quantizes the original in place); calibration windows are drawn once a
 (method, weights, evaluation) result is cached as `<out>/cache/<label>-<eval>-<hash>.json`, the hash
 being of the result's full config (method, formats, scale rules, weight quantizer, seed, calibration,
 evaluation settings, data files' sha256, duquant version), written the moment it finishes: a re-run,
-or a run after an interruption, recomputes nothing that finished. A pair whose results are all cached
+or a run after an interruption, recomputes nothing that finished; an interrupted perplexity cell resumes
+after its last finished window (`<out>/cache/partial/`). A pair whose results are all cached
 is neither copied nor quantized, and the model is not loaded at all when everything is cached.
 Evaluations whose data are missing are reported as missing and not cached (they run once the data
 appear). Outputs: `table.md` (the paper's Table-1 layout), `table.json`, `table.png`.
