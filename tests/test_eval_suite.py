@@ -426,7 +426,15 @@ def test_compare_resumes_inside_a_perplexity_cell(tmp_path, monkeypatch, no_hub,
     partial = list((tmp_path / "out" / "cache" / "partial").glob("*.json"))
     assert len(partial) == 1 and len(json.loads(partial[0].read_text())["window_nll"]) == 3
 
-    seen.clear()
+    seen.clear()  # --cached-only: the table so far, nothing computed, the pending cell's progress shown
+    only = cmp.run_compare(
+        cmp.CompareConfig(**kw, out=cfg.out, cached_only=True),
+        LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"),
+    )
+    assert seen == [] and only["rows"][0]["values"]["W2 PPL"] is None
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| rtn | – |" in md and "not computed yet (`–`): rtn wikitext2 (3 windows done)" in md
+
     stop["at"] = None
     table = cmp.run_compare(cfg, LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"))
     assert seen == [2, 3, 4]  # window 2 re-checked, then the two that were left

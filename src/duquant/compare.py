@@ -77,6 +77,7 @@ class CompareConfig:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None  # torch threads (None: torch's default); recorded, not in the hash
+    cached_only: bool = False  # build the table from the cache alone; compute nothing
 
     def __post_init__(self) -> None:
         bad = [e for e in self.evals if e not in EVALS]
@@ -433,7 +434,13 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
     cells = plan(cfg, out, model_source)
     todo = [j for j in jobs if _pending(cells, j)]
     cached = sum(1 for c in cells if c.record is not None and c.record.get("finished"))
-    log.info("compare: %d cached result(s), %d model(s) to quantize", cached, len(todo))
+    if cfg.cached_only:
+        log.info(
+            "compare: %d cached result(s); --cached-only: %d model(s) left out", cached, len(todo)
+        )
+        todo = []
+    else:
+        log.info("compare: %d cached result(s), %d model(s) to quantize", cached, len(todo))
     session = Session(cfg)
     calib = None
     owns_model = loaded is None  # a caller's model is never quantized in place
@@ -543,6 +550,17 @@ def _row(cells: list[Cell]) -> dict:
     return row
 
 
+def progress(cell: Cell) -> str:
+    """What an unfinished cell has done so far: its saved perplexity windows, or 'not started'."""
+    part = partial_path(cell.path) if cell.path is not None else None
+    if part is not None and part.is_file():
+        try:
+            return f"{len(json.loads(part.read_text())['window_nll'])} windows done"
+        except (OSError, ValueError, KeyError):
+            pass
+    return "not started"
+
+
 def build_table(cfg: CompareConfig, cells: list[Cell], model_source: str) -> dict:
     """table.json content: config, columns, one row per job, and every result record."""
     rows = []
@@ -555,6 +573,7 @@ def build_table(cfg: CompareConfig, cells: list[Cell], model_source: str) -> dic
                 "weights": job.weights,
                 "values": _row(mine),
                 "results": {c.name: c.record for c in mine},
+                "pending": {c.name: progress(c) for c in mine if c.record is None},
             }
         )
     return {
@@ -613,6 +632,13 @@ def table_markdown(table: dict) -> str:
                         note = f"{t} missing: {r.get('reason')}"
                         if note not in notes:
                             notes.append(note)
+    pending = [
+        f"{row['label']} {name} ({state})"
+        for row in table["rows"]
+        for name, state in row.get("pending", {}).items()
+    ]
+    if pending:
+        notes.append("not computed yet (`–`): " + ", ".join(pending))
     notes.extend(_detail_notes(table["rows"]))
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
@@ -748,6 +774,11 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="only assemble the table from cached results (compute nothing; shows what is pending)",
+    )
     p.set_defaults(func=compare_main)
     return p
 
