@@ -221,7 +221,7 @@ def test_perplexity_checkpoint_resumes(tmp_path, tiny_llama):
     res = perplexity(again, ids, seqlen=32, checkpoint=ck)
     assert again.calls == 1 + 2  # the check of window 3, then windows 4 and 5
     assert res["resumed_windows"] == 3
-    assert res["ppl"] == pytest.approx(clean["ppl"], rel=1e-9)
+    assert res["ppl"] == clean["ppl"]  # same windows, same model: bit-identical
     # finished: a third call only re-checks the last window
     third = _Counting(tiny_llama)
     assert perplexity(third, ids, seqlen=32, checkpoint=ck)["ppl"] == pytest.approx(clean["ppl"])
@@ -242,6 +242,38 @@ def test_perplexity_checkpoint_of_another_model_or_text_is_discarded(tmp_path, t
     assert other.calls == 4  # other tokens: not even a check window
     ck.write_text("{not json")
     assert perplexity(tiny_llama, ids, seqlen=32, checkpoint=ck)["resumed_windows"] == 0
+
+
+def test_perplexity_checkpoint_serves_other_max_windows(tmp_path, tiny_llama):
+    """A 5-window checkpoint answers max_windows=3 with one check; a 3-window one is extended to 5."""
+    ids = torch.randint(0, 128, (5 * 32,), generator=torch.Generator().manual_seed(8))
+    ck = tmp_path / "ck.json"
+    full = perplexity(tiny_llama, ids, seqlen=32, checkpoint=ck)
+    short = _Counting(tiny_llama)
+    res = perplexity(short, ids, seqlen=32, max_windows=3, checkpoint=ck)
+    assert short.calls == 1 and res["windows"] == 3 and res["resumed_windows"] == 3
+    assert res["ppl"] == perplexity(tiny_llama, ids, seqlen=32, max_windows=3)["ppl"]
+    assert len(json.loads(ck.read_text())["window_nll"]) == 5  # the longer progress is kept
+
+    ck3 = tmp_path / "ck3.json"
+    perplexity(tiny_llama, ids, seqlen=32, max_windows=3, checkpoint=ck3)
+    longer = _Counting(tiny_llama)
+    res = perplexity(longer, ids, seqlen=32, checkpoint=ck3)
+    assert longer.calls == 1 + 2 and res["ppl"] == full["ppl"]
+    assert res["resumed_seconds"] > 0 and json.loads(ck3.read_text())["seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "content", ["[1, 2]", '{"fingerprint": "x"}', "null", "{bad", '{"window_nll": null}']
+)
+def test_perplexity_malformed_checkpoint_is_ignored(tmp_path, tiny_llama, content):
+    """Any checkpoint that is not a well-formed record of these tokens means a full pass, not a crash."""
+    ids = torch.randint(0, 128, (2 * 32,), generator=torch.Generator().manual_seed(9))
+    ck = tmp_path / "ck.json"
+    ck.write_text(content)
+    counted = _Counting(tiny_llama)
+    assert perplexity(counted, ids, seqlen=32, checkpoint=ck)["resumed_windows"] == 0
+    assert counted.calls == 2
 
 
 def test_perplexity_unwritable_checkpoint_still_evaluates(tmp_path, tiny_llama, caplog):

@@ -401,6 +401,7 @@ def test_compare_resumes_inside_a_perplexity_cell(tmp_path, monkeypatch, no_hub,
     pplmod = importlib.import_module(
         "duquant.eval.perplexity"
     )  # the package re-exports the function
+    import duquant.models
     from duquant.models import LoadedModel
 
     data = tmp_path / "data"
@@ -427,9 +428,13 @@ def test_compare_resumes_inside_a_perplexity_cell(tmp_path, monkeypatch, no_hub,
     assert len(partial) == 1 and len(json.loads(partial[0].read_text())["window_nll"]) == 3
 
     seen.clear()  # --cached-only: the table so far, nothing computed, the pending cell's progress shown
+
+    def no_loading(*a, **k):
+        raise AssertionError("--cached-only loaded a model")
+
+    monkeypatch.setattr(duquant.models, "load_model", no_loading)
     only = cmp.run_compare(
-        cmp.CompareConfig(**kw, out=cfg.out, cached_only=True),
-        LoadedModel(make_tiny_llama(), _CharTok(), "tiny-llama"),
+        cmp.CompareConfig(**kw, model="tiny-llama", out=cfg.out, cached_only=True), None
     )
     assert seen == [] and only["rows"][0]["values"]["W2 PPL"] is None
     md = (tmp_path / "out" / "table.md").read_text()

@@ -551,14 +551,14 @@ def _row(cells: list[Cell]) -> dict:
 
 
 def progress(cell: Cell) -> str:
-    """What an unfinished cell has done so far: its saved perplexity windows, or 'not started'."""
+    """What an unfinished cell has saved so far: its perplexity windows, or 'no saved progress'."""
     part = partial_path(cell.path) if cell.path is not None else None
     if part is not None and part.is_file():
         try:
             return f"{len(json.loads(part.read_text())['window_nll'])} windows done"
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
-    return "not started"
+    return "no saved progress"
 
 
 def build_table(cfg: CompareConfig, cells: list[Cell], model_source: str) -> dict:

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-# A resumed model must reproduce the last checkpointed window's NLL this closely (relative), else the
-# checkpoint belongs to a different model (other code, other threads' rounding) and is discarded.
+# A resumed model must reproduce the last checkpointed window's NLL this closely (relative). Float
+# reassociation across thread counts moves a window's NLL by ~1e-6 and passes; another model (other
+# weights, method or seed) is off by far more and the checkpoint is discarded.
 RESUME_RTOL = 1e-4
 
 
@@ -26,9 +27,9 @@ class NonFiniteLossError(RuntimeError):
     """The model produced NaN/Inf logits: the quantized model is broken, not merely inaccurate."""
 
 
-def tokens_fingerprint(ids: torch.Tensor, seqlen: int, n_windows: int) -> str:
-    """sha256 of exactly the tokens the evaluated windows cover (ties a checkpoint to its text)."""
-    used = ids[: n_windows * seqlen].to(torch.int64).contiguous().numpy()
+def tokens_fingerprint(ids: torch.Tensor, seqlen: int) -> str:
+    """sha256 of the tokens all full windows cover (ties a checkpoint to its text, whatever max_windows)."""
+    used = ids[: (ids.numel() // seqlen) * seqlen].to("cpu", torch.int64).contiguous().numpy()
     return hashlib.sha256(used.tobytes()).hexdigest()
 
 
@@ -43,7 +44,7 @@ def _window_nll(model: nn.Module, window: torch.Tensor, index: int) -> float:
 
 def _write_atomic(path: Path, payload: dict) -> None:
     """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two may share a cell
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(payload))
@@ -53,19 +54,19 @@ def _write_atomic(path: Path, payload: dict) -> None:
         raise
 
 
-def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> list[float]:
-    """Per-window NLLs of an earlier interrupted pass over the same tokens, or [] if none fits."""
+def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> tuple[list[float], float]:
+    """Per-window NLLs and seconds spent of an earlier pass over the same tokens, or ([], 0)."""
     if not path.is_file():
-        return []
+        return [], 0.0
     try:
         ck = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable perplexity checkpoint %s (%s)", path, exc)
-        return []
-    if ck.get("fingerprint") != fingerprint or ck.get("seqlen") != seqlen:
-        log.warning("ignoring perplexity checkpoint %s: it is for other tokens", path)
-        return []
-    return [float(x) for x in ck.get("window_nll", [])]
+        if ck["fingerprint"] != fingerprint or ck["seqlen"] != seqlen:
+            log.warning("ignoring perplexity checkpoint %s: it is for other tokens", path)
+            return [], 0.0
+        return [float(x) for x in ck["window_nll"]], float(ck.get("seconds", 0.0))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("ignoring unreadable perplexity checkpoint %s (%r)", path, exc)
+        return [], 0.0
 
 
 @torch.no_grad()
@@ -80,7 +81,9 @@ def perplexity(
     """PPL of `model` on the 1-D token tensor `input_ids` over ⌊N/seqlen⌋ windows (at most `max_windows`).
 
     With `checkpoint`, every finished window's NLL is saved there, and a later call with the same
-    tokens resumes after the last saved window once the model reproduces that window's NLL.
+    tokens resumes after the last saved window once the model reproduces that window's NLL (a longer
+    checkpoint also serves a smaller `max_windows`). `seconds` counts this call only; windows taken
+    from the checkpoint are `resumed_windows`, their time `resumed_seconds`.
     """
     ids = input_ids.reshape(-1)
     n_windows = ids.numel() // seqlen
@@ -95,10 +98,13 @@ def perplexity(
         return ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
 
     done: list[float] = []
+    spent = 0.0
     ck_path = Path(checkpoint) if checkpoint is not None else None
-    fingerprint = tokens_fingerprint(ids, seqlen, n_windows) if ck_path else ""
+    fingerprint = tokens_fingerprint(ids, seqlen) if ck_path else ""
     if ck_path is not None:
-        done = _load_checkpoint(ck_path, fingerprint, seqlen)[:n_windows]
+        saved, spent = _load_checkpoint(ck_path, fingerprint, seqlen)
+        done = saved[:n_windows]
+        spent *= len(done) / max(len(saved), 1)
         if done:
             last = len(done) - 1
             again = _window_nll(model, window(last), last)
@@ -115,7 +121,7 @@ def perplexity(
                     again,
                     done[last],
                 )
-                done = []
+                done, spent = [], 0.0
     resumed = len(done)
     for i in tqdm(
         range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
@@ -123,9 +129,13 @@ def perplexity(
         done.append(_window_nll(model, window(i), i))
         if ck_path is not None:
             try:
-                _write_atomic(
-                    ck_path, {"fingerprint": fingerprint, "seqlen": seqlen, "window_nll": done}
-                )
+                payload = {
+                    "fingerprint": fingerprint,
+                    "seqlen": seqlen,
+                    "window_nll": done,
+                    "seconds": spent + time.perf_counter() - start,
+                }
+                _write_atomic(ck_path, payload)
             except OSError as exc:  # a full disk costs the checkpoint, not the evaluation
                 log.warning("could not save progress to %s (%s): going on without", ck_path, exc)
                 ck_path = None
@@ -139,5 +149,6 @@ def perplexity(
         "tokens": count,
         "total_windows": ids.numel() // seqlen,
         "resumed_windows": resumed,
+        "resumed_seconds": spent,
         "seconds": time.perf_counter() - start,
     }
