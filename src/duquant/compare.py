@@ -651,7 +651,9 @@ def _detail_notes(rows: list[dict]) -> list[str]:
     for col in PPL_COLUMNS.values():
         wins = {r["label"]: r["values"].get(f"{col} windows") for r in rows}
         if any(w is not None for w in wins.values()):
-            notes.append(f"{col} windows: " + ", ".join(f"{k} {w}" for k, w in wins.items()))
+            notes.append(
+                f"{col} windows: " + ", ".join(f"{k} {w}" for k, w in wins.items() if w is not None)
+            )
     examples = next((r["values"]["examples"] for r in rows if r["values"].get("examples")), None)
     if examples:
         notes.append(
