@@ -276,6 +276,26 @@ def test_perplexity_malformed_checkpoint_is_ignored(tmp_path, tiny_llama, conten
     assert counted.calls == 2
 
 
+def test_write_json_is_atomic_and_says_why_it_failed(tmp_path, monkeypatch):
+    """A failed write keeps the old file whole, leaves no temp file, and names the path and the cause."""
+    import os
+
+    from duquant.jsonio import write_json
+
+    target = tmp_path / "sub" / "r.json"
+    write_json({"a": 1}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*r\.json: No space left on device"):
+        write_json({"a": 2}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
 def test_perplexity_unwritable_checkpoint_still_evaluates(tmp_path, tiny_llama, caplog):
     """A checkpoint that cannot be written (full disk, read-only dir) costs a warning, not the result."""
     ids = torch.randint(0, 128, (3 * 32,), generator=torch.Generator().manual_seed(7))

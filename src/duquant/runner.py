@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -17,6 +15,7 @@ from duquant.config import RunConfig
 from duquant.data import calibration_windows, eval_text
 from duquant.eval.perplexity import perplexity
 from duquant.formats import QuantSpec
+from duquant.jsonio import write_json  # noqa: F401  (re-exported: runner.write_json)
 from duquant.methods import get_method
 from duquant.models import adapter_for, load_model
 from duquant.pipeline import GPTQConfig, QuantConfig, online_flops_per_token, quantize_model
@@ -79,16 +78,3 @@ def run(cfg: RunConfig, loaded=None) -> dict:
         metrics[Path(name).name if name != "wikitext2" else name] = res
         log.info("%s %s ppl %.3f over %d windows", cfg.method, name, res["ppl"], res["windows"])
     return {"config": config, "metrics": metrics}
-
-
-def write_json(obj: dict, path: str | Path) -> None:
-    """Write JSON atomically (temp file then rename), so an interrupted write never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {exc.strerror or exc} (is the disk full?)") from exc

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from duquant.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ def _window_nll(model: nn.Module, window: torch.Tensor, index: int) -> float:
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"window {index} gave a non-finite loss ({loss})")
     return loss
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two may share a cell
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> tuple[list[float], float]:
@@ -135,7 +124,7 @@ def perplexity(
                     "window_nll": done,
                     "seconds": spent + time.perf_counter() - start,
                 }
-                _write_atomic(ck_path, payload)
+                write_json(payload, ck_path)
             except OSError as exc:  # a full disk costs the checkpoint, not the evaluation
                 log.warning("could not save progress to %s (%s): going on without", ck_path, exc)
                 ck_path = None
