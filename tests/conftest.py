@@ -17,26 +17,38 @@ if not torch.cuda.is_available():
 
 
 def shared_data_dir() -> Path | None:
-    """The offline data folder (WikiText-2 raw files): $DUQUANT_DATA_DIR, else ../shared/data."""
+    """The folder of the zero-shot files (not shipped in the package): $DUQUANT_DATA_DIR, else ../shared/data."""
     env = os.environ.get("DUQUANT_DATA_DIR")
     for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
-        if (cand / "wikitext2_raw" / "wiki.test.raw").is_file():
+        if (cand / "arc" / "ARC-Easy-Test.jsonl").is_file():
             return cand
     return None
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of the offline data folder; skips the test when it cannot be found."""
+    """Path of the offline zero-shot data folder; skips the test when it cannot be found."""
     path = shared_data_dir()
     if path is None:
-        pytest.skip("offline WikiText-2 copy not found (set DUQUANT_DATA_DIR)")
+        pytest.skip("offline zero-shot files not found (set DUQUANT_DATA_DIR)")
     return path
 
 
 @pytest.fixture
-def offline_data(monkeypatch, shared_data) -> Path:
-    """Point duquant at the offline data folder and make sure nothing asks the network."""
+def offline_data(monkeypatch) -> None:
+    """No hub and no data directory: WikiText-2 test/validation come from the copy inside the package,
+    as on a fresh machine with nothing beside the checkout."""
+    import duquant.data
+
+    monkeypatch.delenv("DUQUANT_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(duquant.data, "hub_reachable", lambda *a, **k: False)
+
+
+@pytest.fixture
+def offline_zeroshot(monkeypatch, shared_data) -> Path:
+    """No hub, and $DUQUANT_DATA_DIR at the zero-shot files (skips when they are absent)."""
     import duquant.data
 
     monkeypatch.setenv("DUQUANT_DATA_DIR", str(shared_data))

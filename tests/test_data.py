@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 
 import pytest
+from conftest import REPO
 import torch
 
 import duquant.data as data
@@ -66,18 +68,33 @@ def test_raw_lines_to_rows_splits_on_newline_only():
 
 
 def test_eval_text_wikitext2_offline(offline_data):
+    """Offline with no data directory, the test split comes from the package: the canonical bytes."""
     text, src = eval_text("wikitext2")
-    path = offline_data / "wikitext2_raw" / "wiki.test.raw"
     assert src.dataset == "wikitext2" and src.split == "test"
-    assert src.origin == str(path)
-    assert src.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert src.sha256.startswith("173c87a53759e020")  # MANIFEST.md
-    raw = path.read_text(encoding="utf-8")
-    rows = raw.split("\n")[:-1]  # 4358 lines, each ending in '\n'
+    assert src.origin == "package:duquant/resources/wikitext2_raw/wiki.test.raw.xz"
+    assert src.sha256.startswith("173c87a53759e020")  # shared/data/MANIFEST.md: the canonical file
+    raw = lzma.decompress((data.PACKAGED / "wikitext2_raw" / "wiki.test.raw.xz").read_bytes())
+    assert len(raw) == 1290590
+    rows = raw.decode("utf-8").split("\n")[:-1]  # 4358 lines, each ending in '\n'
     assert len(rows) == 4358
     expected = "\n\n".join(r + "\n" if r.strip() else "" for r in rows)
     assert text == expected
     assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is an English film")
+
+
+def test_packaged_copy_equals_shared_copy(offline_data):
+    """Where ../shared/data is present, the shipped copies are byte-identical to it."""
+    shared = REPO.parent / "shared" / "data" / "wikitext2_raw"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/data beside the checkout")
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        packaged = lzma.decompress((data.PACKAGED / "wikitext2_raw" / f"{name}.xz").read_bytes())
+        assert packaged == (shared / name).read_bytes()
+
+
+def test_packaged_copy_carries_its_licence():
+    notice = (data.PACKAGED / "wikitext2_raw" / "NOTICE.md").read_text()
+    assert "CC BY-SA 3.0" in notice and "Merity" in notice
 
 
 def test_wikitext2_validation_rows_offline(offline_data):
@@ -87,7 +104,8 @@ def test_wikitext2_validation_rows_offline(offline_data):
     assert src.sha256.startswith("dab71a4a3f19b979")
 
 
-def test_missing_data_names_the_path(no_data):
+def test_data_dir_without_the_file_is_an_error(no_data):
+    """An explicit $DUQUANT_DATA_DIR that lacks the file says so (no silent fallback)."""
     with pytest.raises(DataNotFoundError) as info:
         eval_text("wikitext2")
     msg = str(info.value)
@@ -96,18 +114,22 @@ def test_missing_data_names_the_path(no_data):
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_missing_train_split_has_no_local_copy(no_data):
-    with pytest.raises(DataNotFoundError, match="no local copy"):
+def test_missing_train_split_has_no_local_copy(offline_data):
+    with pytest.raises(DataNotFoundError, match="ships no copy"):
         wikitext2_rows("train")
 
 
-def test_hub_is_not_asked_when_data_dir_is_set(offline_data, monkeypatch):
+def test_hub_is_not_asked_when_data_dir_is_set(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2_raw").mkdir()
+    (tmp_path / "wikitext2_raw" / "wiki.test.raw").write_text(" = A = \n b \n")
+    monkeypatch.setenv("DUQUANT_DATA_DIR", str(tmp_path))
+
     def boom(*a, **k):
         raise AssertionError("the hub must not be asked when DUQUANT_DATA_DIR has the file")
 
     monkeypatch.setattr(data, "_hub_wikitext", boom)
     rows, src = wikitext2_rows("test")
-    assert len(rows) == 4358
+    assert rows == [" = A = \n", " b \n"] and src.origin == str(tmp_path / "wikitext2_raw" / "wiki.test.raw")
 
 
 # --- calibration windows -------------------------------------------------------------------------
@@ -118,7 +140,7 @@ def test_calibration_windows_offline_validation_fallback(offline_data):
     windows, info = calibration_windows(tok, nsamples=6, seqlen=64, seed=3)
     assert windows.shape == (6, 64) and windows.dtype == torch.long
     assert info.split == "validation" and info.dataset == "wikitext2"
-    assert info.origin == str(offline_data / "wikitext2_raw" / "wiki.valid.raw")
+    assert info.origin == "package:duquant/resources/wikitext2_raw/wiki.valid.raw.xz"
     assert (info.nsamples, info.seqlen, info.seed) == (6, 64, 3)
     # every window is a contiguous slice of the tokenized validation text
     rows, _ = wikitext2_rows("validation")

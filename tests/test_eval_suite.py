@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import json
@@ -173,11 +174,11 @@ def test_missing_zero_shot_data_is_reported(tmp_path, monkeypatch, no_hub):
     assert avg["over"] == ["piqa"] and len(avg["missing"]) == 6 and not avg["complete"]
 
 
-def test_hellaswag_local_parses(offline_data):
+def test_hellaswag_local_parses(offline_zeroshot):
     """The llama.cpp HellaSwag copy: 10042 tasks, four endings, gold in 0..3."""
     from duquant.eval.tasks import utils
 
-    rows = utils.hellaswag_rows(offline_data / utils.LOCAL_FILES["hellaswag"][0])
+    rows = utils.hellaswag_rows(offline_zeroshot / utils.LOCAL_FILES["hellaswag"][0])
     assert len(rows) == 10042
     assert all(len(r["choices"]) == 4 and 0 <= r["label"] <= 3 for r in rows)
 
@@ -207,7 +208,7 @@ def one_thread():
 
 
 @pytest.mark.model
-def test_zero_shot_matches_hand_computed(smollm, offline_data, one_thread):
+def test_zero_shot_matches_hand_computed(smollm, offline_zeroshot, one_thread):
     """ARC-Easy acc/acc_norm and WinoGrande acc from our lm-eval wiring equal a hand computation."""
     pytest.importorskip("lm_eval")
     model, tok, limit = smollm.model, smollm.tokenizer, 4
@@ -220,7 +221,7 @@ def test_zero_shot_matches_hand_computed(smollm, offline_data, one_thread):
     arc = out["tasks"]["arc_easy"]
     assert arc["status"] == "ok" and arc["source"] == "local" and arc["n_examples"] == limit
     assert arc["n_available"] == 2376 and arc["files"][0]["sha256"].startswith("ce32a0774b4beb19")
-    rows = [json.loads(line) for line in (offline_data / "arc/ARC-Easy-Test.jsonl").open()][:limit]
+    rows = [json.loads(line) for line in (offline_zeroshot / "arc/ARC-Easy-Test.jsonl").open()][:limit]
     acc, acc_norm = [], []
     for row, sample in zip(rows, sorted(arc["samples"], key=lambda s: s["doc_id"]), strict=True):
         q = row["question"]
@@ -239,7 +240,7 @@ def test_zero_shot_matches_hand_computed(smollm, offline_data, one_thread):
     assert arc["acc_norm"] == pytest.approx(sum(acc_norm) / limit) == pytest.approx(arc["score"])
 
     wg = out["tasks"]["winogrande"]
-    rows = [json.loads(line) for line in (offline_data / "winogrande/dev.jsonl").open()][:limit]
+    rows = [json.loads(line) for line in (offline_zeroshot / "winogrande/dev.jsonl").open()][:limit]
     acc = []
     for (
         row
@@ -295,7 +296,9 @@ def test_compare_resumes_after_interruption(tmp_path, monkeypatch, no_hub, tiny_
         return run
 
     for name in ("wikitext2", "c4"):
-        monkeypatch.setitem(cmp.EVALUATORS, name, fake(name))
+        monkeypatch.setitem(
+            cmp.EVALUATIONS, name, dataclasses.replace(cmp.EVALUATIONS[name], run=fake(name))
+        )
     quantized: list[str] = []
     real_quantize = duquant.pipeline.quantize_model
 
@@ -352,7 +355,10 @@ def test_compare_reports_missing_and_rejects_unknown_weights(
     (data / "wikitext2_raw").mkdir(parents=True)
     (data / "wikitext2_raw" / "wiki.test.raw").write_text("some text\n")
     monkeypatch.setenv("DUQUANT_DATA_DIR", str(data))
-    monkeypatch.setitem(cmp.EVALUATORS, "wikitext2", lambda m, s, d, p: {"ppl": 5.0, "windows": 1})
+    w2 = dataclasses.replace(
+        cmp.EVALUATIONS["wikitext2"], run=lambda m, s, d, p: {"ppl": 5.0, "windows": 1}
+    )
+    monkeypatch.setitem(cmp.EVALUATIONS, "wikitext2", w2)
     cfg = cmp.CompareConfig(methods=["fp"], evals=["wikitext2", "c4"], out=str(tmp_path / "out"))
     table = cmp.run_compare(cfg, _loaded(tiny_llama))
     values = table["rows"][0]["values"]
@@ -360,11 +366,10 @@ def test_compare_reports_missing_and_rejects_unknown_weights(
     assert "c4 missing" in (tmp_path / "out" / "table.md").read_text()
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 1
 
-    bad = cmp.CompareConfig(
-        methods=["rtn"], weights=["bogus"], evals=["wikitext2"], out=str(tmp_path / "o2")
-    )
     with pytest.raises(ValueError, match="--weights bogus"):
-        cmp.run_compare(bad, _loaded(tiny_llama))
+        cmp.CompareConfig(
+            methods=["rtn"], weights=["bogus"], evals=["wikitext2"], out=str(tmp_path / "o2")
+        )
     with pytest.raises(ValueError, match="unknown method"):
         cmp.CompareConfig(methods=["nope"])
 

@@ -135,7 +135,7 @@ def test_default_model_search_order(monkeypatch, tmp_path):
 def test_load_model_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(str(tmp_path / "m.gguf"), dtype="float8")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_model(str(tmp_path / "missing.gguf"))
 
 

@@ -1,4 +1,9 @@
-"""Command line: `duquant run`, `duquant demo`."""
+"""Command line: `duquant run`, `duquant demo`, `duquant analyze`, `duquant compare`.
+
+Every option is generated from the config classes in `duquant.config`; arguments become a validated
+config before any model is loaded, and every failure the user can fix is one line on stderr with exit
+status 2 (Ctrl-C: one line saying what was kept, exit status 130).
+"""
 
 from __future__ import annotations
 
@@ -6,64 +11,30 @@ import argparse
 import logging
 import sys
 
-from duquant.config import RunConfig
-from duquant.formats import FORMATS
-from duquant.methods import METHODS
-from duquant.pipeline import HESSIAN_SOURCES
+from duquant.config import (
+    AnalyzeConfig,
+    ConfigError,
+    RunConfig,
+    add_arguments,
+    from_namespace,
+)
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by the commands that quantize and evaluate."""
-    p.add_argument(
-        "--model", default=None, help="HF id, local HF dir or .gguf file (default: SmolLM2-135M)"
-    )
-    p.add_argument("--format", default="mxfp4", choices=sorted(FORMATS))
-    p.add_argument("--w-scale-rule", default=None, help="weight scale rule (default: the format's)")
-    p.add_argument(
-        "--a-scale-rule", default=None, help="activation scale rule (default: the format's)"
-    )
-    p.add_argument("--rounding", default="even", choices=["even", "away"])
-    p.add_argument(
-        "--weights",
-        default="rtn",
-        choices=["rtn", "gptq"],
-        help="weight quantizer: round to nearest, or GPTQ on the same grid",
-    )
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (MX groups kept whole)")
-    p.add_argument(
-        "--gptq-hessian",
-        default="quantized",
-        choices=HESSIAN_SOURCES,
-        help="GPTQ Hessians from the transformed, quantized inputs each group sees (one partial "
-        "block pass per group), or from the statistics pass's FP inputs (faster)",
-    )
-    p.add_argument("--alpha", type=float, default=None, help="smoothing strength α")
-    p.add_argument("--block-size", type=int, default=None, help="rotation block size B")
-    p.add_argument("--max-steps", type=int, default=None, help="greedy rotation steps")
-    p.add_argument(
-        "--eval",
-        dest="evals",
-        nargs="+",
-        default=["wikitext2"],
-        help="'wikitext2' and/or paths of UTF-8 text files",
-    )
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument(
-        "--max-windows", type=int, default=None, help="evaluate only the first N windows"
-    )
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'duquant run: error: ... (see duquant run --help)', exit 2."""
+
+    def error(self, message: str):
+        """Print one line and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _config(args: argparse.Namespace, method: str) -> RunConfig:
-    """A RunConfig from parsed arguments."""
-    fields = RunConfig.__dataclass_fields__
-    return RunConfig(
-        method=method, **{k: v for k, v in vars(args).items() if k in fields and k != "method"}
-    )
+def fail(prog: str, exc: BaseException) -> int:
+    """Report a user-fixable error in one line; exit status 2."""
+    message = " ".join(str(exc).split("\n")[0].split())
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _table(results: list[dict]) -> str:
@@ -85,7 +56,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _analyze(args: argparse.Namespace) -> int:
+def _analyze(cfg: AnalyzeConfig) -> int:
     """`duquant analyze`: CSV and PNGs of per-layer errors and outlier profiles."""
     from pathlib import Path
 
@@ -94,18 +65,17 @@ def _analyze(args: argparse.Namespace) -> int:
     from duquant.formats import QuantSpec
     from duquant.models import adapter_for, load_model
 
-    loaded = load_model(args.model)
-    windows, _ = calibration_windows(loaded.tokenizer, args.nsamples, args.calib_seqlen, args.seed)
-    methods = [m for m in args.methods.split(",") if m]
+    loaded = load_model(cfg.model)
+    windows, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
     rows = analyze(
         loaded.model,
         adapter_for(loaded.model),
         windows,
-        methods,
-        QuantSpec("mxfp4", args.scale_rule),
-        args.seed,
+        cfg.methods,
+        QuantSpec("mxfp4", str(cfg.scale_rule)),
+        cfg.seed,
     )
-    out = Path(args.out)
+    out = Path(cfg.out)
     write_csv(rows, out / "errors.csv")
     for p in plot(rows, out, Path(loaded.source).stem):
         print(f"wrote {p}")
@@ -113,71 +83,80 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `duquant` console script."""
-    parser = argparse.ArgumentParser(prog="duquant", description=__doc__)
+def _run(cfg: RunConfig, demo: bool) -> list[dict]:
+    """`duquant run` (one method) or `duquant demo` (FP then RTN on one loaded model)."""
+    from duquant.runner import run
+
+    if not demo:
+        return [run(cfg)]
+    from dataclasses import replace
+
+    from duquant.models import load_model
+
+    loaded = load_model(cfg.model, str(cfg.dtype), cfg.device)
+    results = [run(replace(cfg, method="fp"), loaded)]
+    results.append(run(replace(cfg, method="rtn"), loaded))  # rtn replaces layers in place: last
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `duquant` parser with every sub-command."""
+    parser = Parser(prog="duquant", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p_run = sub.add_parser("run", help="quantize one model with one method and evaluate it")
-    p_run.add_argument("--method", default="rtn", choices=sorted(METHODS))
-    p_run.add_argument("--output", default=None, help="write the result JSON here")
-    _add_run_args(p_run)
-
+    add_arguments(p_run, RunConfig)
     p_demo = sub.add_parser(
         "demo", help="FP vs RTN MXFP4 W4A4 perplexity on the default model, a few windows"
     )
-    p_demo.add_argument("--output", default="results/demo.json")
-    _add_run_args(p_demo)
-    p_demo.set_defaults(max_windows=4, seqlen=1024)
-
+    add_arguments(
+        p_demo,
+        RunConfig,
+        defaults={"max_windows": 4, "seqlen": 1024, "output": "results/demo.json"},
+        skip=("method", "weights"),
+    )
     p_an = sub.add_parser(
         "analyze", help="per-layer MXFP4 error of original vs rotated activations"
     )
-    p_an.add_argument("--model", default=None)
-    p_an.add_argument(
-        "--methods",
-        default="random-hadamard,duquant++",
-        help="comma list of methods whose input transforms to compare",
-    )
-    p_an.add_argument("--scale-rule", default="ocp")
-    p_an.add_argument("--nsamples", type=int, default=8)
-    p_an.add_argument("--calib-seqlen", type=int, default=512)
-    p_an.add_argument("--seed", type=int, default=0)
-    p_an.add_argument("--out", default="results/analyze")
+    add_arguments(p_an, AnalyzeConfig)
 
     from duquant.compare import add_compare_parser
 
     add_compare_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "compare":
-        return args.func(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `duquant` console script."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from duquant.runner import run, write_json  # heavy imports after argument errors
+    if args.command == "compare":
+        return args.func(args)
+    prog = f"duquant {args.command}"
+    try:
+        cls = AnalyzeConfig if args.command == "analyze" else RunConfig
+        cfg = from_namespace(cls, args)
+    except (ConfigError, ValueError, OSError) as exc:
+        return fail(prog, exc)
+    from duquant.runner import write_json  # heavy imports after argument errors
 
     try:
-        if args.command == "analyze":
-            return _analyze(args)
-        if args.command == "run":
-            results = [run(_config(args, args.method))]
-        else:
-            from duquant.models import load_model
-
-            loaded = load_model(args.model, args.dtype, args.device)
-            results = [run(_config(args, "fp"), loaded)]
-            results.append(
-                run(_config(args, "rtn"), loaded)
-            )  # rtn replaces layers in place: run last
+        if isinstance(cfg, AnalyzeConfig):
+            return _analyze(cfg)
+        results = _run(cfg, demo=args.command == "demo")
+        print(_table(results))
+        if cfg.output:
+            write_json(results[0] if len(results) == 1 else {"runs": results}, cfg.output)
+            print(f"wrote {cfg.output}")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
-        print(f"duquant: error: {exc}", file=sys.stderr)
-        return 2
-    print(_table(results))
-    if args.output:
-        write_json(results[0] if len(results) == 1 else {"runs": results}, args.output)
-        print(f"wrote {args.output}")
+        return fail(prog, exc)
     return 0
 
 

@@ -1,43 +1,427 @@
-"""Typed run configuration, serialised into every result so a result says how it was made."""
+"""The experiment configuration: one typed, validated description of a run, from which the command
+lines of `run`, `demo` and `compare` are generated, of which compare's jobs are made, and which every
+result records.
+
+Every field carries its command-line help in its metadata; `add_arguments` turns a config class into
+argparse options and `from_namespace` back into a validated config. Validation happens at
+construction (`__post_init__`), before any model is loaded or any calibration starts, and raises
+`ConfigError` with one line naming the option and the fix.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+import math
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
-from duquant.formats import DEFAULT_SCALE_RULE
+from duquant.formats import DEFAULT_SCALE_RULE, FORMATS
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the option."""
+
+
+class Format(StrEnum):
+    """Number formats."""
+
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
+
+
+ScaleRule = StrEnum(
+    "ScaleRule",
+    {r.replace("-", "_").upper(): r for f in FORMATS.values() for r in f.SCALE_RULES},
+)
+ScaleRule.__doc__ = "Shared-scale rules of every format (which apply depends on the format)."
+
+
+class Rounding(StrEnum):
+    """Element rounding on the E2M1 grid."""
+
+    EVEN = "even"
+    AWAY = "away"
+
+
+class WeightQuantizer(StrEnum):
+    """How weights are rounded onto the format's grid."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+class HessianSource(StrEnum):
+    """Where GPTQ's Hessians come from."""
+
+    QUANTIZED = "quantized"  # per group, as the layer sees its transformed, quantized inputs
+    FP = "fp"  # the statistics pass's full-precision inputs (one calibration pass per block)
+
+
+class DType(StrEnum):
+    """Model dtypes."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+def opt(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help; `cli` holds argparse extras (flag, nargs, csv, type)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a field."""
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _enum(cls: type[StrEnum], name: str, value: Any) -> StrEnum:
+    """`value` as a member of `cls`, or a ConfigError naming the option and the choices."""
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{flag_of(name)} {value}: choose one of {choices}") from None
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """An integer option at or above `minimum` (None allowed when optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{flag_of(name)} {value}: must be {what}")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """A file path that can be written: not a directory, in a writable directory (probed)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"{option} {path}: is a directory; give a file path such as {p / 'result.json'}"
+        )
+    parent = _existing_ancestor(p.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is not a directory; choose another path")
+    _probe_writable(parent, option, path)
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """A directory path that can be written: not an existing file, in a writable place (probed)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a directory; choose a directory path")
+    parent = _existing_ancestor(p)
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is not a directory; choose another path")
+    _probe_writable(parent, option, path)
+
+
+def _existing_ancestor(p: Path) -> Path:
+    """The nearest existing path among `p` and its parents."""
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_writable(directory: Path, option: str, path: str | Path) -> None:
+    """Create and delete a file in `directory` (os.access is wrong for root and read-only mounts)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".duquant-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {path}: cannot write in {directory} ({exc.strerror or exc}); "
+            "choose a writable place"
+        ) from None
+
+
+def check_eval_file(name: str) -> None:
+    """An evaluation text named by path: an existing, non-empty UTF-8 file."""
+    p = Path(name)
+    if not p.is_file():
+        raise ConfigError(
+            f"--eval {name}: neither 'wikitext2' nor an existing text file; give a UTF-8 text file"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--eval {name}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"--eval {name}: cannot be read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise ConfigError(f"--eval {name}: the file is empty; give a text with at least one window")
+
+
+def check_device(device: str) -> None:
+    """A torch device string this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device}: duquant runs on cpu or cuda")
+
+
+def check_block_size(method: Any, block_size: int | None) -> None:
+    """A rotation block size the method can use: a power of two (Hadamard blocks, aligned with the
+    format's power-of-two groups)."""
+    if block_size is None or method.rotation == "none":
+        return
+    if block_size < 2 or block_size & (block_size - 1):
+        raise ConfigError(
+            f"--block-size {block_size}: method {method.name} rotates blocks that must be a power of "
+            "two >= 2 to align with the format's groups (e.g. 16 or 32)"
+        )
+
+
+# ----------------------------------------------------------------------------- configs
 
 
 @dataclass
-class RunConfig:
-    """Everything needed to reproduce one quantize-and-evaluate run."""
+class QuantSettings:
+    """The settings shared by a run and by every job of a compare: model, format, method knobs,
+    calibration, evaluation windows, seed and machine."""
 
-    model: str | None = None
-    method: str = "rtn"
-    format: str = "mxfp4"
-    w_scale_rule: str | None = None  # None: the format's (and method's) default
-    a_scale_rule: str | None = None
-    rounding: str = "even"
-    weights: str = "rtn"  # weight quantizer: rtn or gptq
-    act_order: bool = False
-    # GPTQ Hessians: quantized (per group, as the layer sees its inputs) or fp (the statistics pass)
-    gptq_hessian: str = "quantized"
-    alpha: float | None = None
-    block_size: int | None = None
-    max_steps: int | None = None
-    evals: list[str] = field(default_factory=lambda: ["wikitext2"])
-    seqlen: int = 2048
-    max_windows: int | None = None
-    nsamples: int = 128
-    calib_seqlen: int = 2048
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str | None = opt(None, "HF id, local HF dir or .gguf file (default: SmolLM2-135M)")
+    format: Format = opt(Format.MXFP4, "number format of weights and activations")
+    w_scale_rule: ScaleRule | None = opt(None, "weight scale rule (default: the format's)")
+    a_scale_rule: ScaleRule | None = opt(None, "activation scale rule (default: the format's)")
+    rounding: Rounding = opt(Rounding.EVEN, "element rounding: ties to even or away from zero")
+    act_order: bool = opt(False, "GPTQ act-order (MX groups kept whole)")
+    gptq_hessian: HessianSource = opt(
+        HessianSource.QUANTIZED,
+        "GPTQ Hessians from the transformed, quantized inputs each group sees (one partial block "
+        "pass per group), or from the statistics pass's FP inputs (faster)",
+    )
+    alpha: float | None = opt(None, "smoothing strength α in [0, 1] (default: the method's)")
+    block_size: int | None = opt(None, "rotation block size B, a power of two (default: 32)")
+    max_steps: int | None = opt(None, "greedy rotation steps, >= 0 (default: the method's)")
+    seqlen: int = opt(2048, "evaluation window in tokens")
+    max_windows: int | None = opt(None, "evaluate only the first N windows")
+    nsamples: int = opt(128, "calibration windows")
+    calib_seqlen: int = opt(2048, "calibration window length in tokens")
+    seed: int = opt(0, "seed of calibration sampling and random transforms")
+    dtype: DType = opt(DType.FLOAT32, "model dtype")
+    device: str = opt("cpu", "cpu or cuda[:N]")
+
+    def __post_init__(self) -> None:
+        self.format = _enum(Format, "format", self.format)
+        self.rounding = _enum(Rounding, "rounding", self.rounding)
+        self.gptq_hessian = _enum(HessianSource, "gptq_hessian", self.gptq_hessian)
+        self.dtype = _enum(DType, "dtype", self.dtype)
+        rules = FORMATS[self.format].SCALE_RULES
+        for name in ("w_scale_rule", "a_scale_rule"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value not in rules:
+                raise ConfigError(
+                    f"{flag_of(name)} {value}: not a {self.format} scale rule; choose one of "
+                    f"{', '.join(rules)}"
+                )
+            setattr(self, name, ScaleRule(value))
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float))
+            and math.isfinite(self.alpha)
+            and 0 <= self.alpha <= 1
+        ):
+            raise ConfigError(f"--alpha {self.alpha}: must be a number in [0, 1]")
+        _check_int("block_size", self.block_size, 1, optional=True)
+        _check_int("max_steps", self.max_steps, 0, optional=True)
+        _check_int("seqlen", self.seqlen, 2)
+        _check_int("max_windows", self.max_windows, 1, optional=True)
+        _check_int("nsamples", self.nsamples, 1)
+        _check_int("calib_seqlen", self.calib_seqlen, 2)
+        _check_int("seed", self.seed, 0)
+        check_device(self.device)
+        if self.model is not None:
+            from duquant.models.loading import check_model_source
+
+            check_model_source(self.model)
 
     def resolved_rules(self) -> tuple[str, str]:
         """(weight, activation) scale rules after applying the format default."""
         default = DEFAULT_SCALE_RULE[self.format]
-        return self.w_scale_rule or default, self.a_scale_rule or default
+        return str(self.w_scale_rule or default), str(self.a_scale_rule or default)
 
     def to_dict(self) -> dict:
-        """Plain-JSON form."""
-        return asdict(self)
+        """Plain-JSON form (enums as their values)."""
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+
+def _plain(value: Any) -> Any:
+    """Enum members as their string values, recursively through lists."""
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _method_names() -> list[str]:
+    """The registered methods (imported late: methods import nothing from here)."""
+    from duquant.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@dataclass
+class RunConfig(QuantSettings):
+    """One quantize-and-evaluate run (`duquant run`, the library's `runner.run`)."""
+
+    method: str = opt("rtn", "quantization method", choices=_method_names)
+    weights: WeightQuantizer = opt(
+        WeightQuantizer.RTN, "weight quantizer: round to nearest, or GPTQ on the same grid"
+    )
+    evals: list[str] = opt(
+        ["wikitext2"], "'wikitext2' and/or paths of UTF-8 text files", flag="--eval", nargs="+"
+    )
+    output: str | None = opt(None, "write the result JSON here")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from duquant.methods import get_method
+
+        self.weights = _enum(WeightQuantizer, "weights", self.weights)
+        try:
+            method = get_method(self.method)
+        except ValueError:
+            raise ConfigError(
+                f"--method {self.method}: unknown; choose one of {', '.join(_method_names())}"
+            ) from None
+        check_block_size(method, self.block_size)
+        if not self.evals:
+            raise ConfigError("--eval: name at least one evaluation ('wikitext2' or a text file)")
+        for name in self.evals:
+            if name != "wikitext2":
+                check_eval_file(name)
+        if self.output is not None:
+            check_output_file(self.output, "--output")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None, skip: tuple = ()
+) -> None:
+    """Add one option per field of config class `cls` (less `skip`), with the field's help."""
+    defaults = defaults or {}
+    for f in fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        meta = f.metadata
+        default = defaults.get(
+            f.name, f.default if f.default is not MISSING else f.default_factory()
+        )
+        kwargs: dict[str, Any] = {"dest": f.name, "default": _plain(default), "help": meta["help"]}
+        enum = _enum_type(f)
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        elif meta.get("csv"):
+            kwargs["type"] = csv_list
+        else:
+            kwargs["type"] = meta.get("type") or _scalar_type(f, default)
+            if meta.get("nargs"):
+                kwargs["nargs"] = meta["nargs"]
+            choices = meta.get("choices")
+            if callable(choices):
+                choices = choices()
+            if enum is not None:
+                choices = [m.value for m in enum]
+            if choices is not None:
+                kwargs["choices"] = choices
+        parser.add_argument(meta.get("flag", flag_of(f.name)), **kwargs)
+
+
+def _enum_type(f) -> type[StrEnum] | None:
+    """The StrEnum a field's annotation names, if any."""
+    base = str(f.type).split("|")[0].strip()
+    return {
+        e.__name__: e for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer)
+    }.get(base)
+
+
+def _scalar_type(f, default: Any) -> Any:
+    """The argparse type of a scalar field, from its annotation."""
+    ann = str(f.type)
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def csv_list(value: str) -> list[str]:
+    """A comma-separated option as a list."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def from_namespace(cls: type, args: argparse.Namespace, **extra: Any):
+    """A validated config of class `cls` from parsed arguments (only the fields `cls` has)."""
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    return cls(**values)
+
+
+@dataclass
+class AnalyzeConfig:
+    """`duquant analyze`: per-layer MXFP4 error of original vs transformed activations."""
+
+    model: str | None = opt(None, "HF id, local HF dir or .gguf file (default: SmolLM2-135M)")
+    methods: list[str] = opt(
+        ["random-hadamard", "duquant++"],
+        "comma list of methods whose input transforms to compare",
+        csv=True,
+    )
+    scale_rule: ScaleRule = opt(ScaleRule("ocp"), "MXFP4 scale rule of the error measurement")
+    nsamples: int = opt(8, "calibration windows")
+    calib_seqlen: int = opt(512, "calibration window length in tokens")
+    seed: int = opt(0, "seed of calibration sampling and random transforms")
+    out: str = opt("results/analyze", "output folder for errors.csv and the PNGs")
+
+    def __post_init__(self) -> None:
+        from duquant.methods import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(
+                f"--methods {','.join(self.methods)}: unknown or none; choose from "
+                f"{', '.join(sorted(METHODS))}"
+            )
+        rules = FORMATS["mxfp4"].SCALE_RULES
+        if self.scale_rule not in rules:
+            raise ConfigError(f"--scale-rule {self.scale_rule}: choose one of {', '.join(rules)}")
+        self.scale_rule = ScaleRule(self.scale_rule)
+        _check_int("nsamples", self.nsamples, 1)
+        _check_int("calib_seqlen", self.calib_seqlen, 2)
+        _check_int("seed", self.seed, 0)
+        check_output_dir(self.out, "--out")
+        if self.model is not None:
+            from duquant.models.loading import check_model_source
+
+            check_model_source(self.model)

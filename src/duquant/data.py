@@ -1,8 +1,9 @@
-"""Evaluation and calibration text: WikiText-2 from the Hugging Face hub or a local directory.
+"""Evaluation and calibration text: WikiText-2 from the Hugging Face hub, the package or a local directory.
 
 Source order: a local directory when $DUQUANT_DATA_DIR is set (deterministic and offline), else the hub
-through `datasets`, else the checkout's ../shared/data. WikiText-2 has no offline train split here, so
-offline calibration samples the validation split and the result's config says so.
+through `datasets`, else the copy of WikiText-2 test and validation shipped inside the package
+(`duquant/resources/wikitext2_raw/`, xz, CC BY-SA 3.0: see the NOTICE.md there). WikiText-2 train is not
+shipped, so offline calibration samples the validation split and the result's config says so.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import lzma
 import os
 import random
 import socket
@@ -24,6 +26,10 @@ WIKITEXT_FILES = {
     "test": "wikitext2_raw/wiki.test.raw",
     "validation": "wikitext2_raw/wiki.valid.raw",
 }
+
+
+# the package's own compressed copies (test and validation only)
+PACKAGED = Path(__file__).resolve().parent / "resources"
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -108,27 +114,33 @@ def _local_path(relative: str) -> Path | None:
 def wikitext2_rows(split: str) -> tuple[list[str], TextSource]:
     """WikiText-2 raw rows of `split` ('train', 'validation' or 'test') and where they came from."""
     local_rel = WIKITEXT_FILES.get(split)
-    local = _local_path(local_rel) if local_rel else None
-    if local is not None and os.environ.get("DUQUANT_DATA_DIR"):
-        return _local_rows(local, split)
+    if os.environ.get("DUQUANT_DATA_DIR") and local_rel:
+        local = _local_path(local_rel)
+        if local is None:  # an explicit override that lacks the file is a mistake, not a fallback
+            raise DataNotFoundError(
+                f"WikiText-2 {split}: $DUQUANT_DATA_DIR is set but {data_dir()}/{local_rel} does not "
+                "exist. Unset DUQUANT_DATA_DIR to use the copy shipped with duquant, or add the file."
+            )
+        return _local_rows(local.read_bytes(), str(local), split)
     rows = _hub_wikitext(split)
     if rows is not None:
         sha = hashlib.sha256("\n".join(rows).encode()).hexdigest()
         return rows, TextSource("wikitext2", split, "hub", sha)
-    if local is not None:
-        return _local_rows(local, split)
-    where = f"{data_dir()}/{local_rel}" if local_rel else "(no local copy exists for this split)"
+    packaged = PACKAGED / f"{local_rel}.xz" if local_rel else None
+    if packaged is not None and packaged.is_file():
+        origin = f"package:duquant/resources/{local_rel}.xz"
+        return _local_rows(lzma.decompress(packaged.read_bytes()), origin, split)
     raise DataNotFoundError(
-        f"WikiText-2 {split} is not reachable on the Hugging Face hub and no local copy was found at "
-        f"{where}. Set DUQUANT_DATA_DIR to a folder holding {local_rel or 'the data'} "
-        "(see shared/data/MANIFEST.md), or install duquant[eval] and go online."
+        f"WikiText-2 {split} is not reachable on the Hugging Face hub and duquant ships no copy of it "
+        "(it ships test and validation). Go online with duquant[eval] installed, or set "
+        f"DUQUANT_DATA_DIR to a folder holding wikitext2_raw/wiki.{split}.raw."
     )
 
 
-def _local_rows(path: Path, split: str) -> tuple[list[str], TextSource]:
-    """Rows of a local raw file and its provenance."""
-    rows = raw_lines_to_rows(path.read_text(encoding="utf-8"))
-    return rows, TextSource("wikitext2", split, str(path), file_sha256(path))
+def _local_rows(raw: bytes, origin: str, split: str) -> tuple[list[str], TextSource]:
+    """Rows of a raw WikiText file's bytes and its provenance (sha256 of the uncompressed bytes)."""
+    rows = raw_lines_to_rows(raw.decode("utf-8"))
+    return rows, TextSource("wikitext2", split, origin, hashlib.sha256(raw).hexdigest())
 
 
 def eval_text(name: str) -> tuple[str, TextSource]:

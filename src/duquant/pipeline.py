@@ -18,6 +18,7 @@ from duquant.calibrate import (
     feed_block_until,
     run_block,
 )
+from duquant.config import HessianSource
 from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import (
     HessianAccumulator,
@@ -41,7 +42,7 @@ from duquant.transforms.quarot import apply_quarot
 log = logging.getLogger(__name__)
 
 
-HESSIAN_SOURCES = ("quantized", "fp")  # where GPTQConfig.hessian comes from
+HESSIAN_SOURCES = tuple(h.value for h in HessianSource)  # where GPTQConfig.hessian comes from
 
 
 @dataclass(frozen=True)

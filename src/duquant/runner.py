@@ -26,19 +26,42 @@ log = logging.getLogger(__name__)
 def quant_config(cfg: RunConfig) -> QuantConfig:
     """The weight and activation specs of a run."""
     w_rule, a_rule = cfg.resolved_rules()
+    fmt, rounding = str(cfg.format), str(cfg.rounding)
     return QuantConfig(
-        QuantSpec(cfg.format, w_rule, cfg.rounding),
-        QuantSpec(cfg.format, a_rule, cfg.rounding),
-        weights=cfg.weights,
-        gptq=GPTQConfig(act_order=cfg.act_order, hessian=cfg.gptq_hessian),
+        QuantSpec(fmt, w_rule, rounding),
+        QuantSpec(fmt, a_rule, rounding),
+        weights=str(cfg.weights),
+        gptq=GPTQConfig(act_order=cfg.act_order, hessian=str(cfg.gptq_hessian)),
     )
 
 
+def eval_tokens(name: str, tokenizer, cfg: RunConfig, vocab_rows: int) -> tuple[torch.Tensor, dict]:
+    """The token ids of evaluation `name` and its source, refused unless they make one window."""
+    text, src = eval_text(name)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < cfg.seqlen:
+        raise ValueError(
+            f"--eval {name}: {ids.numel()} tokens, fewer than one window of --seqlen {cfg.seqlen}; "
+            "give a longer text or a smaller --seqlen"
+        )
+    if ids.numel() and int(ids.max()) >= vocab_rows:
+        raise ValueError(
+            f"--eval {name}: the tokenizer emits id {int(ids.max())} but the model's embedding has "
+            f"{vocab_rows} rows; use the tokenizer that belongs to this model"
+        )
+    return ids, asdict(src)
+
+
 def run(cfg: RunConfig, loaded=None) -> dict:
-    """Load (unless `loaded` is given), quantize and evaluate; return {'config': ..., 'metrics': ...}."""
+    """Load (unless `loaded` is given), quantize and evaluate; return {'config': ..., 'metrics': ...}.
+
+    Every evaluation text is tokenized and checked before calibration starts, so a text too short
+    for one window costs seconds, not a quantization."""
     torch.manual_seed(cfg.seed)
     loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = loaded.model, loaded.tokenizer
+    rows = model.get_input_embeddings().num_embeddings
+    texts = {name: eval_tokens(name, tok, cfg, rows) for name in cfg.evals}
     adapter = adapter_for(model)
     method = get_method(
         cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
@@ -70,11 +93,9 @@ def run(cfg: RunConfig, loaded=None) -> dict:
     metrics["online_flops_per_token"] = online_flops_per_token(model)
     if report.layer_errors:
         metrics["layer_errors"] = report.layer_errors
-    for name in cfg.evals:
-        text, src = eval_text(name)
-        ids = tok(text, return_tensors="pt").input_ids[0]
+    for name, (ids, src) in texts.items():
         res = perplexity(model, ids, cfg.seqlen, cfg.max_windows, desc=f"{cfg.method} {name}")
-        res["source"] = asdict(src)
+        res["source"] = src
         metrics[Path(name).name if name != "wikitext2" else name] = res
         log.info("%s %s ppl %.3f over %d windows", cfg.method, name, res["ppl"], res["windows"])
     return {"config": config, "metrics": metrics}

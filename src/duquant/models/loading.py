@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,45 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_MAGIC = b"GGUF"
+# a Hugging Face repo id: `name` or `org/name`
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+
+
+class ModelSourceError(ValueError):
+    """A model argument that cannot be loaded: the message says what and how to fix it."""
+
+
+def check_model_source(source: str) -> None:
+    """Refuse, before anything is loaded, a model argument that cannot load: one clear line."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.exists():
+            raise ModelSourceError(f"model {source}: GGUF file does not exist")
+        if not path.is_file():
+            raise ModelSourceError(f"model {source}: is not a file; give a .gguf file")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            raise ModelSourceError(
+                f"model {source}: the GGUF file is empty (0 bytes); fetch it again"
+            )
+        if head != GGUF_MAGIC:
+            raise ModelSourceError(
+                f"model {source}: not a GGUF file (it starts with {head!r}, not b'GGUF'); "
+                "give a .gguf file, a Hugging Face model folder or id"
+            )
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model {source}: the folder has no config.json, so it is not a Hugging Face model "
+                "folder; give the folder holding config.json and the weights, or a .gguf file"
+            )
+    elif source.startswith((".", "/", "~")) or not HF_ID.match(source):
+        raise ModelSourceError(
+            f"model {source}: no such file or folder, and not a Hugging Face id (org/name); "
+            "check the path"
+        )
 
 
 def user_cache_dir() -> Path:
@@ -61,21 +102,60 @@ def load_model(
     source = source or default_model()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
+    check_model_source(source)
     kwargs: dict = {"dtype": DTYPES[dtype]}
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {source} does not exist")
         where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        where = str(path)
     else:
         where = source
+        _check_hub_for(source)
     log.info("loading %s (%s on %s)", source, dtype, device)
     tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-    tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (struct.error, EOFError, IndexError) as exc:  # the GGUF reader on a cut-off file
+        raise ModelSourceError(
+            f"model {source}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            "fetch it again"
+        ) from None
+    except (ValueError, OSError) as exc:
+        if "gguf_file" in kwargs and not isinstance(exc, ModelSourceError):
+            raise ModelSourceError(
+                f"model {source}: the GGUF file could not be read ({str(exc).splitlines()[0]}); "
+                "it may be truncated or of an architecture transformers cannot load"
+            ) from None
+        raise ModelSourceError(f"model {source}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     check_finite_weights(model)
+    check_vocabulary(model, tokenizer, source)
     return LoadedModel(model, tokenizer, source)
+
+
+def _check_hub_for(source: str) -> None:
+    """A Hugging Face id needs the hub (or its local cache): say so instead of a long network error."""
+    from duquant.data import hub_reachable
+
+    if hub_reachable() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # online, or offline on purpose: transformers reads its cache
+    raise ModelSourceError(
+        f"model {source}: not a local file or folder, and the Hugging Face hub is not reachable; "
+        "give a local .gguf file or model folder"
+    )
+
+
+def check_vocabulary(model: nn.Module, tokenizer, source: str) -> None:
+    """Refuse a tokenizer that emits ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().num_embeddings
+    n = len(tokenizer)
+    if n > rows:
+        raise ModelSourceError(
+            f"model {source}: the tokenizer has {n} tokens but the embedding only {rows} rows, so "
+            "some token ids have no embedding; use the tokenizer that belongs to this model"
+        )
 
 
 def check_finite_weights(model: nn.Module) -> None:
