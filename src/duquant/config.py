@@ -70,7 +70,8 @@ class DType(StrEnum):
 
 
 def opt(default: Any, help: str, **cli: Any) -> Any:
-    """A config field with its command-line help; `cli` holds argparse extras (flag, nargs, csv, type)."""
+    """A config field with its command-line help; `cli` holds argparse extras (flag, nargs, csv,
+    choices) and the range an integer must keep (`minimum`), checked by `check_ranges`."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **cli})
     return field(default=default, metadata={"help": help, **cli})
@@ -100,6 +101,14 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> N
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ConfigError(f"{flag_of(name)} {value}: must be {what}")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every integer field with a `minimum` in its metadata is an integer at or above it (None is
+    allowed where None is the field's default)."""
+    for f in fields(cfg):
+        if "minimum" in f.metadata:
+            _check_int(f.name, getattr(cfg, f.name), f.metadata["minimum"], f.default is None)
 
 
 def check_output_file(path: str | Path, option: str) -> None:
@@ -147,8 +156,9 @@ def _probe_writable(directory: Path, option: str, path: str | Path) -> None:
         ) from None
 
 
-def check_eval_file(name: str) -> None:
-    """An evaluation text named by path: an existing, non-empty UTF-8 file."""
+def check_eval_file(name: str, seqlen: int) -> None:
+    """An evaluation text named by path: an existing UTF-8 file long enough for one window of
+    `seqlen` tokens (a token covers at least one byte; 2 spare for BOS and a word-start marker)."""
     p = Path(name)
     if not p.is_file():
         raise ConfigError(
@@ -164,6 +174,12 @@ def check_eval_file(name: str) -> None:
         raise ConfigError(f"--eval {name}: cannot be read ({exc.strerror or exc})") from None
     if not text.strip():
         raise ConfigError(f"--eval {name}: the file is empty; give a text with at least one window")
+    size = len(text.encode("utf-8"))
+    if size + 2 < seqlen:
+        raise ConfigError(
+            f"--eval {name}: {size} bytes make fewer than one window of --seqlen {seqlen} tokens; "
+            "give a longer text or a smaller --seqlen"
+        )
 
 
 def check_device(device: str) -> None:
@@ -217,13 +233,17 @@ class QuantSettings:
         "pass per group), or from the statistics pass's FP inputs (faster)",
     )
     alpha: float | None = opt(None, "smoothing strength α in [0, 1] (default: the method's)")
-    block_size: int | None = opt(None, "rotation block size B, a power of two (default: 32)")
-    max_steps: int | None = opt(None, "greedy rotation steps, >= 0 (default: the method's)")
-    seqlen: int = opt(2048, "evaluation window in tokens")
-    max_windows: int | None = opt(None, "evaluate only the first N windows")
-    nsamples: int = opt(128, "calibration windows")
-    calib_seqlen: int = opt(2048, "calibration window length in tokens")
-    seed: int = opt(0, "seed of calibration sampling and random transforms")
+    block_size: int | None = opt(
+        None, "rotation block size B, a power of two (default: 32)", minimum=1
+    )
+    max_steps: int | None = opt(
+        None, "greedy rotation steps, >= 0 (default: the method's)", minimum=0
+    )
+    seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)
+    max_windows: int | None = opt(None, "evaluate only the first N windows", minimum=1)
+    nsamples: int = opt(128, "calibration windows", minimum=1)
+    calib_seqlen: int = opt(2048, "calibration window length in tokens", minimum=2)
+    seed: int = opt(0, "seed of calibration sampling and random transforms", minimum=0)
     dtype: DType = opt(DType.FLOAT32, "model dtype")
     device: str = opt("cpu", "cpu or cuda[:N]")
 
@@ -249,13 +269,7 @@ class QuantSettings:
             and 0 <= self.alpha <= 1
         ):
             raise ConfigError(f"--alpha {self.alpha}: must be a number in [0, 1]")
-        _check_int("block_size", self.block_size, 1, optional=True)
-        _check_int("max_steps", self.max_steps, 0, optional=True)
-        _check_int("seqlen", self.seqlen, 2)
-        _check_int("max_windows", self.max_windows, 1, optional=True)
-        _check_int("nsamples", self.nsamples, 1)
-        _check_int("calib_seqlen", self.calib_seqlen, 2)
-        _check_int("seed", self.seed, 0)
+        check_ranges(self)
         check_device(self.device)
         if self.model is not None:
             from duquant.models.loading import check_model_source
@@ -317,7 +331,7 @@ class RunConfig(QuantSettings):
             raise ConfigError("--eval: name at least one evaluation ('wikitext2' or a text file)")
         for name in self.evals:
             if name != "wikitext2":
-                check_eval_file(name)
+                check_eval_file(name, self.seqlen)
         if self.output is not None:
             check_output_file(self.output, "--output")
 
@@ -399,9 +413,9 @@ class AnalyzeConfig:
         csv=True,
     )
     scale_rule: ScaleRule = opt(ScaleRule("ocp"), "MXFP4 scale rule of the error measurement")
-    nsamples: int = opt(8, "calibration windows")
-    calib_seqlen: int = opt(512, "calibration window length in tokens")
-    seed: int = opt(0, "seed of calibration sampling and random transforms")
+    nsamples: int = opt(8, "calibration windows", minimum=1)
+    calib_seqlen: int = opt(512, "calibration window length in tokens", minimum=2)
+    seed: int = opt(0, "seed of calibration sampling and random transforms", minimum=0)
     out: str = opt("results/analyze", "output folder for errors.csv and the PNGs")
 
     def __post_init__(self) -> None:
@@ -417,9 +431,7 @@ class AnalyzeConfig:
         if self.scale_rule not in rules:
             raise ConfigError(f"--scale-rule {self.scale_rule}: choose one of {', '.join(rules)}")
         self.scale_rule = ScaleRule(self.scale_rule)
-        _check_int("nsamples", self.nsamples, 1)
-        _check_int("calib_seqlen", self.calib_seqlen, 2)
-        _check_int("seed", self.seed, 0)
+        check_ranges(self)
         check_output_dir(self.out, "--out")
         if self.model is not None:
             from duquant.models.loading import check_model_source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -17,5 +18,11 @@ def write_json(obj: dict, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {exc.strerror or exc} (is the disk full?)") from exc
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the parent is not a directory: there is no temp file to remove
+            pass
+        hint = " (is the disk full?)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        err = OSError(f"could not write {path}: {exc.strerror or exc}{hint}")
+        err.errno = exc.errno
+        raise err from exc

@@ -12,7 +12,6 @@ from duquant.config import (
     QuantSettings,
     RunConfig,
     WeightQuantizer,
-    _check_int,
     check_block_size,
     check_output_dir,
     opt,
@@ -34,12 +33,14 @@ class CompareConfig(QuantSettings):
     weights: list[str] = opt(["rtn"], "weight quantizers, e.g. rtn,gptq", csv=True)
     evals: list[str] = opt(list(EVALS), ",".join(EVALS), csv=True)
     out: str | None = opt(None, "output folder (default results/<model>/)")
-    c4_windows: int = opt(256, "C4 windows drawn (protocol: 256)")
-    limit: int | None = opt(None, "zero-shot examples per task")
+    c4_windows: int = opt(256, "C4 windows drawn (protocol: 256)", minimum=1)
+    limit: int | None = opt(None, "zero-shot examples per task", minimum=1)
     tasks: list[str] | None = opt(None, "zero-shot tasks (default: all seven)", csv=True)
-    batch_size: int = opt(8, "zero-shot batch size")
+    batch_size: int = opt(8, "zero-shot batch size", minimum=1)
     zeroshot_source: str = opt("auto", "zero-shot data source", choices=["auto", "hub", "local"])
-    threads: int | None = opt(None, "torch CPU threads (default: torch's); recorded, not hashed")
+    threads: int | None = opt(
+        None, "torch CPU threads (default: torch's); recorded, not hashed", minimum=1
+    )
     cached_only: bool = opt(
         False,
         "only assemble the table from cached results (compute nothing; shows what is pending)",
@@ -77,10 +78,6 @@ class CompareConfig(QuantSettings):
             raise ConfigError(
                 f"--zeroshot-source {self.zeroshot_source}: choose auto, hub or local"
             )
-        _check_int("c4_windows", self.c4_windows, 1)
-        _check_int("limit", self.limit, 1, optional=True)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("threads", self.threads, 1, optional=True)
         if self.out is not None and not self.cached_only:
             check_output_dir(self.out, "--out")
 
