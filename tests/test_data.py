@@ -6,8 +6,8 @@ import hashlib
 import lzma
 
 import pytest
-from conftest import REPO
 import torch
+from conftest import REPO
 
 import duquant.data as data
 from duquant.data import (
@@ -129,7 +129,9 @@ def test_hub_is_not_asked_when_data_dir_is_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_hub_wikitext", boom)
     rows, src = wikitext2_rows("test")
-    assert rows == [" = A = \n", " b \n"] and src.origin == str(tmp_path / "wikitext2_raw" / "wiki.test.raw")
+    assert rows == [" = A = \n", " b \n"] and src.origin == str(
+        tmp_path / "wikitext2_raw" / "wiki.test.raw"
+    )
 
 
 # --- calibration windows -------------------------------------------------------------------------

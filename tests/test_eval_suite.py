@@ -221,7 +221,9 @@ def test_zero_shot_matches_hand_computed(smollm, offline_zeroshot, one_thread):
     arc = out["tasks"]["arc_easy"]
     assert arc["status"] == "ok" and arc["source"] == "local" and arc["n_examples"] == limit
     assert arc["n_available"] == 2376 and arc["files"][0]["sha256"].startswith("ce32a0774b4beb19")
-    rows = [json.loads(line) for line in (offline_zeroshot / "arc/ARC-Easy-Test.jsonl").open()][:limit]
+    rows = [json.loads(line) for line in (offline_zeroshot / "arc/ARC-Easy-Test.jsonl").open()][
+        :limit
+    ]
     acc, acc_norm = [], []
     for row, sample in zip(rows, sorted(arc["samples"], key=lambda s: s["doc_id"]), strict=True):
         q = row["question"]
