@@ -66,12 +66,15 @@ def smollm():
     """
     from duquant.models import default_model, load_model
 
+    # under CI (CI=true) the set-up has fetched the model: a missing one fails instead of skipping,
+    # so the real-model CI tests can never pass by not running
+    absent = pytest.fail if os.environ.get("CI") else pytest.skip
     try:
         source = default_model()
     except FileNotFoundError as exc:
-        pytest.skip(f"default model not found: {exc}")
+        absent(f"default model not found: {exc}")
     if source.endswith(".gguf") and not Path(source).is_file():
-        pytest.skip(f"default model {source} does not exist")
+        absent(f"default model {source} does not exist")
     return load_model()
 
 

@@ -384,3 +384,24 @@ def test_cli_reports_errors_cleanly(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("DUQUANT_MODEL", str(tmp_path / "missing.gguf"))
     assert main(["run", "--method", "fp"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+@pytest.mark.model
+def test_demo_on_a_fresh_machine(smollm, offline_data, tmp_path, capsys, monkeypatch):
+    """`duquant demo` as the README runs it: no hub, no data folder (the packaged WikiText-2), the real
+    model: FP and RTN perplexity printed and written, RTN worse than FP."""
+    from duquant.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--max-windows", "1", "--seqlen", "256"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "results" / "demo.json").read_text())["runs"]
+    assert [r["config"]["run"]["method"] for r in runs] == ["fp", "rtn"]
+    w2 = [r["metrics"]["wikitext2"] for r in runs]
+    assert all(m["source"]["origin"].startswith("package:") for m in w2)
+    assert all(m["windows"] == 1 and m["tokens"] == 255 for m in w2)
+    assert w2[1]["ppl"] > w2[0]["ppl"] > 1
+    for r, m in zip(runs, w2, strict=True):
+        assert f"{m['ppl']:>10.3f}" in out and r["config"]["run"]["method"] in out
