@@ -22,8 +22,23 @@ from duquant.config import (
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows an option's default where it has a meaningful one and the text names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'duquant run: error: ... (see duquant run --help)', exit 2."""
+    """argparse with one-line errors: 'duquant run: error: ... (see duquant run --help)', exit 2,
+    and every option's default in its help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         """Print one line and exit with status 2."""
