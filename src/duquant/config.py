@@ -159,19 +159,12 @@ def _probe_writable(directory: Path, option: str, path: str | Path) -> None:
 def check_eval_file(name: str, seqlen: int) -> None:
     """An evaluation text named by path: an existing UTF-8 file long enough for one window of
     `seqlen` tokens (a token covers at least one byte; 2 spare for BOS and a word-start marker)."""
-    p = Path(name)
-    if not p.is_file():
-        raise ConfigError(
-            f"--eval {name}: neither 'wikitext2' nor an existing text file; give a UTF-8 text file"
-        )
+    from duquant.data import eval_text
+
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"--eval {name}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"--eval {name}: cannot be read ({exc.strerror or exc})") from None
+        text, _ = eval_text(name)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--eval {name}: {exc}; give a UTF-8 text file") from None
     if not text.strip():
         raise ConfigError(f"--eval {name}: the file is empty; give a text with at least one window")
     size = len(text.encode("utf-8"))

@@ -156,7 +156,7 @@ def eval_text(name: str) -> tuple[str, TextSource]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text: {exc}") from exc
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return text, TextSource("file", "all", str(path), file_sha256(path))
 
 
