@@ -27,7 +27,8 @@ from duquant.gptq import (
 )
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
-from duquant.models.adapters import Adapter
+from duquant.models.adapters import Adapter, InputGroup
+from duquant.models.moe import unfuse_experts
 from duquant.qlinear import (
     InputQuantizer,
     QuantLinear,
@@ -100,6 +101,9 @@ def quantize_model(
     """Replace every linear of every decoder block by a QuantLinear, in place, following `method`."""
     start = time.perf_counter()
     report = QuantizeReport()
+    why = adapter.refuse(method)
+    if why:
+        raise ValueError(why)
     if not method.quantize:
         report.seconds = time.perf_counter() - start
         return report
@@ -109,6 +113,12 @@ def quantize_model(
         raise ValueError(
             f"method {method.name} with {quant.weights} weights needs calibration windows"
         )
+    if quant.weights == "gptq" and adapter.experts is not None:
+        raise ValueError(
+            f"gptq weights are not supported for the {adapter.name} family yet: each expert "
+            "needs a Hessian of its own routed tokens; use rtn weights"
+        )
+    unfuse_experts(model, adapter)
     blocks = adapter.blocks(model)
     heads = HeadShape.of(model.config)
     inputs: BlockInputs | None = None
@@ -117,11 +127,12 @@ def quantize_model(
         inputs = capture_block_inputs(model, adapter, calib_windows)
     fp_hessians = gptq and quant.gptq.hessian == "fp"
     for i, block in enumerate(tqdm(blocks, desc=f"quantize {method.name}", leave=False)):
+        groups = adapter.block_groups(block)
         stats = None
         if method.needs_calibration or fp_hessians:
             stats = collect_input_stats(
                 block,
-                adapter.groups,
+                groups,
                 inputs,
                 sample_rows=method.search_rows,
                 seed=seed + i,
@@ -137,14 +148,15 @@ def quantize_model(
                 heads,
                 seed=seed * 1000 + i * 10 + j,
             )
-            for j, g in enumerate(adapter.groups)
+            for j, g in enumerate(groups)
         }
         for name, online in global_online.items():
-            plans[name] = GroupPlan(weight_transform=online, online=online)
+            if name in plans:
+                plans[name] = GroupPlan(weight_transform=online, online=online)
         # fold every group first: folds rewrite producers (v_proj, up_proj) that are quantized later
-        for g in adapter.groups:
-            plans[g.name].fold(block, g, heads)
-        for g in adapter.groups:
+        for g in groups:
+            plans[g.name].fold(block, g, heads, adapter.norm_offset)
+        for g in groups:
             _swap_linears(block, g, plans[g.name], quant, layer=i, rtn=not gptq)
         reset_caches_after_forward(block)
         if gptq:
@@ -154,12 +166,12 @@ def quantize_model(
                     g.name: transformed_hessian(
                         stats[g.name].moments.finalize(), plans[g.name].weight_transform
                     )
-                    for g in adapter.groups
+                    for g in groups
                 }
-            report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i, given=given)
+            report.layer_errors += _gptq_block(block, groups, inputs, quant, layer=i, given=given)
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
-            inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+            inputs = inputs.next(run_block(block, inputs), i + 1)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
@@ -192,7 +204,7 @@ def transformed_hessian(h: Tensor, transform: Transform | None) -> Tensor:
 
 def _gptq_block(
     block: nn.Module,
-    adapter: Adapter,
+    groups: tuple[InputGroup, ...],
     inputs: BlockInputs,
     quant: QuantConfig,
     layer: int,
@@ -205,7 +217,7 @@ def _gptq_block(
     `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes.
     """
     errors = []
-    for g in adapter.groups:
+    for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
         if given is not None:
             h = given[g.name]
