@@ -91,7 +91,15 @@ def test_unsupported_architecture_lists_supported():
         adapter_for(model)
     msg = str(info.value)
     assert "GPT2LMHeadModel" in msg
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    for arch in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    ):
         assert arch in msg
     assert isinstance(info.value, ValueError)  # the CLI reports ValueErrors cleanly
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -142,9 +142,9 @@ def quantize_model(
             g.name: plan_group(
                 block,
                 g,
-                method,
+                _group_method(method, stats, g, i),
                 quant,
-                stats[g.name] if stats and method.needs_calibration else None,
+                stats.get(g.name) if stats and method.needs_calibration else None,
                 heads,
                 seed=seed * 1000 + i * 10 + j,
             )
@@ -175,6 +175,26 @@ def quantize_model(
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _group_method(
+    method: MethodConfig, stats: dict | None, group: InputGroup, layer: int
+) -> MethodConfig:
+    """`method`, or its data-free part for a group no calibration token reached (an expert that
+    the router never picked): no smoothing, the greedy search's starting rotation."""
+    if not method.needs_calibration or stats is None or group.name in stats:
+        return method
+    rotation = "random-hadamard" if method.refine_from == "random-hadamard" else "none"
+    if method.rotation not in ("greedy", "duquant-v1"):
+        rotation = method.rotation
+    log.warning(
+        "layer %d group %s saw no calibration tokens: %s without smoothing, rotation %s",
+        layer,
+        group.name,
+        method.name,
+        rotation,
+    )
+    return replace(method, smooth=False, rotation=rotation)
 
 
 def online_flops_per_token(model: nn.Module) -> int:

@@ -1,0 +1,188 @@
+"""Every supported family: tiny random models from transformers' own config classes, every method.
+
+Full precision: the transforms alone (no quantization) leave the logits unchanged. Quantized: the
+forward runs and every linear the adapter names (every expert's included) is a QuantLinear.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, make_tiny_family
+from torch import nn
+
+from duquant.methods import METHODS, get_method
+from duquant.models import adapter_for
+from duquant.pipeline import QuantConfig, quantize_model
+from duquant.qlinear import QuantLinear
+
+METHOD_NAMES = sorted(n for n in METHODS if not n.startswith("dqpp-"))
+REFUSED = {("gemma3", "quarot")}  # the residual rotation cannot pass Gemma 3's post-norms
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def base_models() -> dict:
+    """One tiny model a family, built once; tests deep-copy it."""
+    return {f: make_tiny_family(f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp_invariance(family, method, base_models):
+    if (family, method) in REFUSED:
+        pytest.skip("refused (tested below)")
+    base = base_models[family]
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    m = copy.deepcopy(base)
+    quantize_model(m, adapter_for(m), get_method(method, max_steps=8), QuantConfig(None, None), ids)
+    with torch.no_grad():
+        out = m(ids).logits
+    err = float((out - ref).abs().max())
+    assert torch.allclose(out, ref, atol=2e-4 * ref.abs().max()), err
+
+
+def _quantized_names(model: nn.Module) -> set[str]:
+    return {n for n, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+
+
+@pytest.mark.parametrize("method", ["rtn", "duquant++", "quarot", "duquant"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_forward_runs(family, method, base_models):
+    if (family, method) in REFUSED:
+        pytest.skip("refused (tested below)")
+    m = copy.deepcopy(base_models[family])
+    ids = _ids(1)
+    adapter = adapter_for(m)
+    quantize_model(m, adapter, get_method(method, max_steps=4), QuantConfig(), ids)
+    with torch.no_grad():
+        out = m(ids).logits
+    assert torch.isfinite(out).all()
+    # every linear of every block is quantized; embeddings, head and a MoE router are not
+    linears = {
+        n
+        for n, mod in m.named_modules()
+        if isinstance(mod, nn.Linear) and n.startswith(adapter.layers)
+    }
+    quantized = _quantized_names(m)
+    assert not linears - quantized and quantized
+    for i, block in enumerate(adapter.blocks(m)):
+        for g in adapter.block_groups(block):
+            for name in g.linears:
+                assert f"{adapter.layers}.{i}.{name}" in quantized
+    if family == "qwen3_moe":
+        assert len([n for n in quantized if ".experts.experts." in n]) == 4 * 2
+        assert not isinstance(m.model.layers[0].mlp.gate, QuantLinear)
+
+
+def test_gemma3_quarot_is_refused_before_anything_changes(base_models):
+    m = copy.deepcopy(base_models["gemma3"])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"quarot.*gemma3.*post-norms"):
+        quantize_model(m, adapter_for(m), get_method("quarot"), QuantConfig(), _ids())
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_moe_expert_without_calibration_tokens_gets_the_data_free_plan(base_models, caplog):
+    # one calibration token routes to 2 of the 4 experts: the other two have no statistics
+    m = copy.deepcopy(base_models["qwen3_moe"])
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids).logits
+    rep = quantize_model(
+        m,
+        adapter_for(m),
+        get_method("duquant++", max_steps=4),
+        QuantConfig(None, None),
+        ids[:1, :1],
+    )
+    with torch.no_grad():
+        out = m(ids).logits
+    assert torch.allclose(out, ref, atol=2e-4 * ref.abs().max())
+    downs = [rep.plans[0][f"experts.{e}.down"] for e in range(4)]
+    smoothed = [bool(p.folded) for p in downs]  # smoothing folds into up rows when it ran
+    assert sorted(smoothed) == [False, False, True, True]
+    assert "saw no calibration tokens" in caplog.text
+
+
+def test_each_block_replays_its_own_forward_arguments(base_models):
+    """Gemma 3 alternates sliding-window and global attention: block i must get its own mask/RoPE."""
+    from duquant.calibrate import capture_block_inputs, run_block
+
+    m = base_models["gemma3"]
+    adapter = adapter_for(m)
+    ids = _ids()
+    inputs = capture_block_inputs(m, adapter, ids)
+    k0, k1 = inputs.layer_kwargs
+    assert not torch.equal(k0["position_embeddings"][0], k1["position_embeddings"][0])
+    with torch.no_grad():
+        hs = m(ids, output_hidden_states=True).hidden_states  # embeddings, block 0, (normed) last
+    blocks = adapter.blocks(m)
+    h1 = run_block(blocks[0], inputs)
+    assert all(torch.equal(a, b) for a, b in zip(h1, hs[1].split(1), strict=True))
+    own = run_block(blocks[1], inputs.next(h1, 1))
+    wrong = run_block(blocks[1], inputs.next(h1, 0))  # block 0's arguments
+    seen = []  # what the model itself feeds its final norm: block 1's output
+    handle = m.get_submodule(adapter.final_norm).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0])
+    )
+    with torch.no_grad():
+        m(ids)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(own, seen[0].split(1), strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(own, wrong, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_names_every_linear_once(family, base_models):
+    from duquant.methods.build import HeadShape, producer_rows
+    from duquant.models.moe import unfuse_experts
+
+    m = copy.deepcopy(base_models[family])
+    adapter = adapter_for(m)
+    assert type(m).__name__ in adapter.architectures
+    unfuse_experts(m, adapter)
+    heads = HeadShape.of(m.config)
+    for block in adapter.blocks(m):
+        groups = adapter.block_groups(block)
+        names = [n for g in groups for n in g.linears]
+        linears = {n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        assert sorted(names) == sorted(linears)
+        for g in groups:
+            width = block.get_submodule(g.linears[0]).in_features
+            assert {block.get_submodule(n).in_features for n in g.linears} == {width}
+            if g.norm:
+                assert block.get_submodule(g.norm).weight.shape == (width,)
+            if g.producer:  # the producer's rows that make this input are exactly as wide
+                prod = block.get_submodule(g.producer)
+                rows = producer_rows(g, prod.out_features, heads)
+                n_rows = len(range(prod.out_features)[rows])
+                assert n_rows * (heads.n_heads // heads.n_kv_heads if g.heads else 1) == width
+
+
+def test_unfused_experts_compute_what_the_fused_ones_do(base_models):
+    from duquant.models.moe import ExpertLinears, unfuse_experts
+
+    m = copy.deepcopy(base_models["qwen3_moe"])
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids).logits
+    assert unfuse_experts(m, adapter_for(m)) == 1  # block 1 is dense
+    assert isinstance(m.model.layers[0].mlp.experts, ExpertLinears)
+    with torch.no_grad():
+        out = m(ids).logits
+    assert torch.allclose(out, ref, atol=1e-5 * ref.abs().max())
+
+
+def test_moe_gptq_is_refused_clearly(base_models):
+    m = copy.deepcopy(base_models["qwen3_moe"])
+    with pytest.raises(ValueError, match=r"gptq weights are not supported for the qwen3_moe"):
+        quantize_model(m, adapter_for(m), get_method("rtn"), QuantConfig(weights="gptq"), _ids())
