@@ -28,7 +28,8 @@ from duquant.gptq import (
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter, InputGroup
-from duquant.models.moe import unfuse_experts
+from duquant.models.moe import unfuse_block, unfuse_experts
+from duquant.models.streaming import BlockStore, InMemoryBlocks
 from duquant.qlinear import (
     InputQuantizer,
     QuantLinear,
@@ -97,8 +98,14 @@ def quantize_model(
     quant: QuantConfig,
     calib_windows: torch.Tensor | None = None,
     seed: int = 0,
+    store: BlockStore | None = None,
 ) -> QuantizeReport:
-    """Replace every linear of every decoder block by a QuantLinear, in place, following `method`."""
+    """Replace every linear of every decoder block by a QuantLinear, in place, following `method`.
+
+    `store` brings each block in before its turn and takes it out after (streaming from disk:
+    duquant.models.streaming); by default every block is already in memory.
+    """
+    store = store or InMemoryBlocks(adapter.blocks(model))
     start = time.perf_counter()
     report = QuantizeReport()
     why = adapter.refuse(method)
@@ -118,15 +125,24 @@ def quantize_model(
             f"gptq weights are not supported for the {adapter.name} family yet: each expert "
             "needs a Hessian of its own routed tokens; use rtn weights"
         )
-    unfuse_experts(model, adapter)
+    if method.global_rotation and not store.whole_model:
+        raise ValueError(
+            f"method {method.name} rotates the whole model at once (embeddings, every block, the "
+            "head); streaming quantization holds one block at a time: load the model in memory"
+        )
     blocks = adapter.blocks(model)
     heads = HeadShape.of(model.config)
     inputs: BlockInputs | None = None
+    if method.global_rotation:
+        unfuse_experts(model, adapter)
     global_online = apply_quarot(model, adapter, seed) if method.global_rotation else {}
     if needs_inputs:
-        inputs = capture_block_inputs(model, adapter, calib_windows)
+        with store.embedding(model):
+            inputs = capture_block_inputs(model, adapter, calib_windows)
     fp_hessians = gptq and quant.gptq.hessian == "fp"
-    for i, block in enumerate(tqdm(blocks, desc=f"quantize {method.name}", leave=False)):
+    for i in tqdm(range(len(blocks)), desc=f"quantize {method.name}", leave=False):
+        block = store.load(i)
+        unfuse_block(block, adapter)
         groups = adapter.block_groups(block)
         stats = None
         if method.needs_calibration or fp_hessians:
@@ -172,6 +188,7 @@ def quantize_model(
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
             inputs = inputs.next(run_block(block, inputs), i + 1)
+        store.release(i)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report

@@ -54,27 +54,29 @@ def is_fused(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def unfuse_experts(model: nn.Module, adapter: Adapter) -> int:
-    """Replace every block's stacked experts by an ExpertLinears, in place; how many were replaced."""
+def unfuse_block(block: nn.Module, adapter: Adapter) -> bool:
+    """Replace `block`'s stacked experts by an ExpertLinears, in place; whether there were any."""
     if adapter.experts is None:
-        return 0
-    n = 0
+        return False
+    try:
+        fused = block.get_submodule(adapter.experts)
+    except AttributeError:  # a dense block
+        return False
+    if not is_fused(fused):
+        return False
+    experts = [
+        _Expert(fused.gate_up_proj.data[e].clone(), fused.down_proj.data[e].clone())
+        for e in range(fused.gate_up_proj.shape[0])
+    ]
     parent_name, _, attr = adapter.experts.rpartition(".")
-    for block in adapter.blocks(model):
-        try:
-            fused = block.get_submodule(adapter.experts)
-        except AttributeError:  # a dense block
-            continue
-        if not is_fused(fused):
-            continue
-        experts = [
-            _Expert(fused.gate_up_proj.data[e].clone(), fused.down_proj.data[e].clone())
-            for e in range(fused.gate_up_proj.shape[0])
-        ]
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, attr, ExpertLinears(experts, fused.act_fn))
-        n += 1
-    return n
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, attr, ExpertLinears(experts, fused.act_fn))
+    return True
 
 
-__all__ = ["ExpertLinears", "is_fused", "unfuse_experts"]
+def unfuse_experts(model: nn.Module, adapter: Adapter) -> int:
+    """Unfuse the experts of every block of `model`, in place; how many blocks had stacked experts."""
+    return sum(unfuse_block(block, adapter) for block in adapter.blocks(model))
+
+
+__all__ = ["ExpertLinears", "is_fused", "unfuse_block", "unfuse_experts"]
