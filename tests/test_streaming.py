@@ -80,3 +80,26 @@ def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path)
     assert activation_bytes(2, 16, 64) == 2 * 2 * 16 * 64 * 4
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         SafetensorsCheckpoint(tmp_path)
+
+
+def test_stream_entry_point_runs_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from duquant.stream import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _saved_llama(tmp_path, False)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "r.json"
+    args = ["--model", str(tmp_path / "ckpt"), "--work", str(tmp_path / "w"), "--method", "rtn"]
+    assert main([*args, "--max-windows", "0", "--output", str(out)]) == 0
+    assert out.is_file() and len(list((tmp_path / "w").glob("block_*.pt"))) == 3
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "nope"), "--work", str(tmp_path / "w2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a checkpoint folder" in err
+    assert not (tmp_path / "w2").exists()  # refused before anything is written
