@@ -61,6 +61,27 @@ def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, tie):
     assert abs(nll - float(expect)) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "phi3"])
+def test_streaming_other_families_match_in_memory(tmp_path, family):
+    """A MoE checkpoint (experts saved one by one) and per-layer attention kinds stream exactly too."""
+    from conftest import make_tiny_family
+    from transformers import AutoModelForCausalLM
+
+    from duquant.models.streaming import streamed_logits
+
+    make_tiny_family(family).save_pretrained(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    cfg, quant = get_method("duquant++", max_steps=4), QuantConfig()
+    ref_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    quantize_model(ref_model, adapter_for(ref_model), cfg, quant, ids)
+    with torch.no_grad():
+        ref = [ref_model(w.unsqueeze(0)).logits for w in ids]
+    model, adapter, store, _ = quantize_streaming(ckpt, cfg, quant, ids, tmp_path / "work")
+    got = streamed_logits(model, adapter, store, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
 def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path):
     _saved_llama(tmp_path, False)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

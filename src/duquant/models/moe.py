@@ -74,9 +74,28 @@ def unfuse_block(block: nn.Module, adapter: Adapter) -> bool:
     return True
 
 
+def stack_expert_tensors(tensors: dict[str, Tensor], experts: str) -> dict[str, Tensor]:
+    """Checkpoint tensors of one block with per-expert keys (`{experts}.{e}.gate_proj.weight`, as
+    saved on disk) turned into transformers' stacked in-memory layout (`{experts}.gate_up_proj`)."""
+    per_expert = f"{experts}.0.gate_proj.weight"
+    if per_expert not in tensors:
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.startswith(experts + ".")}
+    n = sum(1 for k in tensors if k.startswith(experts + ".") and k.endswith(".gate_proj.weight"))
+
+    def pop(e: int, proj: str) -> Tensor:
+        return tensors[f"{experts}.{e}.{proj}.weight"]
+
+    out[f"{experts}.gate_up_proj"] = torch.stack(
+        [torch.cat([pop(e, "gate_proj"), pop(e, "up_proj")]) for e in range(n)]
+    )
+    out[f"{experts}.down_proj"] = torch.stack([pop(e, "down_proj") for e in range(n)])
+    return out
+
+
 def unfuse_experts(model: nn.Module, adapter: Adapter) -> int:
     """Unfuse the experts of every block of `model`, in place; how many blocks had stacked experts."""
     return sum(unfuse_block(block, adapter) for block in adapter.blocks(model))
 
 
-__all__ = ["ExpertLinears", "is_fused", "unfuse_block", "unfuse_experts"]
+__all__ = ["ExpertLinears", "is_fused", "stack_expert_tensors", "unfuse_block", "unfuse_experts"]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from duquant.models.adapters import Adapter
+from duquant.models.moe import stack_expert_tensors
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,14 @@ def _assign(module: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
         p.requires_grad_(False)
 
 
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the real buffers (RoPE frequencies) to `device`; meta parameters cannot move."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+
+
 def _to_meta(module: nn.Module) -> None:
     """Drop `module`'s parameters (they become meta tensors of the same shape)."""
     for name, p in list(module.named_parameters(recurse=False)):
@@ -171,6 +180,7 @@ class StreamedBlocks:
         self.device = torch.device(device)
         self.blocks = adapter.blocks(model)
         self._from_disk: set[int] = set()
+        _buffers_to(model, self.device)
 
     def block_file(self, i: int) -> Path:
         """Where quantized block `i` is kept."""
@@ -223,6 +233,8 @@ class StreamedBlocks:
             tensors = {
                 n.removeprefix(prefix): t for n, t in self._read(self.checkpoint.names(prefix))
             }
+            if self.adapter.fused_experts:
+                tensors = stack_expert_tensors(tensors, self.adapter.experts)
             _assign(block, tensors, f"block {i}")
         self.blocks[i] = block
         return block
