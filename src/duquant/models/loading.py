@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from duquant.models.adapters import adapter_for_names
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ def load_model(
         where, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         where = source
+    check_architecture(where)
     log.info("loading %s (%s on %s)", source, dtype, device)
     tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
     tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
@@ -76,6 +80,16 @@ def load_model(
     model.to(device).eval()
     check_finite_weights(model)
     return LoadedModel(model, tokenizer, source)
+
+
+def check_architecture(where: str) -> None:
+    """Refuse a local checkpoint folder of an unsupported architecture before any weight loads."""
+    config = Path(where) / "config.json"
+    if not config.is_file():
+        return  # a hub id or a GGUF file: checked once the model is built
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if archs:
+        adapter_for_names(*archs)
 
 
 def check_finite_weights(model: nn.Module) -> None:
