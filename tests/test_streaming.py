@@ -20,9 +20,11 @@ def _saved_llama(tmp_path, tie: bool):
     return m
 
 
-@pytest.mark.parametrize("method", ["duquant++", "rtn"])
+@pytest.mark.parametrize(
+    "method,weights", [("duquant++", "rtn"), ("rtn", "rtn"), ("duquant++", "gptq")]
+)
 @pytest.mark.parametrize("tie", [False, True])
-def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, tie):
+def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, weights, tie):
     from transformers import AutoModelForCausalLM
 
     _saved_llama(tmp_path, tie)
@@ -30,7 +32,7 @@ def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, tie):
     assert len({*SafetensorsCheckpoint(ckpt).weight_map.values()}) > 1
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
     cfg = get_method(method, max_steps=8)
-    quant = QuantConfig()
+    quant = QuantConfig(weights=weights)
 
     ref_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     quantize_model(ref_model, adapter_for(ref_model), cfg, quant, ids, seed=1)
@@ -80,6 +82,24 @@ def test_streaming_other_families_match_in_memory(tmp_path, family):
     model, adapter, store, _ = quantize_streaming(ckpt, cfg, quant, ids, tmp_path / "work")
     got = streamed_logits(model, adapter, store, ids)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+def test_streaming_fp_reads_the_checkpoint_and_writes_nothing(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from duquant.models.streaming import streamed_logits
+
+    _saved_llama(tmp_path, False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        ref = [ref_model(w.unsqueeze(0)).logits for w in ids]
+    model, adapter, store, _ = quantize_streaming(
+        tmp_path / "ckpt", get_method("fp"), QuantConfig(), None, tmp_path / "w"
+    )
+    got = streamed_logits(model, adapter, store, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert not list((tmp_path / "w").iterdir())
 
 
 def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path):

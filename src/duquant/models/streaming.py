@@ -240,9 +240,12 @@ class StreamedBlocks:
         return block
 
     def release(self, i: int) -> None:
-        """Write block `i` to the work folder (unless it came from there) and drop its weights."""
+        """Write quantized block `i` to the work folder (unless it came from there); drop it."""
+        from duquant.qlinear import QuantLinear
+
         block = self.blocks[i]
-        if i not in self._from_disk:
+        quantized = any(isinstance(m, QuantLinear) for m in block.modules())
+        if i not in self._from_disk and quantized:  # a full-precision block is re-read instead
             _save_block(block, self.block_file(i))
         self._from_disk.discard(i)
         self.blocks[i] = _Released(i)
