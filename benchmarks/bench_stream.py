@@ -113,7 +113,7 @@ def main() -> None:
         make(args.out, args.seed)
         return
     res = quantize(args)
-    write_json(args.out, res)
+    write_json(res, args.out)
     print(
         f"{res['checkpoint_fp32_mib']:.0f} MiB fp32 checkpoint: peak RSS "
         f"{res['peak_rss_mib_quantize']:.0f} MiB ({100 * res['peak_rss_fraction_of_fp32']:.1f} %), "

@@ -10,6 +10,7 @@ current block for every window) are the only other thing held: `activation_bytes
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections import OrderedDict, defaultdict
@@ -250,6 +251,16 @@ class StreamedBlocks:
         self._from_disk.discard(i)
         self.blocks[i] = _Released(i)
         del block
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS would grow block
+    by block: a block's 16 MiB tensors fall under glibc's adaptive mmap threshold)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class _Released(nn.Module):
