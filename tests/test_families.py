@@ -186,3 +186,53 @@ def test_moe_gptq_is_refused_clearly(base_models):
     m = copy.deepcopy(base_models["qwen3_moe"])
     with pytest.raises(ValueError, match=r"gptq weights are not supported for the qwen3_moe"):
         quantize_model(m, adapter_for(m), get_method("rtn"), QuantConfig(weights="gptq"), _ids())
+
+
+def _gemma3_gguf():
+    """The real Gemma 3 270M GGUF (scripts/fetch_gemma3.sh), or skip."""
+    import os
+    from pathlib import Path
+
+    from duquant.models.loading import user_cache_dir
+
+    path = Path(
+        os.environ.get("DUQUANT_GEMMA3") or user_cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    )
+    if not path.is_file():
+        pytest.skip("Gemma 3 270M GGUF not found (run scripts/fetch_gemma3.sh)")
+    return path
+
+
+@pytest.mark.slow
+def test_real_gemma3_checkpoint():
+    """Gemma 3 270M from its GGUF: adapter, per-layer attention kinds, FP invariance, quantized run."""
+    from duquant.calibrate import capture_block_inputs
+    from duquant.models import load_model
+
+    loaded = load_model(str(_gemma3_gguf()))
+    m = loaded.model
+    adapter = adapter_for(m)
+    assert adapter.name == "gemma3" and len(adapter.blocks(m)) == 18
+    ids = loaded.tokenizer(
+        "The quick brown fox jumps over the lazy dog. " * 12, return_tensors="pt"
+    ).input_ids[:, :96]
+    ids = torch.cat([ids, ids.flip(1)])
+    kinds = m.config.layer_types
+    kw = capture_block_inputs(m, adapter, ids).layer_kwargs
+    full, sliding = kinds.index("full_attention"), kinds.index("sliding_attention")
+    assert not torch.equal(
+        kw[full]["position_embeddings"][0], kw[sliding]["position_embeddings"][0]
+    )
+    with torch.no_grad():
+        ref = m(ids).logits
+    fp = copy.deepcopy(m)
+    quantize_model(fp, adapter, get_method("duquant++", max_steps=8), QuantConfig(None, None), ids)
+    with torch.no_grad():
+        out = fp(ids).logits
+    assert torch.allclose(out, ref, atol=1e-3 * ref.abs().max()), float((out - ref).abs().max())
+    del fp
+    quantize_model(m, adapter, get_method("duquant++", max_steps=8), QuantConfig(), ids)
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+    with pytest.raises(ValueError, match="post-norms"):
+        quantize_model(m, adapter, get_method("quarot"), QuantConfig(), ids)
