@@ -94,7 +94,17 @@ def tiny_llama():
 
 # tiny configs of every supported family, built from transformers' own config classes: hidden 128,
 # 4 heads of 32 (2 KV heads), intermediate 128, 2 blocks; each with what makes its family different
-FAMILIES = ("llama3", "mistral", "qwen2.5", "qwen3", "gemma3", "phi3", "qwen3_moe")
+FAMILIES = (
+    "llama3",
+    "mistral",
+    "qwen2.5",
+    "qwen3",
+    "gemma3",
+    "phi3",
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+)
 
 
 def make_tiny_family(family: str, seed: int = 0):
@@ -141,6 +151,16 @@ def make_tiny_family(family: str, seed: int = 0):
                 num_experts_per_tok=2,
                 moe_intermediate_size=64,
                 mlp_only_layers=[1],  # block 1 dense, block 0 sparse
+            ),
+        ),
+        "mixtral": (
+            tf.MixtralForCausalLM,
+            tf.MixtralConfig(**dict(base, intermediate_size=64), num_local_experts=4),
+        ),
+        "olmoe": (
+            tf.OlmoeForCausalLM,
+            tf.OlmoeConfig(
+                **dict(base, intermediate_size=64), num_experts=4, num_experts_per_tok=2
             ),
         ),
     }[family]

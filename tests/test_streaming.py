@@ -63,7 +63,7 @@ def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, weights, tie)
     assert abs(nll - float(expect)) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gemma3", "phi3"])
 def test_streaming_other_families_match_in_memory(tmp_path, family):
     """A MoE checkpoint (experts saved one by one) and per-layer attention kinds stream exactly too."""
     from conftest import make_tiny_family
@@ -100,6 +100,18 @@ def test_streaming_fp_reads_the_checkpoint_and_writes_nothing(tmp_path):
     got = streamed_logits(model, adapter, store, ids)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     assert not list((tmp_path / "w").iterdir())
+
+
+def test_streaming_refuses_a_checkpoint_in_another_layout(tmp_path):
+    # Mixtral's files name experts block_sparse_moe.experts.N.w1/w2/w3, not the in-memory layout
+    from conftest import make_tiny_family
+
+    make_tiny_family("mixtral").save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        ValueError, match="block 0 do not match the model.*transformers' own layout"
+    ):
+        quantize_streaming(tmp_path / "ckpt", get_method("rtn"), QuantConfig(), ids, tmp_path / "w")
 
 
 def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path):

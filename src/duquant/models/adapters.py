@@ -235,9 +235,14 @@ QWEN3_MOE = Adapter(
     **_OUTER,
 )
 
+# Mixtral and OLMoE keep their experts and router exactly where Qwen3-MoE does (OLMoE's q/k norms
+# act on q_proj/k_proj outputs, like Qwen3's)
+MIXTRAL = replace(QWEN3_MOE, name="mixtral", architectures=("MixtralForCausalLM",))
+OLMOE = replace(QWEN3_MOE, name="olmoe", architectures=("OlmoeForCausalLM",))
+
 # keyed by the architecture class in config.json
 ADAPTERS: dict[str, Adapter] = {
-    arch: a for a in (LLAMA, GEMMA3, PHI3, QWEN3_MOE) for arch in a.architectures
+    arch: a for a in (LLAMA, GEMMA3, PHI3, QWEN3_MOE, MIXTRAL, OLMOE) for arch in a.architectures
 }
 
 
