@@ -183,10 +183,52 @@ def test_unfused_experts_compute_what_the_fused_ones_do(base_models):
     assert torch.allclose(out, ref, atol=1e-5 * ref.abs().max())
 
 
-def test_moe_gptq_is_refused_clearly(base_models):
+def test_moe_gptq_solves_each_expert_on_its_own_routed_tokens(base_models, monkeypatch):
+    import duquant.pipeline as pipeline
+    from duquant.gptq import gptq_quantize as real
+    from duquant.gptq import hessian_from_inputs
+
     m = copy.deepcopy(base_models["qwen3_moe"])
-    with pytest.raises(ValueError, match=r"gptq weights are not supported for the qwen3_moe"):
-        quantize_model(m, adapter_for(m), get_method("rtn"), QuantConfig(weights="gptq"), _ids())
+    ids = _ids()
+    seen = []
+    monkeypatch.setattr(
+        pipeline, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
+    )
+    rep = quantize_model(
+        m, adapter_for(m), get_method("duquant++", max_steps=4), QuantConfig(weights="gptq"), ids
+    )
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+    experts = [f"mlp.experts.experts.{e}.gate_up_proj" for e in range(4)]
+    solved = [e["solved_with"] for e in rep.layer_errors if e["linear"] in experts]
+    assert solved == [[n] for n in experts]  # one solve per expert, after q|k|v's and o's
+    # independently: what each expert's quantized linear receives in the final model
+    got: dict[int, list] = {e: [] for e in range(4)}
+    block = m.model.layers[0]
+    handles = [
+        block.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, e=e: got[e].append(mod.input_quantizer(args[0]))
+        )
+        for e, n in enumerate(experts)
+    ]
+    with torch.no_grad():
+        for w in ids:
+            m(w.unsqueeze(0))
+    for h in handles:
+        h.remove()
+    for e in range(4):
+        ref = hessian_from_inputs(torch.cat(got[e]))
+        assert torch.allclose(seen[2 + e], ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+    assert len({int(seen[2 + e].trace()) for e in range(4)}) > 1  # the experts' inputs differ
+
+
+def test_moe_fp_hessians_are_refused_clearly(base_models):
+    from duquant.pipeline import GPTQConfig
+
+    m = copy.deepcopy(base_models["olmoe"])
+    quant = QuantConfig(weights="gptq", gptq=GPTQConfig(hessian="fp"))
+    with pytest.raises(ValueError, match=r"--gptq-hessian fp is not supported for the olmoe"):
+        quantize_model(m, adapter_for(m), get_method("rtn"), quant, _ids())
 
 
 def _gemma3_gguf():
@@ -237,3 +279,20 @@ def test_real_gemma3_checkpoint():
         assert torch.isfinite(m(ids).logits).all()
     with pytest.raises(ValueError, match="post-norms"):
         quantize_model(m, adapter, get_method("quarot"), QuantConfig(), ids)
+
+
+def test_moe_gptq_expert_without_tokens_keeps_rtn_weights(base_models):
+    m = copy.deepcopy(base_models["qwen3_moe"])
+    one_token = _ids()[:1, :1]  # routes to 2 of the 4 experts
+    rep = quantize_model(
+        m, adapter_for(m), get_method("rtn"), QuantConfig(weights="gptq"), one_token
+    )
+    rtn = sorted(e["linear"] for e in rep.layer_errors if e["fallback"] == "rtn")
+    assert len(rtn) == 4  # gate|up and down of the two unrouted experts
+    unrouted = sorted({n.split(".")[3] for n in rtn})
+    assert len(unrouted) == 2
+    assert rtn == sorted(
+        f"mlp.experts.experts.{e}.{p}" for e in unrouted for p in ("down_proj", "gate_up_proj")
+    )
+    with torch.no_grad():
+        assert torch.isfinite(m(_ids()).logits).all()

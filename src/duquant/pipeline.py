@@ -120,10 +120,10 @@ def quantize_model(
         raise ValueError(
             f"method {method.name} with {quant.weights} weights needs calibration windows"
         )
-    if quant.weights == "gptq" and adapter.experts is not None:
+    if gptq and quant.gptq.hessian == "fp" and adapter.experts is not None:
         raise ValueError(
-            f"gptq weights are not supported for the {adapter.name} family yet: each expert "
-            "needs a Hessian of its own routed tokens; use rtn weights"
+            f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
+            "pass sees every token, an expert only its routed ones; use --gptq-hessian quantized"
         )
     if method.global_rotation and not store.whole_model:
         raise ValueError(
@@ -256,8 +256,11 @@ def _gptq_block(
     errors = []
     for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
+        routed = g.observe is not None  # MoE experts: each linear sees its own tokens
         if given is not None:
-            h = given[g.name]
+            hs = [given[g.name]] * len(linears)
+        elif routed:
+            hs = _routed_hessians(block, inputs, g, linears)
         else:
             acc = HessianAccumulator(product_dtype=torch.float32)
             iq = linears[0].input_quantizer
@@ -265,10 +268,19 @@ def _gptq_block(
                 feed_block_until(block, inputs, iq, acc.add)
             finally:
                 iq.reset()
-            h = acc.finalize()
-        h32 = h.float()  # the error report's precision, converted once for all its products
+            hs = [acc.finalize() if acc.count else None] * len(linears)
         w_fps = [lin.weight.data.float() for lin in linears]
-        for idxs in _shared_solves(quant.weight, len(linears)):
+        solves = [[i] for i in range(len(linears))] if routed else None
+        for idxs in solves or _shared_solves(quant.weight, len(linears)):
+            h = hs[idxs[0]]
+            if h is None:  # an expert no calibration token reached: nothing to weigh errors by
+                for i in idxs:
+                    w = quantize_weight(w_fps[i], quant.weight, g.linears[i])
+                    linears[i].weight.data = w.to(linears[i].weight.dtype)
+                    errors.append({"layer": layer, "linear": g.linears[i], "fallback": "rtn"})
+                log.warning("layer %d %s: no calibration tokens, RTN weights", layer, g.name)
+                continue
+            h32 = h.float()  # the error report's precision, converted once for all its products
             # GPTQ is independent per output row given H (MX scales are per row and group), so the
             # linears reading one input (q/k/v, gate/up) are solved as one stacked matrix: the
             # same weights, one Cholesky and one column sweep instead of several
@@ -303,6 +315,32 @@ def _gptq_block(
                 )
                 linears[i].weight.data = w_q.to(linears[i].weight.dtype)
     return errors
+
+
+def _routed_hessians(
+    block: nn.Module, inputs: BlockInputs, group: InputGroup, linears: list[nn.Module]
+) -> list[Tensor | None]:
+    """Per linear of a routed group (MoE experts sharing one input quantizer), the Hessian of the
+    quantized inputs it alone received (None for an expert no token reached), in one partial pass."""
+    accs = [HessianAccumulator(product_dtype=torch.float32) for _ in linears]
+    current = [0]
+
+    def calling(k: int):
+        def hook(_module, _args) -> None:
+            current[0] = k
+
+        return hook
+
+    iq = linears[0].input_quantizer
+    handles = [lin.register_forward_pre_hook(calling(k)) for k, lin in enumerate(linears)]
+    handles.append(iq.register_forward_hook(lambda _m, _a, out: accs[current[0]].add(out)))
+    try:
+        feed_block_until(block, inputs, block.get_submodule(group.observed), lambda _out: None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        iq.reset()
+    return [a.finalize() if a.count else None for a in accs]
 
 
 def _shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:
