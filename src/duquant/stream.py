@@ -56,6 +56,7 @@ def streamed_nll(model, adapter, store, windows: Tensor) -> float:
 
 
 def _parser():
+    """The command line of `python -m duquant.stream`."""
     import argparse
 
     from duquant.methods import METHODS

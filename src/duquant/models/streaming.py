@@ -36,11 +36,14 @@ class BlockStore(Protocol):
 
     whole_model: bool  # every block is in memory at once (global transforms possible)
 
-    def embedding(self, model: nn.Module): ...  # context: the embedding loaded inside
+    def embedding(self, model: nn.Module):
+        """A context inside which the embedding is loaded."""
 
-    def load(self, i: int) -> nn.Module: ...
+    def load(self, i: int) -> nn.Module:
+        """Block `i`, in memory."""
 
-    def release(self, i: int) -> None: ...
+    def release(self, i: int) -> None:
+        """Block `i` is done with: keep it, or write it away and drop it."""
 
 
 class InMemoryBlocks:
@@ -53,13 +56,15 @@ class InMemoryBlocks:
 
     @contextmanager
     def embedding(self, model: nn.Module) -> Iterator[None]:
+        """Nothing to load: the embedding is in memory."""
         yield
 
     def load(self, i: int) -> nn.Module:
+        """Block `i` as it is."""
         return self.blocks[i]
 
     def release(self, i: int) -> None:
-        pass
+        """Nothing to do: the block stays."""
 
 
 class SafetensorsCheckpoint:
@@ -199,6 +204,7 @@ class StreamedBlocks:
         _assign(module, tensors, name)
 
     def _read(self, names: list[str]):
+        """(name, tensor) pairs of `names`, read onto the store's device."""
         return self.checkpoint.load(names, self.device).items()
 
     @contextmanager
