@@ -105,3 +105,93 @@ def make_tiny_llama(seed: int = 0, **overrides):
 def tiny_llama():
     """A fresh seeded tiny random Llama per test (tests may modify it in place)."""
     return make_tiny_llama()
+
+
+# tiny configs of every supported family, built from transformers' own config classes: hidden 128,
+# 4 heads of 32 (2 KV heads), intermediate 128, 2 blocks; each with what makes its family different
+FAMILIES = (
+    "llama3",
+    "mistral",
+    "qwen2.5",
+    "qwen3",
+    "gemma3",
+    "phi3",
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+)
+
+
+def make_tiny_family(family: str, seed: int = 0):
+    """A tiny random model of `family` with random norm weights and residual outliers (eval, float32)."""
+    import transformers as tf
+
+    base = dict(TINY_CONFIG, hidden_size=128, head_dim=32, tie_word_embeddings=False)
+    cls, cfg = {
+        "llama3": (
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(
+                **dict(base, tie_word_embeddings=True),
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+        ),
+        "mistral": (tf.MistralForCausalLM, tf.MistralConfig(**base, sliding_window=16)),
+        "qwen2.5": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**base)),  # q/k/v biases
+        "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**base)),  # q/k norms
+        "gemma3": (
+            tf.Gemma3ForCausalLM,
+            tf.Gemma3TextConfig(
+                **dict(base, tie_word_embeddings=True),
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                query_pre_attn_scalar=32,
+            ),
+        ),
+        "phi3": (
+            tf.Phi3ForCausalLM,
+            tf.Phi3Config(**base, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        ),
+        "qwen3_moe": (
+            tf.Qwen3MoeForCausalLM,
+            tf.Qwen3MoeConfig(
+                **base,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=64,
+                mlp_only_layers=[1],  # block 1 dense, block 0 sparse
+            ),
+        ),
+        "mixtral": (
+            tf.MixtralForCausalLM,
+            tf.MixtralConfig(**dict(base, intermediate_size=64), num_local_experts=4),
+        ),
+        "olmoe": (
+            tf.OlmoeForCausalLM,
+            tf.OlmoeConfig(
+                **dict(base, intermediate_size=64), num_experts=4, num_experts_per_tok=2
+            ),
+        ),
+    }[family]
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # random norm weights so folds into norms are visible
+                p.copy_(
+                    torch.rand(p.shape, generator=gen) * 1.5 - (0.5 if family == "gemma3" else -0.5)
+                )
+            elif p.ndim >= 2 and "mlp.gate.weight" not in name:
+                p.normal_(0, 0.05, generator=gen)
+            else:
+                p.normal_(0, 0.02, generator=gen)  # biases, router
+        emb = model.get_input_embeddings().weight
+        emb[:, [3, 77]] *= 30.0  # residual-stream outliers
+    return model

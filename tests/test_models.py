@@ -91,7 +91,15 @@ def test_unsupported_architecture_lists_supported():
         adapter_for(model)
     msg = str(info.value)
     assert "GPT2LMHeadModel" in msg
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+    for arch in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    ):
         assert arch in msg
     assert isinstance(info.value, ValueError)  # the CLI reports ValueErrors cleanly
 
@@ -175,3 +183,12 @@ def test_smollm_layout(smollm):
     assert (cfg.hidden_size, cfg.intermediate_size) == (576, 1536)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
     assert smollm.source.endswith(".gguf")  # load_model already ran check_finite_weights on it
+
+
+def test_unsupported_checkpoint_folder_is_refused_before_loading(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    # no weights and no tokenizer there: the error must come from the architecture check
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel is not supported"):
+        load_model(str(tmp_path))

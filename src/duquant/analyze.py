@@ -50,8 +50,9 @@ def analyze(
     quant = QuantConfig(spec, spec)
     rows = []
     for i, block in enumerate(tqdm(adapter.blocks(model), desc="analyze", leave=False)):
-        stats = collect_input_stats(block, adapter.groups, inputs, sample_rows=1024, seed=seed + i)
-        for j, g in enumerate(adapter.groups):
+        groups = adapter.block_groups(block)
+        stats = collect_input_stats(block, groups, inputs, sample_rows=1024, seed=seed + i)
+        for j, g in enumerate(groups):
             x = stats[g.name].sample
             rows.append(
                 dict(
@@ -82,7 +83,7 @@ def analyze(
                         outlier_ratio=outlier_ratio(xt),
                     )
                 )
-        inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+        inputs = inputs.next(run_block(block, inputs), i + 1)
     return rows
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -20,26 +20,66 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering a decoder block for every calibration sample, plus the shared kwargs."""
+    """Hidden states entering a decoder block for every calibration sample, plus that block's kwargs.
+
+    `layer_kwargs[i]` are the keyword arguments the model passes block i (masks, rotary embeddings):
+    they differ between blocks in some families (Gemma 3 alternates sliding-window and global
+    attention with different RoPE), so each block is replayed with its own.
+    """
 
     hidden: list[Tensor]
     kwargs: dict
+    layer_kwargs: list[dict] = field(default_factory=list)
+
+    def next(self, hidden: list[Tensor], layer: int) -> BlockInputs:
+        """The inputs of block `layer`, whose hidden states are `hidden`."""
+        kwargs = self.layer_kwargs[layer] if layer < len(self.layer_kwargs) else self.kwargs
+        return BlockInputs(hidden, kwargs, self.layer_kwargs)
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block while inputs are captured: records its call, passes x through."""
+
+    def __init__(self, index: int, sink: dict):
+        super().__init__()
+        self.index, self.sink = index, sink
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if self.index == 0:
+            self.sink["hidden"].append(hidden_states)
+        if self.index not in self.sink["kwargs"]:
+            self.sink["kwargs"][self.index] = kwargs
+        return hidden_states
+
+
+def _block_kwargs(kwargs: dict) -> dict:
+    """What a block needs of its call's keyword arguments when replayed alone (no KV cache)."""
+    out = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    out["use_cache"] = False
+    return out
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor) -> BlockInputs:
-    """Run the embedding part of `model` on each window and record what block 0 receives."""
-    block0 = adapter.blocks(model)[0]
-    hidden: list[Tensor] = []
-    kwargs: dict = {}
+    """Record what block 0 receives for each window, and what keyword arguments every block gets.
 
-    def hook(_module, args, kw):
-        hidden.append(args[0] if args else kw["hidden_states"])
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+    Every block is swapped for a pass-through recorder for the duration, so no block weight is
+    touched (a streamed model has none loaded); the final norm stops the forward.
+    """
+    blocks = adapter.blocks(model)
+    originals = list(blocks)
+    sink: dict = {"hidden": [], "kwargs": {}}
+    for i in range(len(blocks)):
+        blocks[i] = _Recorder(i, sink)
+
+    def stop(_module, _args):
         raise _StopForward
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    handle = model.get_submodule(adapter.final_norm).register_forward_pre_hook(stop)
+    device = _input_device(model, adapter)
     try:
         for w in windows:
             try:
@@ -48,10 +88,15 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: Tensor) ->
                 pass
     finally:
         handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
-    return BlockInputs(hidden, kwargs)
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    per_layer = [_block_kwargs(sink["kwargs"][i]) for i in range(len(blocks))]
+    return BlockInputs(sink["hidden"], per_layer[0], per_layer)
+
+
+def _input_device(model: nn.Module, adapter: Adapter) -> torch.device:
+    """Where the token ids must go: the embedding's device."""
+    return model.get_submodule(adapter.embed).weight.device
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
@@ -131,8 +176,7 @@ def collect_input_stats(
         return hook
 
     handles = [
-        block.get_submodule(g.linears[0]).register_forward_pre_hook(make_hook(g.name))
-        for g in groups
+        block.get_submodule(g.observed).register_forward_pre_hook(make_hook(g.name)) for g in groups
     ]
     try:
         run_block(block, inputs)

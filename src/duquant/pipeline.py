@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,9 @@ from duquant.gptq import (
 )
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
-from duquant.models.adapters import Adapter
+from duquant.models.adapters import Adapter, InputGroup
+from duquant.models.moe import unfuse_block, unfuse_experts
+from duquant.models.streaming import BlockStore, InMemoryBlocks
 from duquant.qlinear import (
     InputQuantizer,
     QuantLinear,
@@ -97,10 +99,19 @@ def quantize_model(
     quant: QuantConfig,
     calib_windows: torch.Tensor | None = None,
     seed: int = 0,
+    store: BlockStore | None = None,
 ) -> QuantizeReport:
-    """Replace every linear of every decoder block by a QuantLinear, in place, following `method`."""
+    """Replace every linear of every decoder block by a QuantLinear, in place, following `method`.
+
+    `store` brings each block in before its turn and takes it out after (streaming from disk:
+    duquant.models.streaming); by default every block is already in memory.
+    """
+    store = store or InMemoryBlocks(adapter.blocks(model))
     start = time.perf_counter()
     report = QuantizeReport()
+    why = adapter.refuse(method)
+    if why:
+        raise ValueError(why)
     if not method.quantize:
         report.seconds = time.perf_counter() - start
         return report
@@ -110,19 +121,35 @@ def quantize_model(
         raise ValueError(
             f"method {method.name} with {quant.weights} weights needs calibration windows"
         )
+    if gptq and quant.gptq.hessian == "fp" and adapter.experts is not None:
+        raise ValueError(
+            f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
+            "pass sees every token, an expert only its routed ones; use --gptq-hessian quantized"
+        )
+    if method.global_rotation and not store.whole_model:
+        raise ValueError(
+            f"method {method.name} rotates the whole model at once (embeddings, every block, the "
+            "head); streaming quantization holds one block at a time: load the model in memory"
+        )
     blocks = adapter.blocks(model)
     heads = HeadShape.of(model.config)
     inputs: BlockInputs | None = None
+    if method.global_rotation:
+        unfuse_experts(model, adapter)
     global_online = apply_quarot(model, adapter, seed) if method.global_rotation else {}
     if needs_inputs:
-        inputs = capture_block_inputs(model, adapter, calib_windows)
+        with store.embedding(model):
+            inputs = capture_block_inputs(model, adapter, calib_windows)
     fp_hessians = gptq and quant.gptq.hessian == "fp"
-    for i, block in enumerate(tqdm(blocks, desc=f"quantize {method.name}", leave=False)):
+    for i in tqdm(range(len(blocks)), desc=f"quantize {method.name}", leave=False):
+        block = store.load(i)
+        unfuse_block(block, adapter)
+        groups = adapter.block_groups(block)
         stats = None
         if method.needs_calibration or fp_hessians:
             stats = collect_input_stats(
                 block,
-                adapter.groups,
+                groups,
                 inputs,
                 sample_rows=method.search_rows,
                 seed=seed + i,
@@ -132,20 +159,21 @@ def quantize_model(
             g.name: plan_group(
                 block,
                 g,
-                method,
+                _group_method(method, stats, g, i),
                 quant,
-                stats[g.name] if stats and method.needs_calibration else None,
+                stats.get(g.name) if stats and method.needs_calibration else None,
                 heads,
                 seed=seed * 1000 + i * 10 + j,
             )
-            for j, g in enumerate(adapter.groups)
+            for j, g in enumerate(groups)
         }
         for name, online in global_online.items():
-            plans[name] = GroupPlan(weight_transform=online, online=online)
+            if name in plans:
+                plans[name] = GroupPlan(weight_transform=online, online=online)
         # fold every group first: folds rewrite producers (v_proj, up_proj) that are quantized later
-        for g in adapter.groups:
-            plans[g.name].fold(block, g, heads)
-        for g in adapter.groups:
+        for g in groups:
+            plans[g.name].fold(block, g, heads, adapter.norm_offset)
+        for g in groups:
             _swap_linears(block, g, plans[g.name], quant, layer=i, rtn=not gptq)
         reset_caches_after_forward(block)
         if gptq:
@@ -155,15 +183,36 @@ def quantize_model(
                     g.name: transformed_hessian(
                         stats[g.name].moments.finalize(), plans[g.name].weight_transform
                     )
-                    for g in adapter.groups
+                    for g in groups
                 }
-            report.layer_errors += _gptq_block(block, adapter, inputs, quant, layer=i, given=given)
+            report.layer_errors += _gptq_block(block, groups, inputs, quant, layer=i, given=given)
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
-            inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+            inputs = inputs.next(run_block(block, inputs), i + 1)
+        store.release(i)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _group_method(
+    method: MethodConfig, stats: dict | None, group: InputGroup, layer: int
+) -> MethodConfig:
+    """`method`, or its data-free part for a group no calibration token reached (an expert that
+    the router never picked): no smoothing, the greedy search's starting rotation."""
+    if not method.needs_calibration or stats is None or group.name in stats:
+        return method
+    rotation = "random-hadamard" if method.refine_from == "random-hadamard" else "none"
+    if method.rotation not in ("greedy", "duquant-v1"):
+        rotation = method.rotation
+    log.warning(
+        "layer %d group %s saw no calibration tokens: %s without smoothing, rotation %s",
+        layer,
+        group.name,
+        method.name,
+        rotation,
+    )
+    return replace(method, smooth=False, rotation=rotation)
 
 
 def online_flops_per_token(model: nn.Module) -> int:
@@ -193,7 +242,7 @@ def transformed_hessian(h: Tensor, transform: Transform | None) -> Tensor:
 
 def _gptq_block(
     block: nn.Module,
-    adapter: Adapter,
+    groups: tuple[InputGroup, ...],
     inputs: BlockInputs,
     quant: QuantConfig,
     layer: int,
@@ -206,10 +255,13 @@ def _gptq_block(
     `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes.
     """
     errors = []
-    for g in adapter.groups:
+    for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
+        routed = g.observe is not None  # MoE experts: each linear sees its own tokens
         if given is not None:
-            h = given[g.name]
+            hs = [given[g.name]] * len(linears)
+        elif routed:
+            hs = _routed_hessians(block, inputs, g, linears)
         else:
             acc = HessianAccumulator(product_dtype=torch.float32)
             iq = linears[0].input_quantizer
@@ -217,10 +269,19 @@ def _gptq_block(
                 feed_block_until(block, inputs, iq, acc.add)
             finally:
                 iq.reset()
-            h = acc.finalize()
-        h32 = h.float()  # the error report's precision, converted once for all its products
+            hs = [acc.finalize() if acc.count else None] * len(linears)
         w_fps = [lin.weight.data.float() for lin in linears]
-        for idxs in _shared_solves(quant.weight, len(linears)):
+        solves = [[i] for i in range(len(linears))] if routed else None
+        for idxs in solves or _shared_solves(quant.weight, len(linears)):
+            h = hs[idxs[0]]
+            if h is None:  # an expert no calibration token reached: nothing to weigh errors by
+                for i in idxs:
+                    w = quantize_weight(w_fps[i], quant.weight, g.linears[i])
+                    linears[i].weight.data = w.to(linears[i].weight.dtype)
+                    errors.append({"layer": layer, "linear": g.linears[i], "fallback": "rtn"})
+                log.warning("layer %d %s: no calibration tokens, RTN weights", layer, g.name)
+                continue
+            h32 = h.float()  # the error report's precision, converted once for all its products
             # GPTQ is independent per output row given H (MX scales are per row and group), so the
             # linears reading one input (q/k/v, gate/up) are solved as one stacked matrix: the
             # same weights, one Cholesky and one column sweep instead of several
@@ -255,6 +316,32 @@ def _gptq_block(
                 )
                 linears[i].weight.data = w_q.to(linears[i].weight.dtype)
     return errors
+
+
+def _routed_hessians(
+    block: nn.Module, inputs: BlockInputs, group: InputGroup, linears: list[nn.Module]
+) -> list[Tensor | None]:
+    """Per linear of a routed group (MoE experts sharing one input quantizer), the Hessian of the
+    quantized inputs it alone received (None for an expert no token reached), in one partial pass."""
+    accs = [HessianAccumulator(product_dtype=torch.float32) for _ in linears]
+    current = [0]
+
+    def calling(k: int):
+        def hook(_module, _args) -> None:
+            current[0] = k
+
+        return hook
+
+    iq = linears[0].input_quantizer
+    handles = [lin.register_forward_pre_hook(calling(k)) for k, lin in enumerate(linears)]
+    handles.append(iq.register_forward_hook(lambda _m, _a, out: accs[current[0]].add(out)))
+    try:
+        feed_block_until(block, inputs, block.get_submodule(group.observed), lambda _out: None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        iq.reset()
+    return [a.finalize() if a.count else None for a in accs]
 
 
 def _shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:

@@ -53,27 +53,58 @@ class GroupPlan:
     folded: list[Transform] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
-    def fold(self, block: nn.Module, group: InputGroup, heads: HeadShape | None) -> None:
-        """Apply the folded steps to the norm weight or the producer's output rows, in place."""
+    def fold(
+        self,
+        block: nn.Module,
+        group: InputGroup,
+        heads: HeadShape | None,
+        norm_offset: float = 0.0,
+    ) -> None:
+        """Apply the folded steps to the norm weight or the producer's output rows, in place.
+
+        A norm scales by (norm_offset + weight) (Gemma: 1 + w); full-precision readers of the same
+        activation (a MoE router) get the step's weight map, so they see what they saw before.
+        """
         for step in self.folded:
             if group.norm is not None:
                 norm = block.get_submodule(group.norm)
-                norm.weight.data = step(norm.weight.data.float()).to(norm.weight.dtype)
+                w = norm.weight.data.float() + norm_offset
+                norm.weight.data = (step(w) - norm_offset).to(norm.weight.dtype)
+                for name in group.fp_readers:
+                    reader = block.get_submodule(name)
+                    reader.weight.data = step.weight(reader.weight.data.float()).to(
+                        reader.weight.dtype
+                    )
             else:
-                _fold_rows(block.get_submodule(group.producer), _to_producer(step, group, heads))
+                producer = block.get_submodule(group.producer)
+                rows = producer_rows(group, producer.weight.shape[0], heads)
+                _fold_rows(producer, _to_producer(step, group, heads), rows)
 
 
-def _fold_rows(linear: nn.Linear, step: Transform) -> None:
-    """Make `linear`'s output y become step(y): W <- (W^T A)^T, b <- b A."""
+def producer_rows(group: InputGroup, out_features: int, heads: HeadShape | None) -> slice:
+    """The output rows of the group's producer that make its input (all of them unless fused)."""
+    if group.producer_rows is None:
+        return slice(0, out_features)
+    if group.producer_rows == "up":  # gate|up stacked: the second half
+        return slice(out_features // 2, out_features)
+    if group.producer_rows == "v":  # q|k|v stacked
+        q, kv = heads.n_heads * heads.head_dim, heads.n_kv_heads * heads.head_dim
+        return slice(q + kv, q + 2 * kv)
+    raise ValueError(f"unknown producer rows {group.producer_rows!r} of group {group.name}")
+
+
+def _fold_rows(linear: nn.Linear, step: Transform, rows: slice) -> None:
+    """Make `linear`'s output y[rows] become step(y[rows]): W <- (W^T A)^T, b <- b A on those rows."""
     w = linear.weight.data
-    linear.weight.data = step(w.float().T).T.contiguous().to(w.dtype)
+    w[rows] = step(w[rows].float().T).T.to(w.dtype)
     if linear.bias is not None:
-        linear.bias.data = step(linear.bias.data.float()).to(linear.bias.dtype)
+        b = linear.bias.data
+        b[rows] = step(b[rows].float()).to(b.dtype)
 
 
 def _fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
-    """Whether the group's input is attention-head output produced by v_proj (the o_proj input)."""
-    return group.producer is not None and group.producer.endswith("v_proj") and heads is not None
+    """Whether the group's input is attention-head output (the o_proj input)."""
+    return group.heads and heads is not None
 
 
 def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) -> Transform:

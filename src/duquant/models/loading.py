@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from duquant.models.adapters import adapter_for_names
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def check_model_source(source: str) -> None:
                 f"model {source}: the folder has no config.json, so it is not a Hugging Face model "
                 "folder; give the folder holding config.json and the weights, or a .gguf file"
             )
+        check_architecture(str(path))
     elif source.startswith((".", "/", "~")) or not HF_ID.match(source):
         raise ModelSourceError(
             f"model {source}: no such file or folder, and not a Hugging Face id (org/name); "
@@ -112,6 +116,7 @@ def load_model(
     else:
         where = source
         _check_hub_for(source)
+    check_architecture(where)
     log.info("loading %s (%s on %s)", source, dtype, device)
     tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
     try:
@@ -156,6 +161,16 @@ def check_vocabulary(model: nn.Module, tokenizer, source: str) -> None:
             f"model {source}: the tokenizer has {n} tokens but the embedding only {rows} rows, so "
             "some token ids have no embedding; use the tokenizer that belongs to this model"
         )
+
+
+def check_architecture(where: str) -> None:
+    """Refuse a local checkpoint folder of an unsupported architecture before any weight loads."""
+    config = Path(where) / "config.json"
+    if not config.is_file():
+        return  # a hub id or a GGUF file: checked once the model is built
+    archs = json.loads(config.read_text()).get("architectures") or []
+    if archs:
+        adapter_for_names(*archs)
 
 
 def check_finite_weights(model: nn.Module) -> None:

@@ -4,9 +4,12 @@
    to one, so each norm commutes with an orthogonal map of the residual stream.
 2. The residual stream is rotated by Q = diag(±1)·H/√d: embeddings W_E·Q, every reader W·Q, every
    writer (o_proj, down_proj) Qᵀ·W. Tied embeddings are untied first (embedding and head then differ).
+   Norms that scale by (1 + w) (Gemma) are absorbed as such; post-norms (Gemma 3) cannot be
+   passed by the rotation, and the adapter refuses the method for them.
 3. v_proj's output rows get a head-wise Hadamard and o_proj's input the same (exact per head). QuaRot
    also mixes across heads online when the head count has a Hadamard matrix; 9 heads (SmolLM2) has none.
-4. down_proj's input gets an online Hadamard of the intermediate width (returned for the pipeline).
+4. down_proj's input (each expert's, in a MoE) gets an online Hadamard of its width (returned
+   for the pipeline). A MoE router reads the residual stream like q/k/v and is rotated likewise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from duquant.methods import get_method
+from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import Adapter
 from duquant.transforms.base import BlockRotation
 from duquant.transforms.hadamard import KroneckerHadamard, hadamard, random_signs
@@ -36,17 +41,37 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.double() @ q).to(linear.bias.dtype)
 
 
+def _rotate_rows(linear: nn.Linear, t: BlockRotation, rows: slice) -> None:
+    """Rotate the output rows `rows` of `linear` (and its bias) by the block rotation `t`."""
+    w = linear.weight.data
+    w[rows] = t(w[rows].double().T).T.to(w.dtype)
+    if linear.bias is not None:
+        b = linear.bias.data
+        b[rows] = t(b[rows].double()).to(b.dtype)
+
+
+def _absorb_norm(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
+    """Multiply the norm's scale (offset + w) into its readers' columns and make it the identity."""
+    scale = norm.weight.data.float() + offset
+    for lin in readers:
+        _scale_columns(lin, scale)
+    norm.weight.data.fill_(1.0 - offset)
+
+
 @torch.no_grad()
 def apply_quarot(model: nn.Module, adapter: Adapter, seed: int = 0) -> dict[str, KroneckerHadamard]:
     """Rotate `model` in place; return the online transforms the pipeline must add per input group."""
+    why = adapter.refuse(get_method("quarot"))
+    if why:
+        raise ValueError(why)
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     hidden = cfg.hidden_size
     q = KroneckerHadamard(hidden, random_signs(hidden, gen)).forward(
         torch.eye(hidden, dtype=torch.float64)
     )
-    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
-    h_head = hadamard(head_dim)
+    heads = HeadShape.of(cfg)
+    head_rot = BlockRotation(hadamard(heads.head_dim))
 
     embed = model.get_submodule(adapter.embed)
     head = model.get_submodule(adapter.lm_head)
@@ -54,29 +79,29 @@ def apply_quarot(model: nn.Module, adapter: Adapter, seed: int = 0) -> dict[str,
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
         if hasattr(cfg, "tie_word_embeddings"):
             cfg.tie_word_embeddings = False
-    final_norm = model.get_submodule(adapter.final_norm)
-    _scale_columns(head, final_norm.weight.data)
-    final_norm.weight.data.fill_(1.0)
+    _absorb_norm(model.get_submodule(adapter.final_norm), [head], adapter.norm_offset)
     embed.weight.data = (embed.weight.data.double() @ q).to(embed.weight.dtype)
     _rotate_input(head, q)
 
+    online: dict[str, KroneckerHadamard] = {}
     for block in adapter.blocks(model):
-        for group in adapter.groups:
+        for group in adapter.block_groups(block):
             linears = [block.get_submodule(n) for n in group.linears]
-            if group.norm is not None:  # residual readers
-                norm = block.get_submodule(group.norm)
-                for lin in linears:
-                    _scale_columns(lin, norm.weight.data)
+            if group.reads_residual:  # residual readers, full-precision ones (a router) included
+                readers = linears + [block.get_submodule(n) for n in group.fp_readers]
+                _absorb_norm(block.get_submodule(group.norm), readers, adapter.norm_offset)
+                for lin in readers:
                     _rotate_input(lin, q)
-                norm.weight.data.fill_(1.0)
-            else:  # o_proj / down_proj write the residual stream
+                continue
+            for lin in linears:  # o_proj / down_proj write the residual stream
+                _rotate_output(lin, q)
+            if group.heads:  # head-wise Hadamard: v's output rows and o's input, exact per head
+                producer = block.get_submodule(group.producer)
+                _rotate_rows(
+                    producer, head_rot, producer_rows(group, producer.weight.shape[0], heads)
+                )
                 for lin in linears:
-                    _rotate_output(lin, q)
-        v = block.get_submodule("self_attn.v_proj")
-        o = block.get_submodule("self_attn.o_proj")
-        head_rot = BlockRotation(h_head)
-        v.weight.data = head_rot(v.weight.data.double().T).T.to(v.weight.dtype).contiguous()
-        if v.bias is not None:
-            v.bias.data = head_rot(v.bias.data.double()).to(v.bias.dtype)
-        o.weight.data = head_rot.weight(o.weight.data.double()).to(o.weight.dtype)
-    return {"down": KroneckerHadamard(cfg.intermediate_size)}
+                    lin.weight.data = head_rot.weight(lin.weight.data.double()).to(lin.weight.dtype)
+            else:  # the MLP's inner activation: an online Hadamard of its width
+                online.setdefault(group.name, KroneckerHadamard(linears[0].in_features))
+    return online

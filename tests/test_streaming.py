@@ -1,0 +1,158 @@
+"""Streaming: block-by-block quantization from safetensors gives the in-memory path's logits, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from duquant.methods import get_method
+from duquant.models import adapter_for
+from duquant.models.streaming import SafetensorsCheckpoint, activation_bytes
+from duquant.pipeline import QuantConfig, quantize_model
+from duquant.qlinear import QuantLinear
+from duquant.stream import quantize_streaming, streamed_nll
+
+
+def _saved_llama(tmp_path, tie: bool):
+    m = make_tiny_llama(seed=2, tie_word_embeddings=tie, num_hidden_layers=3)
+    m.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")  # several shards
+    return m
+
+
+@pytest.mark.parametrize(
+    "method,weights", [("duquant++", "rtn"), ("rtn", "rtn"), ("duquant++", "gptq")]
+)
+@pytest.mark.parametrize("tie", [False, True])
+def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, weights, tie):
+    from transformers import AutoModelForCausalLM
+
+    _saved_llama(tmp_path, tie)
+    ckpt = tmp_path / "ckpt"
+    assert len({*SafetensorsCheckpoint(ckpt).weight_map.values()}) > 1
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    cfg = get_method(method, max_steps=8)
+    quant = QuantConfig(weights=weights)
+
+    ref_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    quantize_model(ref_model, adapter_for(ref_model), cfg, quant, ids, seed=1)
+    with torch.no_grad():
+        ref = [ref_model(w.unsqueeze(0)).logits for w in ids]
+
+    model, adapter, store, report = quantize_streaming(
+        ckpt, cfg, quant, ids, tmp_path / "work", seed=1
+    )
+    assert len(report.plans) == 3
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
+        f"block_0000{i}.pt" for i in range(3)
+    ]
+    # nothing of the model stays loaded between blocks
+    assert all(p.device.type == "meta" for p in model.parameters())
+    from duquant.models.streaming import streamed_logits
+
+    got = streamed_logits(model, adapter, store, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    block = store.load(1)
+    assert isinstance(block.mlp.down_proj, QuantLinear)
+    store.release(1)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    nll = streamed_nll(model, adapter, store, ids)
+    expect = torch.stack(
+        [torch.nn.functional.cross_entropy(r[0, :-1], w[1:]) for r, w in zip(ref, ids, strict=True)]
+    ).mean()
+    assert abs(nll - float(expect)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "gemma3", "phi3"])
+def test_streaming_other_families_match_in_memory(tmp_path, family):
+    """A MoE checkpoint (experts saved one by one) and per-layer attention kinds stream exactly too."""
+    from conftest import make_tiny_family
+    from transformers import AutoModelForCausalLM
+
+    from duquant.models.streaming import streamed_logits
+
+    make_tiny_family(family).save_pretrained(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    cfg, quant = get_method("duquant++", max_steps=4), QuantConfig()
+    ref_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    quantize_model(ref_model, adapter_for(ref_model), cfg, quant, ids)
+    with torch.no_grad():
+        ref = [ref_model(w.unsqueeze(0)).logits for w in ids]
+    model, adapter, store, _ = quantize_streaming(ckpt, cfg, quant, ids, tmp_path / "work")
+    got = streamed_logits(model, adapter, store, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+def test_streaming_fp_reads_the_checkpoint_and_writes_nothing(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from duquant.models.streaming import streamed_logits
+
+    _saved_llama(tmp_path, False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        ref = [ref_model(w.unsqueeze(0)).logits for w in ids]
+    model, adapter, store, _ = quantize_streaming(
+        tmp_path / "ckpt", get_method("fp"), QuantConfig(), None, tmp_path / "w"
+    )
+    got = streamed_logits(model, adapter, store, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert not list((tmp_path / "w").iterdir())
+
+
+def test_streaming_refuses_a_checkpoint_in_another_layout(tmp_path):
+    # Mixtral's files name experts block_sparse_moe.experts.N.w1/w2/w3, not the in-memory layout
+    from conftest import make_tiny_family
+
+    make_tiny_family("mixtral").save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        ValueError, match="block 0 do not match the model.*transformers' own layout"
+    ):
+        quantize_streaming(tmp_path / "ckpt", get_method("rtn"), QuantConfig(), ids, tmp_path / "w")
+
+
+def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path):
+    _saved_llama(tmp_path, False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="quarot rotates the whole model"):
+        quantize_streaming(
+            tmp_path / "ckpt", get_method("quarot"), QuantConfig(), ids, tmp_path / "w"
+        )
+    with pytest.raises(ValueError, match="over the budget"):
+        quantize_streaming(
+            tmp_path / "ckpt",
+            get_method("rtn"),
+            QuantConfig(),
+            ids,
+            tmp_path / "w",
+            max_activation_mb=0.01,
+        )
+    assert activation_bytes(2, 16, 64) == 2 * 2 * 16 * 64 * 4
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        SafetensorsCheckpoint(tmp_path)
+
+
+def test_stream_entry_point_runs_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from duquant.stream import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _saved_llama(tmp_path, False)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "r.json"
+    args = ["--model", str(tmp_path / "ckpt"), "--work", str(tmp_path / "w"), "--method", "rtn"]
+    assert main([*args, "--max-windows", "0", "--output", str(out)]) == 0
+    assert out.is_file() and len(list((tmp_path / "w").glob("block_*.pt"))) == 3
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "nope"), "--work", str(tmp_path / "w2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a checkpoint folder" in err
+    assert not (tmp_path / "w2").exists()  # refused before anything is written
