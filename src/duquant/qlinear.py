@@ -43,7 +43,7 @@ class InputQuantizer(nn.Module):
             return self._last_output
         y = _fused(x, self.online, self.spec)
         if y is None:
-            y = self.online(x) if self.online is not None else x
+            y = self.online.apply_online(x) if self.online is not None else x
             if self.spec is not None:
                 # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
                 # activation-sized allocation (and its page faults) less per input position

@@ -196,6 +196,11 @@ PER_TENSOR_SCALE = False  # MX scales are per row and group: linears sharing an 
 # the compressed-tensors format name; scale rules whose scales it stores exactly (an E8M0 byte)
 EXPORT_FORMAT = "mxfp4-pack-quantized"
 EXPORT_RULES = ("ocp", "ceil", "ct-round", "mse")
+EXPORT_SCALE_DTYPE = "torch.uint8"  # E8M0: compressed-tensors uses MX power-of-two scales only then
+EXPORT_STRATEGY = "group"
+# what compressed-tensors (and vLLM) compute for activations at run time: dynamic, rule ct-round
+# with ties to even; an export is faithful only when the in-process activations are the same
+EXPORT_ACT = {"scale_rule": "ct-round", "rounding": "even", "dynamic": True}
 
 
 def weight_tensor_scale(w: Tensor) -> None:

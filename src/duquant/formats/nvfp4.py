@@ -73,6 +73,11 @@ def _encode(
 PER_TENSOR_SCALE = True  # each linear has its own FP32 scale: linears sharing an input solve apart
 EXPORT_FORMAT = "nvfp4-pack-quantized"
 EXPORT_RULES = SCALE_RULES
+EXPORT_SCALE_DTYPE = "torch.float8_e4m3fn"
+EXPORT_STRATEGY = "tensor_group"
+# compressed-tensors' NVFP4 activations: E4M3 group scales on the fly, a static (calibrated) global
+# scale per layer ("local"); duquant's in-process activations take the global scale per tensor
+EXPORT_ACT = {"scale_rule": "e4m3", "rounding": "even", "dynamic": "local"}
 
 
 def weight_tensor_scale(w: Tensor) -> Tensor:

@@ -63,6 +63,12 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
     kwargs: dict = {"dtype": DTYPES[dtype]}
     path = Path(source)
+    from duquant.export import find_loader
+
+    exported = find_loader(path)
+    if exported is not None:  # through its own loader, which applies the online transforms
+        model, tokenizer = exported.load(path, DTYPES[dtype], device)
+        return LoadedModel(model, tokenizer, source)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {source} does not exist")
