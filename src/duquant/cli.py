@@ -122,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="quantize one model with one method and evaluate it")
     p_run.add_argument("--method", default="rtn", choices=sorted(METHODS))
     p_run.add_argument("--output", default=None, help="write the result JSON here")
+    p_run.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="export the quantized model (compressed-tensors)",
+    )
+    p_run.add_argument(
+        "--overwrite", action="store_true", help="let --save replace a non-empty DIR"
+    )
     _add_run_args(p_run)
 
     p_demo = sub.add_parser(
@@ -162,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "analyze":
             return _analyze(args)
         if args.command == "run":
-            results = [run(_config(args, args.method))]
+            from duquant import export
+
+            results = [export.run_and_save(_config(args, args.method), args.save, args.overwrite)]
         else:
             from duquant.models import load_model
 
@@ -175,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"duquant: error: {exc}", file=sys.stderr)
         return 2
     print(_table(results))
+    if results[0].get("export"):
+        e = results[0]["export"]
+        print(
+            f"exported to {e['dir']} ({e['bits_per_quantized_weight']:.2f} bits a quantized weight)"
+        )
     if args.output:
         write_json(results[0] if len(results) == 1 else {"runs": results}, args.output)
         print(f"wrote {args.output}")

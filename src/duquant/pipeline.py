@@ -104,6 +104,10 @@ def quantize_model(
     if not method.quantize:
         report.seconds = time.perf_counter() - start
         return report
+    if any(
+        isinstance(m, QuantLinear) or hasattr(m, "quantization_scheme") for m in model.modules()
+    ):
+        raise ValueError("the model is already quantized; evaluate it with method fp")
     gptq = quant.weights == "gptq" and quant.weight is not None
     needs_inputs = method.needs_calibration or gptq
     if needs_inputs and calib_windows is None:

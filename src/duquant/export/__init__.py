@@ -75,6 +75,32 @@ def save(
     return figures
 
 
+def check_source(cfg) -> None:
+    """Refuse to quantize an export again (before loading it): it is evaluated with method fp."""
+    if cfg.model and cfg.method != "fp" and find_loader(cfg.model) is not None:
+        raise ExportError(
+            f"{cfg.model} is an exported (already quantized) checkpoint; evaluate it with "
+            "--method fp, or quantize the original model"
+        )
+
+
+def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -> dict:
+    """`duquant run`: check the request, load, quantize, evaluate, then export to `dest` if given."""
+    from duquant.models import load_model
+    from duquant.runner import run
+
+    check_source(cfg)
+    if dest is None:
+        return run(cfg)
+    check(cfg, dest, overwrite)  # before the model loads or calibration starts
+    loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+    result = run(cfg, loaded)
+    figures = save(loaded.model, loaded.tokenizer, dest, result, overwrite)
+    result["export"] = {"dir": str(dest), **figures}
+    log.info("exported to %s", dest)
+    return result
+
+
 def find_loader(path: str | Path) -> ModuleType | None:
     """The exporter that recognises `path` as its checkpoint, or None."""
     if not Path(path).is_dir():

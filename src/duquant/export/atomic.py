@@ -46,6 +46,7 @@ def staged_directory(dest: str | Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.absolute().parent))
     try:
         yield tmp
+        _default_modes(tmp)
         _replace(tmp, dest)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +57,15 @@ def staged_directory(dest: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_modes(root: Path) -> None:
+    """Give the staged tree the modes a plain mkdir / open would (mkdtemp makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace(tmp: Path, dest: Path) -> None:

@@ -36,6 +36,7 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
+    positive_zeros,
     round_e2m1_,
     round_to_e2m1,
     run_compiled,
@@ -243,7 +244,10 @@ def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tens
     mant, exp = torch.frexp(scales.float())  # scale = 2^e exactly: mantissa 0.5, exponent e + 1
     if not bool((mant == 0.5).all()):
         raise ValueError("MXFP4 weight scales must be powers of two to export")
-    return {"weight_packed": packed, "weight_scale": (exp - 1 + E8M0_BIAS).to(torch.uint8)}
+    return {
+        "weight_packed": positive_zeros(packed),
+        "weight_scale": (exp - 1 + E8M0_BIAS).to(torch.uint8),
+    }
 
 
 def import_tensors(tensors: dict, rule: str = "ocp") -> tuple[Tensor, Tensor, None]:

@@ -23,6 +23,7 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
+    positive_zeros,
     round_e2m1_,
     round_to_e2m1,
     run_compiled,
@@ -119,7 +120,7 @@ def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tens
     """compressed-tensors' tensors of one linear: packed codes, E4M3 scales, global scale 1 / ts."""
     _check_rule(rule)
     return {
-        "weight_packed": packed,
+        "weight_packed": positive_zeros(packed),
         "weight_scale": scales.to(torch.float8_e4m3fn),
         # compressed-tensors divides the group scale by a global scale: ours is its reciprocal
         "weight_global_scale": (1.0 / torch.as_tensor(tensor_scale).float()).reshape(1),
