@@ -69,6 +69,31 @@ def test_round_trip_is_bit_identical(tmp_path: Path, method: str, weights: str) 
         assert schemes  # rotation methods carry transforms; without them the logits would differ
 
 
+@pytest.mark.parametrize("method", ["rtn", "duquant++"])
+def test_round_trip_in_bfloat16(tmp_path: Path, method: str) -> None:
+    from conftest import TINY_CONFIG
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # built in bfloat16 (a cast afterwards would round RoPE's inv_freq differently from the loader)
+    model = LlamaForCausalLM._from_config(
+        LlamaConfig(**TINY_CONFIG, tie_word_embeddings=False), dtype=torch.bfloat16
+    )
+    model.load_state_dict(make_tiny_llama().state_dict())
+    model.eval()
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(
+        model, adapter_for(model), get_method(method), QuantConfig(weights="gptq"), calib
+    )
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    export.save(model, None, tmp_path / "out", {})
+    back = load_model(str(tmp_path / "out"), "bfloat16")
+    with torch.no_grad():
+        out = back.model(ids).logits
+    assert out.dtype == ref.dtype == torch.bfloat16 and same_bits(out, ref)
+
+
 def test_transforms_are_never_dropped_silently(tmp_path: Path) -> None:
     # a config whose transforms went missing leaves rotation matrices nobody applies: refused
     model = _quantized_tiny("duquant++")

@@ -79,11 +79,11 @@ def _fused(x: Tensor, online: Transform | None, spec: QuantSpec | None) -> Tenso
     Covered: MXFP4 with the `ocp`, `ceil` or `ct-round` rule, online part a 32 x 32 block rotation
     (DuQuant++, block Hadamard) or none, CUDA tensors (CPU ones only in Triton's interpreter).
     """
-    if spec is None or spec.format != "mxfp4" or os.environ.get(TRITON_ENV, "") != "1":
+    if spec is None or os.environ.get(TRITON_ENV, "") != "1":
         return None
     from duquant.kernels import triton_mx
 
-    if not (triton_mx.triton_available() and triton_mx.supports(spec.scale_rule, spec.rounding)):
+    if not (triton_mx.triton_available() and triton_mx.supports_spec(spec)):
         return None
     if x.device.type != "cuda" and not triton_mx.interpreter_on():
         return None
