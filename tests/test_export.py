@@ -94,6 +94,49 @@ def test_round_trip_in_bfloat16(tmp_path: Path, method: str) -> None:
     assert out.dtype == ref.dtype == torch.bfloat16 and same_bits(out, ref)
 
 
+@pytest.mark.parametrize("method", ["rtn", "duquant++"])
+def test_nvfp4_export_reloads_with_calibrated_activation_scales(
+    tmp_path: Path, method: str
+) -> None:
+    """NVFP4: the peer's format takes a static activation global scale, so the reload is not
+    bit-identical to duquant's per-tensor dynamic one; weights and the activation codec are."""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from duquant.formats import nvfp4, spec_for
+
+    model = make_tiny_llama()
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    quant = QuantConfig(spec_for("nvfp4"), spec_for("nvfp4"), weights="gptq")
+    quantize_model(model, adapter_for(model), get_method(method), quant, calib)
+    with pytest.raises(ExportError, match="calibration windows"):
+        export.save(model, None, tmp_path / "no", {})
+    export.save(model, None, tmp_path / "out", {}, calib=calib)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "nvfp4-pack-quantized"
+    back = load_model(str(tmp_path / "out")).model
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(5))
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        other = back.get_submodule(name)
+        # weights: the codes and E4M3 scales decode to ours up to compressed-tensors' bfloat16
+        # dequantization of scale / global scale
+        assert torch.allclose(other.weight, mod.weight, rtol=2**-8, atol=0)
+        # activations: compressed-tensors' codec with the calibrated global scale is ours with a
+        # fixed tensor scale, up to its s / (1 / ts) against our s * ts (one float32 rounding)
+        ts = 1.0 / other.input_global_scale.float().reshape(())
+        theirs = forward_quantize(other, x, "input", other.quantization_scheme.input_activations)
+        ours = nvfp4.quantize_dequantize(x, tensor_scale=ts)
+        assert torch.allclose(theirs, ours, rtol=1e-6, atol=0)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(ids).logits, back(ids).logits
+    assert (
+        torch.isfinite(out).all()
+        and torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.95
+    )
+
+
 def test_transforms_are_never_dropped_silently(tmp_path: Path) -> None:
     # a config whose transforms went missing leaves rotation matrices nobody applies: refused
     model = _quantized_tiny("duquant++")
@@ -238,7 +281,7 @@ def test_unexportable_method_refused_before_loading(
 @pytest.mark.parametrize(
     ("args", "what"),
     [
-        (["--format", "nvfp4"], "static, calibrated global activation scale"),
+        (["--format", "nvfp4", "--a-scale-rule", "e4m3", "--rounding", "away"], "run time"),
         (["--w-scale-rule", "fpquant"], "not exportable"),
         (["--a-scale-rule", "ocp"], "compressed-tensors computes at run time"),
     ],

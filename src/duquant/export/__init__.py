@@ -67,11 +67,14 @@ def save(
     result: dict | None = None,
     overwrite: bool = False,
     target: str = DEFAULT_TARGET,
+    calib=None,
 ) -> dict:
-    """Write `model` (quantized in process) to `dest` atomically; return the exporter's figures."""
+    """Write `model` (quantized in process) to `dest` atomically; return the exporter's figures.
+
+    `calib`: calibration windows, for formats whose export calibrates a static activation scale."""
     mod = exporter(target)
     with staged_directory(dest, overwrite) as tmp:
-        figures = mod.write(model, tokenizer, tmp, export_info(result or {}))
+        figures = mod.write(model, tokenizer, tmp, export_info(result or {}), calib)
     return figures
 
 
@@ -87,7 +90,7 @@ def check_source(cfg) -> None:
 def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -> dict:
     """`duquant run`: check the request, load, quantize, evaluate, then export to `dest` if given."""
     from duquant.models import load_model
-    from duquant.runner import run
+    from duquant.runner import quant_config, run
 
     check_source(cfg)
     if dest is None:
@@ -95,7 +98,14 @@ def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -
     check(cfg, dest, overwrite)  # before the model loads or calibration starts
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     result = run(cfg, loaded)
-    figures = save(loaded.model, loaded.tokenizer, dest, result, overwrite)
+    calib = None
+    if quant_config(cfg).act is not None and exporter().needs_activation_calibration(
+        quant_config(cfg).act
+    ):
+        from duquant.data import calibration_windows
+
+        calib, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
+    figures = save(loaded.model, loaded.tokenizer, dest, result, overwrite, calib=calib)
     result["export"] = {"dir": str(dest), **figures}
     log.info("exported to %s", dest)
     return result

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import duquant
 from duquant.export.atomic import ExportError
 from duquant.formats import QuantSpec
-from duquant.qlinear import QuantLinear
+from duquant.qlinear import InputQuantizer, QuantLinear
 from duquant.transforms.base import BlockRotation, Sequence, Transform
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,6 @@ def check_request(method, quant) -> None:
 def _check_spec(spec: QuantSpec, what: str, weights: bool) -> None:
     """The spec is one compressed-tensors stores (weights) or computes at run time (activations)."""
     codec = spec.codec
-    if codec.EXPORT_ACT["dynamic"] != True:  # noqa: E712 (NVFP4 says "local")
-        raise ExportError(
-            f"{spec.format} export is not supported: compressed-tensors' {codec.EXPORT_FORMAT} "
-            "needs a static, calibrated global activation scale per layer, while duquant computes "
-            "it per tensor at run time; use --format mxfp4"
-        )
     if weights and spec.scale_rule not in codec.EXPORT_RULES:
         raise ExportError(
             f"{what} scale rule {spec.scale_rule!r} is not exportable to {codec.EXPORT_FORMAT} "
@@ -165,8 +159,39 @@ def _transform_scheme(targets: list[str], block: int) -> dict:
     }
 
 
-def collect(model: nn.Module) -> tuple[dict[str, Tensor], dict, QuantSpec, QuantSpec, list[str]]:
-    """(tensors, transform schemes, weight spec, activation spec, ignored linears) of a quantized model."""
+def needs_activation_calibration(spec: QuantSpec) -> bool:
+    """Whether the format's export takes a static activation scale per layer (NVFP4's global one)."""
+    return spec.codec.EXPORT_ACT["dynamic"] == "local"
+
+
+@torch.no_grad()
+def activation_amax(model: nn.Module, windows: Tensor) -> dict[int, Tensor]:
+    """max |T(x)| over calibration windows at every input quantizer (keyed by id), T its online
+    transform: the static per-layer activation maximum NVFP4's global scale is calibrated from."""
+    amax: dict[int, Tensor] = {}
+
+    def hook(iq: InputQuantizer, args) -> None:
+        x = args[0]
+        y = iq.online.apply_online(x) if iq.online is not None else x
+        m = y.detach().abs().amax().float()
+        amax[id(iq)] = torch.maximum(amax.get(id(iq), m), m)
+
+    iqs = {id(m): m for m in model.modules() if isinstance(m, InputQuantizer)}.values()
+    handles = [iq.register_forward_pre_hook(hook) for iq in iqs]
+    try:
+        for i in range(windows.shape[0]):
+            model(windows[i : i + 1].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def collect(
+    model: nn.Module, act_amax: dict[int, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict, QuantSpec, QuantSpec, list[str]]:
+    """(tensors, transform schemes, weight spec, activation spec, ignored linears) of a quantized
+    model; `act_amax` (from `activation_amax`) gives formats with a static activation scale theirs."""
     qlins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qlins:
         raise ExportError("the model has no quantized linears; nothing to export")
@@ -208,6 +233,12 @@ def collect(model: nn.Module) -> tuple[dict[str, Tensor], dict, QuantSpec, Quant
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias.data
         iq = q.input_quantizer
+        if needs_activation_calibration(iq.spec):
+            if act_amax is None or id(iq) not in act_amax:
+                raise ExportError(f"{name}: {iq.spec.format} export needs calibrated activations")
+            # compressed-tensors divides by its global scale: the reciprocal of ours, amax / (6 * 448)
+            ts = iq.spec.codec.tensor_scale_of(act_amax[id(iq)])
+            tensors[f"{name}.input_global_scale"] = (1.0 / ts).reshape(1)
         rot = online_rotation(iq.online, iq.name)
         if rot is None:
             continue
@@ -249,9 +280,9 @@ def model_card(info: dict, dest_name: str) -> str:
         "",
         f"Quantized with duquant {duquant.__version__} from `{info.get('model_source', '?')}`: "
         f"method `{run.get('method')}`, weights `{run.get('weights')}`, format `{run.get('format')}`.",
-        "Weights are packed FP4 with E8M0 group-32 scales; activations are quantized dynamically; "
-        "the online 32 x 32 block rotations are compressed-tensors transforms (type "
-        "`random-hadamard`, the stored matrix is sqrt(32)·R). `lm_head` stays in full precision.",
+        f"Weights are packed FP4 ({info.get('format_name', 'compressed-tensors')}); activations are "
+        "quantized at run time; online block rotations are compressed-tensors transforms (type "
+        "`random-hadamard`, the stored matrix is sqrt(B)·R). `lm_head` stays in full precision.",
         "",
     ]
     for name, m in ppl.items():
@@ -274,11 +305,19 @@ def model_card(info: dict, dest_name: str) -> str:
     return "\n".join(lines)
 
 
-def write(model: nn.Module, tokenizer, dest: Path, info: dict) -> dict:
-    """Write the checkpoint into the (empty, temporary) directory `dest`; return size figures."""
+def write(model: nn.Module, tokenizer, dest: Path, info: dict, calib: Tensor | None = None) -> dict:
+    """Write the checkpoint into the (empty, temporary) directory `dest`; return size figures.
+
+    `calib` (calibration windows) is needed by formats with a static activation scale (NVFP4)."""
     from safetensors.torch import save_file
 
-    tensors, schemes, w_spec, a_spec, ignore = collect(model)
+    act_amax = None
+    first = next((m for m in model.modules() if isinstance(m, InputQuantizer)), None)
+    if first is not None and first.spec is not None and needs_activation_calibration(first.spec):
+        if calib is None:
+            raise ExportError(f"a {first.spec.format} export needs calibration windows")
+        act_amax = activation_amax(model, calib)
+    tensors, schemes, w_spec, a_spec, ignore = collect(model, act_amax)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = config.get("architectures") or [type(model).__name__]
@@ -289,6 +328,7 @@ def write(model: nn.Module, tokenizer, dest: Path, info: dict) -> dict:
         tokenizer.save_pretrained(str(dest))
     sizes = size_figures(tensors, model)
     info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
+    info["format_name"] = w_spec.codec.EXPORT_FORMAT
     info["transforms"] = {k: v["apply"][0]["targets"] for k, v in schemes.items()}
     (dest / SIDECAR).write_text(json.dumps(info, indent=2, default=str) + "\n")
     (dest / "README.md").write_text(model_card(info, dest.name.split(".partial-")[0].lstrip(".")))
@@ -300,7 +340,9 @@ def size_figures(tensors: dict[str, Tensor], model: nn.Module) -> dict:
     q_bytes = sum(
         v.numel() * v.element_size()
         for k, v in tensors.items()
-        if k.endswith(("weight_packed", "weight_scale", "weight_global_scale"))
+        if k.endswith(
+            ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+        )
     )
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantLinear))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
