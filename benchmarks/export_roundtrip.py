@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="mxfp4", choices=["mxfp4", "nvfp4"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep", default=None, help="keep the exports in this directory")
+    p.add_argument(
+        "--no-fp-size", action="store_true", help="skip writing the FP model for its size"
+    )
     p.add_argument("--out", default="results/export/roundtrip.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="duquant-export-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        fp_bytes = fp_checkpoint_bytes(base, work)
+        fp_bytes = 0 if args.no_fp_size else fp_checkpoint_bytes(base, work)
         rows = [one(m, args, work, base) for m in args.methods.split(",") if m]
     finally:
         if not args.keep:

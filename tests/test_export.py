@@ -401,6 +401,7 @@ def test_real_model_export_round_trip(tmp_path: Path, offline_data, smollm) -> N
         "128",
         "--out",
         str(tmp_path / "rt.json"),
+        "--no-fp-size",
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO / "benchmarks", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
