@@ -361,6 +361,13 @@ def test_quantizing_an_export_again_is_refused(tmp_path: Path, monkeypatch, caps
     assert "--method fp" in capsys.readouterr().err
 
 
+def test_loading_without_compressed_tensors_says_how_to_fix(tmp_path: Path, monkeypatch) -> None:
+    export.save(_quantized_tiny("rtn"), None, tmp_path / "out", {})
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors", None)  # import fails
+    with pytest.raises(ExportError, match=r"duquant\[export\]"):
+        load_model(str(tmp_path / "out"))
+
+
 def test_sidecar_records_the_run(tmp_path: Path) -> None:
     result = {
         "config": {

@@ -326,6 +326,8 @@ def write(model: nn.Module, tokenizer, dest: Path, info: dict, calib: Tensor | N
     save_file(tensors, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dest))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(dest))
     sizes = size_figures(tensors, model)
     info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
     info["format_name"] = w_spec.codec.EXPORT_FORMAT
