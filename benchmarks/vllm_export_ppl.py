@@ -18,8 +18,9 @@ What vLLM computes (0.34.0, read from its source; see docs/export.md):
 - Blackwell (sm100+): true W4A4 MXFP4 GEMMs; activations quantized at run time with E8M0 scales.
 - Hopper / Ampere: a weight-only Marlin MXFP4 path: activations stay in 16 bits (vLLM warns), so
   the perplexity is that of a W4A16 model and is expected to be lower than duquant's W4A4 figure.
-- The emulation backend (`VLLM_USE_MXFP4_EMULATION=1` where the build has it, any GPU) fake-quantizes
-  activations like compressed-tensors does on CPU: the closest match to duquant's number.
+- The emulation backend (any GPU; how it is selected differs between releases: see `vllm/envs.py` of
+  the installed version) fake-quantizes activations as compressed-tensors does on CPU: the closest
+  match to duquant's number. The JSON records every VLLM_* variable set.
 - Transforms of type `random-hadamard` run as a dense 32 x 32 GEMM in the model dtype after dividing
   the stored matrix by sqrt(32); tensor parallel > 1 and linears with a bias are rejected.
 Expect agreement to a few 1e-3 relative in bfloat16, not bit for bit (other GEMM kernels and dtype).
