@@ -137,6 +137,31 @@ def test_nvfp4_export_reloads_with_calibrated_activation_scales(
     )
 
 
+def test_quarot_exports_its_global_hadamard_once(tmp_path: Path) -> None:
+    """QuaRot's online down_proj Hadamard (a Kronecker product in process) is one dense ±1 matrix
+    shared by every layer; the reload computes it as one product, so it is close, not bit-exact."""
+    from safetensors.torch import load_file
+
+    model = _quantized_tiny("quarot", "gptq")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    export.save(model, None, tmp_path / "out", {})
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    schemes = cfg["quantization_config"]["transform_config"]["config_groups"]
+    assert len(schemes) == 1 and cfg["tie_word_embeddings"] is False
+    (scheme,) = schemes.values()
+    assert scheme["head_dim"] == 128 and len(scheme["apply"][0]["targets"]) == 2
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    (mat,) = [v for k, v in tensors.items() if k.endswith("_input.weight")]
+    assert torch.equal(mat.abs(), torch.ones_like(mat)) and torch.equal(
+        mat @ mat.T, 128 * torch.eye(128)
+    )
+    with torch.no_grad():
+        out = load_model(str(tmp_path / "out")).model(ids).logits
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.999
+
+
 def test_transforms_are_never_dropped_silently(tmp_path: Path) -> None:
     # a config whose transforms went missing leaves rotation matrices nobody applies: refused
     model = _quantized_tiny("duquant++")
@@ -264,7 +289,7 @@ def test_non_empty_directory_refused_before_loading(tmp_path: Path, monkeypatch,
 
 @pytest.mark.parametrize(
     ("method", "what"),
-    [("quarot", "intermediate"), ("duquant", "permutation"), ("fp", "nothing to export")],
+    [("duquant", "permutation"), ("fp", "nothing to export")],
 )
 def test_unexportable_method_refused_before_loading(
     tmp_path: Path, monkeypatch, capsys, method: str, what: str

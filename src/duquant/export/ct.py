@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from duquant.export.atomic import ExportError
 from duquant.formats import QuantSpec
 from duquant.qlinear import InputQuantizer, QuantLinear
 from duquant.transforms.base import BlockRotation, Sequence, Transform
+from duquant.transforms.hadamard import KroneckerHadamard
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,6 @@ def check_request(method, quant) -> None:
     """Refuse, before any model is loaded, a method or format this exporter cannot express."""
     if not method.quantize:
         raise ExportError(f"method {method.name} quantizes nothing; there is nothing to export")
-    if method.global_rotation:
-        raise ExportError(
-            f"method {method.name} is not exportable: its online Hadamard of the MLP's intermediate "
-            "width (a Kronecker product, not a 32 x 32 block) has no compressed-tensors block "
-            "transform that reproduces it"
-        )
     if method.rotation == "duquant-v1":
         raise ExportError(
             f"method {method.name} is not exportable: its online zigzag permutation moves channels "
@@ -91,17 +87,37 @@ def _check_spec(spec: QuantSpec, what: str, weights: bool) -> None:
 
 def online_rotation(online: Transform | None, where: str) -> BlockRotation | None:
     """The single shared block rotation an online transform consists of, None, or ExportError."""
+    matrix = online_matrix(online, where)
+    return None if matrix is None else _single_step(online)
+
+
+def _single_step(online: Transform) -> Transform:
+    """The one step of a transform (itself, or a one-step Sequence's step)."""
+    return online.steps[0] if isinstance(online, Sequence) else online
+
+
+def online_matrix(online: Transform | None, where: str) -> tuple[Tensor, int] | None:
+    """(stored matrix sqrt(B)·R, block size B) of an online transform, None if there is none.
+
+    Expressible: one block rotation shared by every block (B = its block), or a global
+    (Kronecker) Hadamard (B = the width, QuaRot's down_proj input: stored densely, its entries
+    exactly ±1). Anything else is an ExportError naming the steps.
+    """
     if online is None:
         return None
     steps = list(online.steps) if isinstance(online, Sequence) else [online]
     if not steps:
         return None
     if len(steps) == 1 and isinstance(steps[0], BlockRotation) and steps[0].rotation.shape[0] == 1:
-        return steps[0]
+        return steps[0].stored_matrix(), steps[0].block_size
+    if len(steps) == 1 and isinstance(steps[0], KroneckerHadamard):
+        n = steps[0].k * steps[0].p
+        # the dense ±1 matrix, exact: rounding removes the float error of the normalised factors
+        return torch.round(steps[0].matrix().double() * math.sqrt(n)).float(), n
     names = " then ".join(type(s).__name__ for s in steps)
     raise ExportError(
         f"the online transform of {where} ({names}) is not expressible as one compressed-tensors "
-        "block transform (only a single block rotation shared by all blocks is)"
+        "transform (a single block rotation shared by all blocks, or a global Hadamard, is)"
     )
 
 
@@ -239,16 +255,18 @@ def collect(
             # compressed-tensors divides by its global scale: the reciprocal of ours, amax / (6 * 448)
             ts = iq.spec.codec.tensor_scale_of(act_amax[id(iq)])
             tensors[f"{name}.input_global_scale"] = (1.0 / ts).reshape(1)
-        rot = online_rotation(iq.online, iq.name)
-        if rot is None:
+        stored = online_matrix(iq.online, iq.name)
+        if stored is None:
             continue
-        if id(iq) in seen:  # q/k/v (gate/up) share one input quantizer: one scheme, several targets
-            schemes[seen[id(iq)]]["apply"][0]["targets"].append(name)
+        # one scheme per distinct online transform: q/k/v (gate/up) share an input quantizer, and
+        # QuaRot's down_proj Hadamard is one object for every layer: one matrix, several targets
+        if id(iq.online) in seen:
+            schemes[seen[id(iq.online)]]["apply"][0]["targets"].append(name)
             continue
         scheme = _scheme_name(iq.name, len(schemes))
-        seen[id(iq)] = scheme
-        schemes[scheme] = _transform_scheme([name], rot.block_size)
-        tensors[f"{name}.{scheme}_input.weight"] = rot.stored_matrix()
+        seen[id(iq.online)] = scheme
+        schemes[scheme] = _transform_scheme([name], stored[1])
+        tensors[f"{name}.{scheme}_input.weight"] = stored[0]
     _check_act_spec(a_spec)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return tensors, schemes, w_spec, a_spec, ignore
