@@ -201,6 +201,37 @@ def test_written_tensors_are_the_models_codes(tmp_path: Path) -> None:
             assert torch.equal(torch.exp2(scale.double() - 127).float(), mod.qweight.scales)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "rule"),
+    [("mxfp4", r) for r in ("ocp", "fpquant", "ceil", "ct-round", "mse", "duquantpp-loggrid")]
+    + [("nvfp4", "e4m3")],
+)
+@pytest.mark.parametrize("rounding", ["even", "away"])
+def test_kept_codes_decode_to_fake_quant(fmt: str, rule: str, rounding: str) -> None:
+    # the layer's weight is decoded from its codes and scales: it must be what fake_quant gives
+    spec = QuantSpec(fmt, rule, rounding)
+    for scale in (1.0, 1e-3, 50.0):
+        w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * scale
+        w[3, :40] *= 100
+        assert same_bits(spec.quantize_weight(w).dequantize(), spec.fake_quant(w))
+
+
+def test_gptq_layers_keep_the_codes_they_compute_with() -> None:
+    from duquant.gptq import gptq_quantize, hessian_from_inputs
+
+    spec = QuantSpec("mxfp4", "ct-round")
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 128, generator=g), torch.randn(512, 128, generator=g)
+    res = gptq_quantize(w, hessian_from_inputs(x), spec)
+    from duquant.gptq import as_quantized_weight
+
+    assert same_bits(as_quantized_weight(res, spec).dequantize(), res.weight)
+    model = _quantized_tiny("duquant++", "gptq")
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            assert same_bits(mod.qweight.dequantize(), mod.weight.float())
+
+
 @pytest.mark.parametrize("rule", ["ocp", "ceil", "ct-round", "mse"])
 def test_packing_matches_compressed_tensors_mxfp4_compressor(rule: str) -> None:
     from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor

@@ -259,8 +259,8 @@ def _gptq_block(
                         "solved_with": [g.linears[j] for j in idxs],
                     }
                 )
-                linears[i].weight.data = w_q.to(linears[i].weight.dtype)
-                linears[i].qweight = qw.rows(starts[k], starts[k] + rows[k])
+                # the weight decoded from the codes and scales it keeps: w_q bit for bit (tested)
+                linears[i].set_quantized(qw.rows(starts[k], starts[k] + rows[k]))
     return errors
 
 
