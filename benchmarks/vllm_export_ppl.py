@@ -14,7 +14,7 @@ each window, exp. vLLM gives the log-probability of every prompt token (`prompt_
 same windows are scored without generating. duquant's figure is read from the export's
 `duquant.json` (same seqlen and windows required), or recomputed with `--duquant-eval`.
 
-What vLLM computes (0.34.0, read from its source; see docs/export.md):
+What vLLM computes (0.34.0, read from its wheel, not run here; see docs/export.md):
 - Blackwell (sm100+): true W4A4 MXFP4 GEMMs; activations quantized at run time with E8M0 scales.
 - Hopper / Ampere: a weight-only Marlin MXFP4 path: activations stay in 16 bits (vLLM warns), so
   the perplexity is that of a W4A16 model and is expected to be lower than duquant's W4A4 figure.
