@@ -100,13 +100,14 @@ def _analyze(cfg: AnalyzeConfig) -> int:
 
 def _run(cfg: RunConfig, demo: bool) -> list[dict]:
     """`duquant run` (one method) or `duquant demo` (FP then RTN on one loaded model)."""
-    from duquant.runner import run
-
     if not demo:
-        return [run(cfg)]
+        from duquant.export import run_and_save
+
+        return [run_and_save(cfg, cfg.save, cfg.overwrite)]
     from dataclasses import replace
 
     from duquant.models import load_model
+    from duquant.runner import run
 
     loaded = load_model(cfg.model, str(cfg.dtype), cfg.device)
     results = [run(replace(cfg, method="fp"), loaded)]
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         p_demo,
         RunConfig,
         defaults={"max_windows": 4, "seqlen": 1024, "output": "results/demo.json"},
-        skip=("method", "weights"),
+        skip=("method", "weights", "save", "overwrite"),
     )
     p_an = sub.add_parser(
         "analyze", help="per-layer MXFP4 error of original vs rotated activations"
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return _analyze(cfg)
         results = _run(cfg, demo=args.command == "demo")
         print(_table(results))
+        if results[0].get("export"):
+            e = results[0]["export"]
+            bits = e["bits_per_quantized_weight"]
+            print(f"exported to {e['dir']} ({bits:.2f} bits a quantized weight)")
         if cfg.output:
             write_json(results[0] if len(results) == 1 else {"runs": results}, cfg.output)
             print(f"wrote {cfg.output}")

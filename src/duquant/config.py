@@ -307,6 +307,8 @@ class RunConfig(QuantSettings):
         ["wikitext2"], "'wikitext2' and/or paths of UTF-8 text files", flag="--eval", nargs="+"
     )
     output: str | None = opt(None, "write the result JSON here")
+    save: str | None = opt(None, "export the quantized model to this folder (compressed-tensors)")
+    overwrite: bool = opt(False, "let --save replace a non-empty folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -327,6 +329,14 @@ class RunConfig(QuantSettings):
                 check_eval_file(name, self.seqlen)
         if self.output is not None:
             check_output_file(self.output, "--output")
+        from duquant import export
+
+        export.check_source(
+            self
+        )  # an export is evaluated as it is (method fp), not quantized again
+        if self.save is not None:
+            check_output_dir(self.save, "--save")
+            export.check(self, self.save, self.overwrite)  # destination, method, formats
 
 
 # ----------------------------------------------------------------------------- command line

@@ -45,9 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from duquant.formats import QuantSpec, mxfp4
-from duquant.formats.e2m1 import E2M1_MAX, round_to_e2m1
-from duquant.formats.nvfp4 import E4M3_MAX, tensor_scale_of
+from duquant.formats import QuantizedWeight, QuantSpec
+from duquant.formats.e2m1 import encode_e2m1, pack_nibbles
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,7 @@ class GPTQResult:
 
     weight: Tensor  # float32 [out, in], dequantized values on the grid
     scales: Tensor  # float32 [out, in / group_size]
+    codes: Tensor  # uint8 [out, in / 2]: the packed E2M1 codes `weight` decodes from
     tensor_scale: Tensor | None  # NVFP4 per-tensor FP32 scale; None for MXFP4
     percdamp: float  # relative damping of the successful Cholesky (last one tried on fallback)
     damping: float  # absolute value added to diag(H)
@@ -79,27 +79,14 @@ class GPTQResult:
 
 def grid_scales(x: Tensor, spec: QuantSpec, tensor_scale: Tensor | None = None) -> Tensor:
     """Per-group stored scale [..., K / group] of `x`: MXFP4 E8M0 (or loggrid) scale, NVFP4 E4M3 scale."""
-    if spec.format == "mxfp4":
-        return mxfp4.group_scales(x, spec.scale_rule)
-    if tensor_scale is None:
-        raise ValueError("NVFP4 group scales need the per-tensor scale")
-    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
-    amax = g.abs().amax(dim=-1)
-    # the expression of nvfp4._encode, so the scales match fake_quant bit for bit (tested)
-    return (amax / E2M1_MAX / tensor_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return spec.group_scales(x, tensor_scale)
 
 
 def round_to_grid(
     x: Tensor, scale: Tensor, spec: QuantSpec, tensor_scale: Tensor | None = None
 ) -> Tensor:
     """Round float32 `x` onto the grid of fixed group `scale` (broadcast against `x`) with the spec's rounding."""
-    if spec.format == "mxfp4":
-        return mxfp4.round_with_scale(x, scale, spec.scale_rule, spec.rounding)
-    if tensor_scale is None:
-        raise ValueError("NVFP4 rounding needs the per-tensor scale")
-    y = torch.where(scale > 0, x / (scale * tensor_scale), 0.0)
-    # (q * s) * ts in that order, as nvfp4 decodes: q * s is exact, so only one rounding happens
-    return round_to_e2m1(y, spec.rounding) * scale * tensor_scale
+    return spec.decode(spec.encode(x, scale, tensor_scale), scale, tensor_scale)
 
 
 def act_order_permutation(diag: Tensor, group_size: int) -> Tensor:
@@ -131,7 +118,7 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     w32 = w.float()
-    ts = tensor_scale_of(w32) if spec.format == "nvfp4" else None
+    ts = spec.weight_tensor_scale(w32)
     static = grid_scales(w32, spec, ts) if static_groups else None
 
     perm = act_order_permutation(torch.diagonal(h), gs) if act_order else None
@@ -147,12 +134,12 @@ def gptq_quantize(
             rel,
             tuple(weight.shape),
         )
-        w_rtn = weight.detach().float()
-        ts_rtn = tensor_scale_of(w_rtn) if spec.format == "nvfp4" else None
+        rtn = spec.quantize_weight(weight.detach().float())
         return GPTQResult(
-            weight=spec.fake_quant(w_rtn),
-            scales=grid_scales(w_rtn, spec, ts_rtn),
-            tensor_scale=ts_rtn,
+            weight=rtn.dequantize(),
+            scales=rtn.scales,
+            codes=rtn.packed,
+            tensor_scale=rtn.tensor_scale,
             percdamp=rel,
             damping=damp,
             fallback=True,
@@ -161,9 +148,9 @@ def gptq_quantize(
             seconds=time.perf_counter() - start,
         )
 
-    q, scales, loss = _column_loop(w, u, spec, ts, blocksize, static)
+    q, grid, scales, loss = _column_loop(w, u, spec, ts, blocksize, static)
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
+        q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
         scales = scales[:, torch.argsort(perm[::gs] // gs)]
     seconds = time.perf_counter() - start
     logger.debug(
@@ -175,7 +162,8 @@ def gptq_quantize(
         loss,
         seconds,
     )
-    return GPTQResult(q, scales, ts, rel, damp, False, int(dead.numel()), loss, seconds)
+    codes = pack_nibbles(encode_e2m1(grid))
+    return GPTQResult(q, scales, codes, ts, rel, damp, False, int(dead.numel()), loss, seconds)
 
 
 def _check_inputs(
@@ -230,11 +218,12 @@ def _column_loop(
     blocksize: int,
     static: Tensor | None,
 ) -> tuple[Tensor, Tensor, float]:
-    """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, scales, loss)."""
+    """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, grid values, scales, loss)."""
     rows, cols = w.shape
     gs = spec.group_size
     u = u.to(w.dtype)
     q = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
+    grid = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
     scales = torch.empty(rows, cols // gs, dtype=torch.float32, device=w.device)
     loss = torch.zeros((), dtype=w.dtype, device=w.device)
     scale = scales[:, 0]
@@ -254,14 +243,16 @@ def _column_loop(
                     scales[:, g] = static[:, g]
                 scale = scales[:, g]
             x = w1[:, i]
-            qx = round_to_grid(x.float(), scale, spec, ts)
+            gx = spec.encode(x.float(), scale, ts)
+            grid[:, col] = gx
+            qx = spec.decode(gx, scale, ts)
             q[:, col] = qx
             e = (x - qx.to(w.dtype)) / u1[i, i]
             w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1.0)
             err1[:, i] = e
         loss += err1.square().sum()
         w[:, b1:] -= err1 @ u[b0:b1, b1:]
-    return q, scales, loss.item() / 2.0
+    return q, grid, scales, loss.item() / 2.0
 
 
 class HessianAccumulator:
@@ -343,8 +334,14 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
+def as_quantized_weight(res: GPTQResult, spec: QuantSpec) -> QuantizedWeight:
+    """The codes and scales of a GPTQ result as the quantized linear keeps them."""
+    return QuantizedWeight(spec, res.codes, res.scales, res.tensor_scale)
+
+
 __all__ = [
     "GPTQResult",
+    "as_quantized_weight",
     "HessianAccumulator",
     "act_order_permutation",
     "gptq_quantize",

@@ -22,6 +22,7 @@ from duquant.config import HessianSource
 from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import (
     HessianAccumulator,
+    as_quantized_weight,
     energy_ratio,
     gptq_quantize,
     hessian_row_energy,
@@ -115,6 +116,10 @@ def quantize_model(
     if not method.quantize:
         report.seconds = time.perf_counter() - start
         return report
+    if any(
+        isinstance(m, QuantLinear) or hasattr(m, "quantization_scheme") for m in model.modules()
+    ):
+        raise ValueError("the model is already quantized; evaluate it with method fp")
     gptq = quant.weights == "gptq" and quant.weight is not None
     needs_inputs = method.needs_calibration or gptq
     if needs_inputs and calib_windows is None:
@@ -295,7 +300,9 @@ def _gptq_block(
                 static_groups=quant.gptq.static_groups,
             )
             rows = [w_fps[i].shape[0] for i in idxs]
-            for i, w_q in zip(idxs, res.weight.split(rows), strict=True):
+            qw = as_quantized_weight(res, quant.weight)
+            starts = [sum(rows[:k]) for k in range(len(rows))]
+            for k, (i, w_q) in enumerate(zip(idxs, res.weight.split(rows), strict=True)):
                 name, w_fp = g.linears[i], w_fps[i]
                 w_rtn = quantize_weight(w_fp, quant.weight, name)
                 den = hessian_row_energy(h32, w_fp).sum().item()
@@ -314,7 +321,8 @@ def _gptq_block(
                         "solved_with": [g.linears[j] for j in idxs],
                     }
                 )
-                linears[i].weight.data = w_q.to(linears[i].weight.dtype)
+                # the weight decoded from the codes and scales it keeps: w_q bit for bit (tested)
+                linears[i].set_quantized(qw.rows(starts[k], starts[k] + rows[k]))
     return errors
 
 
@@ -347,7 +355,7 @@ def _routed_hessians(
 def _shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:
     """Which of a group's n linears GPTQ solves together: all of them for MXFP4; one by one for
     NVFP4, whose per-tensor scale belongs to each linear."""
-    return [list(range(n))] if spec.format == "mxfp4" else [[i] for i in range(n)]
+    return [[i] for i in range(n)] if spec.per_tensor_scale else [list(range(n))]
 
 
 def _swap_linears(

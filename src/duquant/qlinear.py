@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from duquant.formats import FORMATS, QuantSpec
+from duquant.formats import QuantizedWeight, QuantSpec
 from duquant.transforms.base import BlockRotation, Sequence, Transform
 
 TRITON_ENV = "DUQUANT_TRITON"  # 1: the fused Triton rotation + MXFP4 kernel where it applies
@@ -43,12 +43,11 @@ class InputQuantizer(nn.Module):
             return self._last_output
         y = _fused(x, self.online, self.spec)
         if y is None:
-            y = self.online(x) if self.online is not None else x
+            y = self.online.apply_online(x) if self.online is not None else x
             if self.spec is not None:
                 # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
                 # activation-sized allocation (and its page faults) less per input position
-                codec = FORMATS[self.spec.format]
-                y = codec.quantize_dequantize(
+                y = self.spec.codec.quantize_dequantize(
                     y,
                     self.spec.scale_rule,
                     self.spec.rounding,
@@ -80,11 +79,11 @@ def _fused(x: Tensor, online: Transform | None, spec: QuantSpec | None) -> Tenso
     Covered: MXFP4 with the `ocp`, `ceil` or `ct-round` rule, online part a 32 x 32 block rotation
     (DuQuant++, block Hadamard) or none, CUDA tensors (CPU ones only in Triton's interpreter).
     """
-    if spec is None or spec.format != "mxfp4" or os.environ.get(TRITON_ENV, "") != "1":
+    if spec is None or os.environ.get(TRITON_ENV, "") != "1":
         return None
     from duquant.kernels import triton_mx
 
-    if not (triton_mx.triton_available() and triton_mx.supports(spec.scale_rule, spec.rounding)):
+    if not (triton_mx.triton_available() and triton_mx.supports_spec(spec)):
         return None
     if x.device.type != "cuda" and not triton_mx.interpreter_on():
         return None
@@ -96,11 +95,22 @@ def _fused(x: Tensor, online: Transform | None, spec: QuantSpec | None) -> Tenso
 
 
 class QuantLinear(nn.Module):
-    """y = Q_a(T(x)) · Q_w(W·T^-T)^T + b, with T the online transform of this input position."""
+    """y = Q_a(T(x)) · Q_w(W·T^-T)^T + b, with T the online transform of this input position.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, input_quantizer: InputQuantizer):
+    `qweight` keeps the codes and scales `weight` decodes from (None while GPTQ has yet to
+    quantize it, or when weights stay in full precision): the exporters write those.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        input_quantizer: InputQuantizer,
+        qweight: QuantizedWeight | None = None,
+    ):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.qweight = qweight
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
@@ -109,6 +119,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.weight.to(x.dtype), self.bias)
+
+    def set_quantized(self, qweight: QuantizedWeight) -> None:
+        """Take `qweight` as this layer's weight: its codes and scales, and their decoded values."""
+        self.qweight = qweight
+        self.weight.data = qweight.dequantize().to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         spec = self.input_quantizer.spec
@@ -149,9 +164,13 @@ def make_quant_linear(
     weight: Tensor | None = None,
 ) -> QuantLinear:
     """Transform `linear`'s weight offline, quantize it (RTN unless `weight` is given) and wrap it."""
+    qweight = None
     if weight is None:
         w = linear.weight.float()
         if transform is not None:
             w = transform.weight(w)
-        weight = quantize_weight(w, weight_spec, name)
-    return QuantLinear(weight.to(linear.weight.dtype), linear.bias, input_quantizer)
+        weight = w
+        if weight_spec is not None:
+            qweight = weight_spec.quantize_weight(w, name)
+            weight = qweight.dequantize()  # spec.fake_quant(w) bit for bit (tested)
+    return QuantLinear(weight.to(linear.weight.dtype), linear.bias, input_quantizer, qweight)

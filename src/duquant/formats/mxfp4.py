@@ -36,6 +36,7 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
+    positive_zeros,
     round_e2m1_,
     round_to_e2m1,
     run_compiled,
@@ -187,15 +188,72 @@ def round_with_scale(x: Tensor, scale: Tensor, rule: str = "ocp", rounding: str 
     The arithmetic of `_encode` / `_decode`, so `round_with_scale(g, group_scales(g))` is
     `quantize_dequantize(g)` bit for bit; GPTQ rounds a column with a scale fixed earlier.
     """
+    scale = scale.float()
+    return _decode(encode_with_scale(x, scale, rule, rounding), scale, torch.isnan(scale), rule)
+
+
+# ---- the format interface GPTQ, QuantLinear and the exporters use (same names in nvfp4) ------
+PER_TENSOR_SCALE = False  # MX scales are per row and group: linears sharing an input stack freely
+# the compressed-tensors format name; scale rules whose scales it stores exactly (an E8M0 byte)
+EXPORT_FORMAT = "mxfp4-pack-quantized"
+EXPORT_RULES = ("ocp", "ceil", "ct-round", "mse")
+EXPORT_SCALE_DTYPE = "torch.uint8"  # E8M0: compressed-tensors uses MX power-of-two scales only then
+EXPORT_STRATEGY = "group"
+# what compressed-tensors (and vLLM) compute for activations at run time: dynamic, rule ct-round
+# with ties to even; an export is faithful only when the in-process activations are the same
+EXPORT_ACT = {"scale_rule": "ct-round", "rounding": "even", "dynamic": True}
+
+
+def weight_tensor_scale(w: Tensor) -> None:
+    """MXFP4 has no per-tensor scale."""
+    return None
+
+
+def grid_scales(x: Tensor, rule: str, tensor_scale: Tensor | None = None) -> Tensor:
+    """Per-group stored scale [..., K/32] of `x` (`group_scales`; `tensor_scale` is unused)."""
+    return group_scales(x, rule)
+
+
+def encode_with_scale(
+    x: Tensor, scale: Tensor, rule: str, rounding: str, tensor_scale: Tensor | None = None
+) -> Tensor:
+    """E2M1 grid values (float32/float64, unscaled) of `x` on the given `scale` (broadcast)."""
     check_scale_rule(rule)
     check_rounding(rounding)
     x, scale = x.float(), scale.float()
     if rule in GLOBAL_FACTOR:  # keep in step with _encode: x * 3 / 2^e is exact in float64
-        y = x.double() * (1.0 / GLOBAL_FACTOR[rule]) / scale.double()
-        q = round_to_e2m1(y, rounding)
-    else:
-        q = round_to_e2m1(x / scale, rounding)
-    return _decode(q, scale, torch.isnan(scale), rule)
+        return round_to_e2m1(x.double() * (1.0 / GLOBAL_FACTOR[rule]) / scale.double(), rounding)
+    return round_to_e2m1(x / scale, rounding)
+
+
+def decode_with_scale(
+    q: Tensor, scale: Tensor, rule: str, tensor_scale: Tensor | None = None
+) -> Tensor:
+    """Grid values `q` times their group `scale` (broadcast), float32, as `quantize_dequantize`."""
+    scale = scale.float()
+    return _decode(q.clone(), scale, torch.isnan(scale), rule)
+
+
+def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tensor | None) -> dict:
+    """compressed-tensors' tensors of one linear: `weight_packed` and `weight_scale` (127 + exponent)."""
+    if rule not in EXPORT_RULES:
+        raise ValueError(
+            f"MXFP4 weight scale rule {rule!r} is not a plain E8M0 power of two; "
+            f"an export needs one of {EXPORT_RULES}"
+        )
+    mant, exp = torch.frexp(scales.float())  # scale = 2^e exactly: mantissa 0.5, exponent e + 1
+    if not bool((mant == 0.5).all()):
+        raise ValueError("MXFP4 weight scales must be powers of two to export")
+    return {
+        "weight_packed": positive_zeros(packed),
+        "weight_scale": (exp - 1 + E8M0_BIAS).to(torch.uint8),
+    }
+
+
+def import_tensors(tensors: dict, rule: str = "ocp") -> tuple[Tensor, Tensor, None]:
+    """Inverse of `export_tensors`: (packed codes, float32 group scales, no tensor scale)."""
+    e = tensors["weight_scale"].to(torch.int32) - E8M0_BIAS
+    return tensors["weight_packed"], _pow2(e), None
 
 
 def _encode(

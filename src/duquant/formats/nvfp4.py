@@ -23,7 +23,9 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
+    positive_zeros,
     round_e2m1_,
+    round_to_e2m1,
     run_compiled,
     unpack_nibbles,
 )
@@ -66,6 +68,69 @@ def _encode(
     if not live.all():  # groups whose E4M3 scale underflows (or is NaN) quantize to +0
         y.masked_fill_(~live, 0.0)
     return y, s, ts
+
+
+# ---- the format interface GPTQ, QuantLinear and the exporters use (same names in mxfp4) ------
+PER_TENSOR_SCALE = True  # each linear has its own FP32 scale: linears sharing an input solve apart
+EXPORT_FORMAT = "nvfp4-pack-quantized"
+EXPORT_RULES = SCALE_RULES
+EXPORT_SCALE_DTYPE = "torch.float8_e4m3fn"
+EXPORT_STRATEGY = "tensor_group"
+# compressed-tensors' NVFP4 activations: E4M3 group scales on the fly, a static (calibrated) global
+# scale per layer ("local"); duquant's in-process activations take the global scale per tensor
+EXPORT_ACT = {"scale_rule": "e4m3", "rounding": "even", "dynamic": "local"}
+
+
+def weight_tensor_scale(w: Tensor) -> Tensor:
+    """The FP32 per-tensor scale of a weight (`tensor_scale_of`)."""
+    return tensor_scale_of(w.float())
+
+
+def grid_scales(x: Tensor, rule: str, tensor_scale: Tensor | None = None) -> Tensor:
+    """Per-group E4M3 scale [..., K/16] of `x` (float32) given the per-tensor scale, as `_encode`."""
+    _check_rule(rule)
+    if tensor_scale is None:
+        raise ValueError("NVFP4 group scales need the per-tensor scale")
+    amax = group_amax(grouped(x, GROUP_SIZE, "tensor")).squeeze(-1)
+    return (amax / E2M1_MAX / tensor_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def encode_with_scale(
+    x: Tensor, scale: Tensor, rule: str, rounding: str, tensor_scale: Tensor | None = None
+) -> Tensor:
+    """E2M1 grid values (float32) of `x` on the given group `scale` (broadcast) and tensor scale."""
+    _check_rule(rule)
+    if tensor_scale is None:
+        raise ValueError("NVFP4 rounding needs the per-tensor scale")
+    y = torch.where(scale > 0, x.float() / (scale * tensor_scale), 0.0)
+    return round_to_e2m1(y, rounding)
+
+
+def decode_with_scale(
+    q: Tensor, scale: Tensor, rule: str, tensor_scale: Tensor | None = None
+) -> Tensor:
+    """Grid values times group and tensor scales: (q * s) * ts, the order `quantize_dequantize` uses."""
+    if tensor_scale is None:
+        raise ValueError("NVFP4 decoding needs the per-tensor scale")
+    # q * s is exact, so only the multiplication by ts rounds
+    return q.float() * scale.float() * tensor_scale
+
+
+def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tensor | None) -> dict:
+    """compressed-tensors' tensors of one linear: packed codes, E4M3 scales, global scale 1 / ts."""
+    _check_rule(rule)
+    return {
+        "weight_packed": positive_zeros(packed),
+        "weight_scale": scales.to(torch.float8_e4m3fn),
+        # compressed-tensors divides the group scale by a global scale: ours is its reciprocal
+        "weight_global_scale": (1.0 / torch.as_tensor(tensor_scale).float()).reshape(1),
+    }
+
+
+def import_tensors(tensors: dict, rule: str = "e4m3") -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `export_tensors` up to the reciprocal's rounding: (packed, scales, tensor scale)."""
+    ts = 1.0 / tensors["weight_global_scale"].float().reshape(())
+    return tensors["weight_packed"], tensors["weight_scale"].float(), ts
 
 
 def _fused_kernel(rounding: str, given_scale: bool) -> Callable[..., tuple[Tensor, Tensor]]:

@@ -37,6 +37,11 @@ def supports(rule: str, rounding: str) -> bool:
     return rule in KERNEL_RULES and rounding in ROUNDINGS
 
 
+def supports_spec(spec) -> bool:
+    """Whether the kernel implements a QuantSpec: MXFP4 (the kernel's format) with its rule and rounding."""
+    return spec.codec.__name__.endswith(".mxfp4") and supports(spec.scale_rule, spec.rounding)
+
+
 def _kernel_source():
     """The kernel body; defined in a function so that importing this module needs no triton."""
     import triton.language as tl

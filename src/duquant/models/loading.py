@@ -109,6 +109,12 @@ def load_model(
     check_model_source(source)
     kwargs: dict = {"dtype": DTYPES[dtype]}
     path = Path(source).expanduser()
+    from duquant.export import find_loader
+
+    exported = find_loader(path)
+    if exported is not None:  # through its own loader, which applies the online transforms
+        model, tokenizer = exported.load(path, DTYPES[dtype], device)
+        return LoadedModel(model, tokenizer, source)
     if path.suffix == ".gguf":
         where, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.is_dir():

@@ -6,6 +6,8 @@ A transform A maps an activation row x to x·A and a weight W (out x in) to W·A
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,11 @@ class Transform(nn.Module):
 
     def weight(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def apply_online(self, x: Tensor) -> Tensor:
+        """The activation map as a quantized layer runs it: `forward`, unless a step computes it
+        the way an exported checkpoint's loader does (see BlockRotation)."""
+        return self(x)
 
     def inverse(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """x·A^-1: undoes `forward` (used by tests and by folding into a producer's output)."""
@@ -44,6 +51,11 @@ class Sequence(Transform):
         for step in self.steps:
             w = step.weight(w)
         return w
+
+    def apply_online(self, x: Tensor) -> Tensor:
+        for step in self.steps:
+            x = step.apply_online(x)
+        return x
 
     def inverse(self, x: Tensor) -> Tensor:
         for step in reversed(self.steps):
@@ -110,6 +122,7 @@ class BlockRotation(Transform):
         if rotation.ndim == 2:
             rotation = rotation.unsqueeze(0)
         self.register_buffer("rotation", rotation.detach().float().clone())
+        self._stored: dict = {}  # stored_matrix() per device, computed on first online use
 
     @property
     def block_size(self) -> int:
@@ -128,6 +141,29 @@ class BlockRotation(Transform):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._rotate(x, self.rotation)
+
+    def stored_matrix(self) -> Tensor:
+        """sqrt(B)·R in float32: the matrix an export stores (compressed-tensors divides by sqrt(B))."""
+        r = self.rotation[0].double()
+        return (r * math.sqrt(r.shape[-1])).float()
+
+    def apply_online(self, x: Tensor) -> Tensor:
+        """x·R computed as compressed-tensors' transform does: (x·S) / sqrt(B) in float32, S the
+        stored matrix, cast back to x's dtype, so an exported checkpoint reloads bit for bit."""
+        if self.rotation.shape[0] != 1:  # one matrix per block: not exportable, plain forward
+            return self(x)
+        b = self.block_size
+        if x.shape[-1] % b:
+            raise ValueError(
+                f"input width {x.shape[-1]} is not divisible by the rotation block {b}"
+            )
+        s = self._stored.get(self.rotation.device)
+        if s is None:
+            s = self._stored[self.rotation.device] = self.stored_matrix().to(self.rotation.device)
+        xb = x.to(torch.float32).unflatten(-1, (x.shape[-1] // b, b))
+        # the loader's expression: a float64 0-d tensor divisor, which torch applies in float32
+        y = (xb @ s.to(x.device)).flatten(-2, -1) / torch.tensor(b, dtype=torch.float64).sqrt()
+        return y.to(x.dtype)
 
     def weight(self, w: Tensor) -> Tensor:
         return self._rotate(w, self.rotation)  # orthogonal: A^-T = A

@@ -1,0 +1,125 @@
+"""Exporters: a quantized model out of the process, into a format an inference engine loads.
+
+A small registry: each exporter is one module with `check_request(method, quant)` (refuse what it
+cannot express, before any model is loaded), `write(model, tokenizer, dir, info)` and, when it can
+be read back, `is_checkpoint(path)` / `load(path, dtype, device)`. `save` and `check` are the two
+calls the command line makes; writes are atomic (see `atomic`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+
+from duquant.export.atomic import ExportError, check_destination, staged_directory
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = {"compressed-tensors": "duquant.export.ct"}
+DEFAULT_TARGET = "compressed-tensors"
+
+
+def exporter(target: str = DEFAULT_TARGET) -> ModuleType:
+    """The exporter module of `target`, or a clear error listing the known ones."""
+    if target not in EXPORTERS:
+        raise ExportError(f"unknown export target {target!r}; choose one of {sorted(EXPORTERS)}")
+    return importlib.import_module(EXPORTERS[target])
+
+
+def check(cfg, dest: str | Path, overwrite: bool = False, target: str = DEFAULT_TARGET) -> None:
+    """Everything about an export request that can be refused before the model loads: the
+    destination, the method's online transforms, the formats (`cfg` is a RunConfig)."""
+    from duquant.methods import get_method
+    from duquant.runner import quant_config
+
+    check_destination(dest, overwrite)
+    method = get_method(
+        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
+    )
+    exporter(target).check_request(method, quant_config(cfg))
+
+
+def export_info(result: dict) -> dict:
+    """What the sidecar records of a run: its configuration, calibration data and perplexities."""
+    config = result.get("config", {})
+    metrics = result.get("metrics", {})
+    ppl = {k: v for k, v in metrics.items() if isinstance(v, dict) and "ppl" in v}
+    calib = config.get("calibration") or {}
+    return {
+        "run": config.get("run", {}),
+        "model_source": config.get("model_source"),
+        "calibration_sha256": calib.get("sha256"),
+        "perplexity": {
+            k: {"ppl": v["ppl"], "windows": v["windows"], "seqlen": v.get("seqlen")}
+            for k, v in ppl.items()
+        },
+        "config": config,
+        "quantize_seconds": metrics.get("quantize_seconds"),
+    }
+
+
+def save(
+    model,
+    tokenizer,
+    dest: str | Path,
+    result: dict | None = None,
+    overwrite: bool = False,
+    target: str = DEFAULT_TARGET,
+    calib=None,
+) -> dict:
+    """Write `model` (quantized in process) to `dest` atomically; return the exporter's figures.
+
+    `calib`: calibration windows, for formats whose export calibrates a static activation scale."""
+    mod = exporter(target)
+    with staged_directory(dest, overwrite) as tmp:
+        figures = mod.write(model, tokenizer, tmp, export_info(result or {}), calib)
+    return figures
+
+
+def check_source(cfg) -> None:
+    """Refuse to quantize an export again (before loading it): it is evaluated with method fp."""
+    if cfg.model and cfg.method != "fp" and find_loader(cfg.model) is not None:
+        raise ExportError(
+            f"{cfg.model} is an exported (already quantized) checkpoint; evaluate it with "
+            "--method fp, or quantize the original model"
+        )
+
+
+def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -> dict:
+    """`duquant run`: check the request, load, quantize, evaluate, then export to `dest` if given."""
+    from duquant.models import load_model
+    from duquant.runner import quant_config, run
+
+    check_source(cfg)
+    if dest is None:
+        return run(cfg)
+    check(cfg, dest, overwrite)  # before the model loads or calibration starts
+    loaded = load_model(cfg.model, cfg.dtype, cfg.device)
+    result = run(cfg, loaded)
+    calib = None
+    if quant_config(cfg).act is not None and exporter().needs_activation_calibration(
+        quant_config(cfg).act
+    ):
+        from duquant.data import calibration_windows
+
+        calib, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
+    figures = save(loaded.model, loaded.tokenizer, dest, result, overwrite, calib=calib)
+    result["export"] = {"dir": str(dest), **figures}
+    log.info("exported to %s", dest)
+    return result
+
+
+def find_loader(path: str | Path) -> ModuleType | None:
+    """The exporter that recognises `path` as its checkpoint, or None."""
+    if not Path(path).is_dir():
+        return None
+    for target in EXPORTERS:
+        mod = exporter(target)
+        if hasattr(mod, "is_checkpoint") and mod.is_checkpoint(path):
+            return mod
+    return None
+
+
+__all__ = ["EXPORTERS", "ExportError", "check", "exporter", "find_loader", "save"]

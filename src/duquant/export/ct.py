@@ -1,0 +1,495 @@
+"""compressed-tensors export: packed FP4 weights, E8M0 / E4M3 scales, block rotations as transforms.
+
+What is written (facts checked against compressed-tensors 0.20.1, see docs/export.md):
+
+* `config.json` with a `quantization_config` (quant_method `compressed-tensors`, one group targeting
+  every `Linear` but `lm_head`, weights static, activations dynamic, format from `formats/`) whose
+  `transform_config` holds one scheme per online block rotation: per layer and input position
+  (qkv, o, gate_up, down), applied at the `input` of the linears reading that position.
+* `model.safetensors`: per quantized linear the codes and scales it computes with
+  (`QuantizedWeight`, via the format's `export_tensors`), its bias, every other tensor in full
+  precision, and per transform scheme one matrix `<first target>.<scheme>_input.weight`.
+* A rotation R is stored as sqrt(B)·R under type `random-hadamard` with `randomize: false`:
+  compressed-tensors divides that type by sqrt(B), and so does vLLM for every dense type. The
+  weights are stored already rotated; `BlockRotation.apply_online` computes x·R in the loader's
+  float order, which makes the reload bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import duquant
+from duquant.export.atomic import ExportError
+from duquant.formats import QuantSpec
+from duquant.qlinear import InputQuantizer, QuantLinear
+from duquant.transforms.base import BlockRotation, Sequence, Transform
+from duquant.transforms.hadamard import KroneckerHadamard
+
+log = logging.getLogger(__name__)
+
+NAME = "compressed-tensors"
+CT_VERSION = "0.20.1"  # the version this exporter is tested against (pyproject's `export` extra)
+WEIGHTS_FILE = "model.safetensors"
+SIDECAR = "duquant.json"
+TRANSFORM_TYPE = "random-hadamard"  # a stored dense matrix divided by sqrt(B) on load
+
+
+def check_request(method, quant) -> None:
+    """Refuse, before any model is loaded, a method or format this exporter cannot express."""
+    if not method.quantize:
+        raise ExportError(f"method {method.name} quantizes nothing; there is nothing to export")
+    if method.rotation == "duquant-v1":
+        raise ExportError(
+            f"method {method.name} is not exportable: its online zigzag permutation moves channels "
+            "across 32-channel blocks, which a compressed-tensors block transform cannot express"
+        )
+    if method.per_block and method.rotation != "none":
+        raise ExportError(
+            f"method {method.name} with one rotation per block is not exportable: a "
+            "compressed-tensors transform shares one matrix among all blocks of an input"
+        )
+    if method.smooth and not method.fold:
+        raise ExportError(
+            f"method {method.name} with fold=False keeps smoothing online; compressed-tensors "
+            "has no per-channel scale transform (fold it, the default)"
+        )
+    if quant.weight is None or quant.act is None:
+        raise ExportError("an export needs both weights and activations quantized (W4A4)")
+    _check_spec(quant.weight, "weight", weights=True)
+    _check_spec(quant.act, "activation", weights=False)
+
+
+def _check_spec(spec: QuantSpec, what: str, weights: bool) -> None:
+    """The spec is one compressed-tensors stores (weights) or computes at run time (activations)."""
+    codec = spec.codec
+    if weights and spec.scale_rule not in codec.EXPORT_RULES:
+        raise ExportError(
+            f"{what} scale rule {spec.scale_rule!r} is not exportable to {codec.EXPORT_FORMAT} "
+            f"(stored scales must be plain E8M0 powers of two: {codec.EXPORT_RULES})"
+        )
+    if not weights:
+        want = codec.EXPORT_ACT
+        if (spec.scale_rule, spec.rounding) != (want["scale_rule"], want["rounding"]):
+            raise ExportError(
+                f"activation scale rule {spec.scale_rule!r} / rounding {spec.rounding!r} differs "
+                f"from what compressed-tensors computes at run time ({want['scale_rule']!r}, "
+                f"{want['rounding']!r}); the export would not compute what duquant measured. "
+                f"Use --a-scale-rule {want['scale_rule']} --rounding {want['rounding']}"
+            )
+
+
+def online_rotation(online: Transform | None, where: str) -> BlockRotation | None:
+    """The single shared block rotation an online transform consists of, None, or ExportError."""
+    matrix = online_matrix(online, where)
+    return None if matrix is None else _single_step(online)
+
+
+def _single_step(online: Transform) -> Transform:
+    """The one step of a transform (itself, or a one-step Sequence's step)."""
+    return online.steps[0] if isinstance(online, Sequence) else online
+
+
+def online_matrix(online: Transform | None, where: str) -> tuple[Tensor, int] | None:
+    """(stored matrix sqrt(B)·R, block size B) of an online transform, None if there is none.
+
+    Expressible: one block rotation shared by every block (B = its block), or a global
+    (Kronecker) Hadamard (B = the width, QuaRot's down_proj input: stored densely, its entries
+    exactly ±1). Anything else is an ExportError naming the steps.
+    """
+    if online is None:
+        return None
+    steps = list(online.steps) if isinstance(online, Sequence) else [online]
+    if not steps:
+        return None
+    if len(steps) == 1 and isinstance(steps[0], BlockRotation) and steps[0].rotation.shape[0] == 1:
+        return steps[0].stored_matrix(), steps[0].block_size
+    if len(steps) == 1 and isinstance(steps[0], KroneckerHadamard):
+        n = steps[0].k * steps[0].p
+        # the dense ±1 matrix, exact: rounding removes the float error of the normalised factors
+        return torch.round(steps[0].matrix().double() * math.sqrt(n)).float(), n
+    names = " then ".join(type(s).__name__ for s in steps)
+    raise ExportError(
+        f"the online transform of {where} ({names}) is not expressible as one compressed-tensors "
+        "transform (a single block rotation shared by all blocks, or a global Hadamard, is)"
+    )
+
+
+def _quant_args(spec: QuantSpec, dynamic) -> dict:
+    """One `QuantizationArgs` of compressed-tensors as JSON."""
+    codec = spec.codec
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": spec.group_size,
+        "strategy": codec.EXPORT_STRATEGY,
+        "dynamic": dynamic,
+        "scale_dtype": codec.EXPORT_SCALE_DTYPE,
+    }
+
+
+def quantization_config(
+    w_spec: QuantSpec, a_spec: QuantSpec, ignore: list[str], transforms: dict
+) -> dict:
+    """The `quantization_config` of config.json."""
+    fmt = w_spec.codec.EXPORT_FORMAT
+    cfg = {
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _quant_args(w_spec, False),
+                "input_activations": _quant_args(a_spec, a_spec.codec.EXPORT_ACT["dynamic"]),
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "quant_method": "compressed-tensors",
+        "kv_cache_scheme": None,
+        "format": fmt,
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "version": CT_VERSION,
+    }
+    if transforms:
+        cfg["transform_config"] = {"config_groups": transforms}
+    return cfg
+
+
+def _transform_scheme(targets: list[str], block: int) -> dict:
+    """A transform scheme applying one stored B x B matrix at the input of `targets`."""
+    return {
+        "type": TRANSFORM_TYPE,
+        "apply": [{"targets": targets, "location": "input", "inverse": False, "ignore": []}],
+        "randomize": False,
+        "requires_grad": False,
+        "head_dim": block,
+        "precision": "torch.float32",
+    }
+
+
+def needs_activation_calibration(spec: QuantSpec) -> bool:
+    """Whether the format's export takes a static activation scale per layer (NVFP4's global one)."""
+    return spec.codec.EXPORT_ACT["dynamic"] == "local"
+
+
+@torch.no_grad()
+def activation_amax(model: nn.Module, windows: Tensor) -> dict[int, Tensor]:
+    """max |T(x)| over calibration windows at every input quantizer (keyed by id), T its online
+    transform: the static per-layer activation maximum NVFP4's global scale is calibrated from."""
+    amax: dict[int, Tensor] = {}
+
+    def hook(iq: InputQuantizer, args) -> None:
+        x = args[0]
+        y = iq.online.apply_online(x) if iq.online is not None else x
+        m = y.detach().abs().amax().float()
+        amax[id(iq)] = torch.maximum(amax.get(id(iq), m), m)
+
+    iqs = {id(m): m for m in model.modules() if isinstance(m, InputQuantizer)}.values()
+    handles = [iq.register_forward_pre_hook(hook) for iq in iqs]
+    try:
+        for i in range(windows.shape[0]):
+            model(windows[i : i + 1].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def collect(
+    model: nn.Module, act_amax: dict[int, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict, QuantSpec, QuantSpec, list[str]]:
+    """(tensors, transform schemes, weight spec, activation spec, ignored linears) of a quantized
+    model; `act_amax` (from `activation_amax`) gives formats with a static activation scale theirs."""
+    qlins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not qlins:
+        raise ExportError("the model has no quantized linears; nothing to export")
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    drop = tuple(f"{n}." for n in qlins)
+    for key, value in state.items():
+        if not key.startswith(drop):
+            tensors[key] = value
+    # tied embeddings: one tensor, written once (transformers ties lm_head again on load)
+    head = model.get_output_embeddings()
+    if (
+        getattr(model.config, "tie_word_embeddings", False)
+        and head is not None
+        and head.weight is model.get_input_embeddings().weight
+    ):
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        tensors.pop(f"{head_name}.weight", None)
+    ignore = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(drop)
+    ]
+    w_spec = a_spec = None
+    schemes: dict = {}
+    seen: dict[int, str] = {}
+    for name, q in qlins.items():
+        if q.qweight is None:
+            raise ExportError(
+                f"{name} has no quantized weight codes (weights left in full precision)"
+            )
+        if w_spec is None:
+            w_spec, a_spec = q.qweight.spec, q.input_quantizer.spec
+        if (q.qweight.spec, q.input_quantizer.spec) != (w_spec, a_spec):
+            raise ExportError(f"{name} is quantized differently from the other linears")
+        qw = q.qweight
+        for k, v in qw.spec.codec.export_tensors(
+            qw.packed, qw.scales, qw.spec.scale_rule, qw.tensor_scale
+        ).items():
+            tensors[f"{name}.{k}"] = v
+        if q.bias is not None:
+            tensors[f"{name}.bias"] = q.bias.data
+        iq = q.input_quantizer
+        if needs_activation_calibration(iq.spec):
+            if act_amax is None or id(iq) not in act_amax:
+                raise ExportError(f"{name}: {iq.spec.format} export needs calibrated activations")
+            # compressed-tensors divides by its global scale: the reciprocal of ours, amax / (6 * 448)
+            ts = iq.spec.codec.tensor_scale_of(act_amax[id(iq)])
+            tensors[f"{name}.input_global_scale"] = (1.0 / ts).reshape(1)
+        stored = online_matrix(iq.online, iq.name)
+        if stored is None:
+            continue
+        # one scheme per distinct online transform: q/k/v (gate/up) share an input quantizer, and
+        # QuaRot's down_proj Hadamard is one object for every layer: one matrix, several targets
+        if id(iq.online) in seen:
+            schemes[seen[id(iq.online)]]["apply"][0]["targets"].append(name)
+            continue
+        scheme = _scheme_name(iq.name, len(schemes))
+        seen[id(iq.online)] = scheme
+        schemes[scheme] = _transform_scheme([name], stored[1])
+        tensors[f"{name}.{scheme}_input.weight"] = stored[0]
+    _check_act_spec(a_spec)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return tensors, schemes, w_spec, a_spec, ignore
+
+
+def _check_act_spec(spec: QuantSpec | None) -> None:
+    """Activations must be quantized the way compressed-tensors does it at run time."""
+    if spec is None:
+        raise ExportError("activations are not quantized; an export is W4A4")
+    _check_spec(spec, "activation", weights=False)
+
+
+def _scheme_name(input_name: str, index: int) -> str:
+    """A transform scheme name from an input quantizer's name ("layers.3.qkv input" -> l3_qkv).
+
+    compressed-tensors registers `<scheme>_input` as a submodule, so no dots."""
+    parts = input_name.replace(" input", "").split(".")
+    if len(parts) == 3 and parts[0] == "layers":
+        return f"l{parts[1]}_{parts[2]}"
+    return f"t{index}"
+
+
+def model_card(info: dict, dest_name: str) -> str:
+    """A short README: what the checkpoint is, how to load and serve it."""
+    run = info.get("run", {})
+    ppl = info.get("perplexity", {})
+    lines = [
+        f"# {dest_name}: {run.get('method', '?')} {run.get('format', 'mxfp4').upper()} W4A4",
+        "",
+        f"Quantized with duquant {duquant.__version__} from `{info.get('model_source', '?')}`: "
+        f"method `{run.get('method')}`, weights `{run.get('weights')}`, format `{run.get('format')}`.",
+        f"Weights are packed FP4 ({info.get('format_name', 'compressed-tensors')}); activations are "
+        "quantized at run time; online block rotations are compressed-tensors transforms (type "
+        "`random-hadamard`, the stored matrix is sqrt(B)·R). `lm_head` stays in full precision.",
+        "",
+    ]
+    for name, m in ppl.items():
+        lines.append(
+            f"- perplexity {name}: {m['ppl']:.4f} over {m['windows']} windows of {m['seqlen']}"
+        )
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```bash",
+        f"duquant run --model {dest_name} --method fp --eval wikitext2   # through compressed-tensors",
+        f"vllm serve {dest_name}   # see duquant's docs/export.md for versions and hardware",
+        "```",
+        "",
+        "Do not load it with plain `transformers.from_pretrained`: transformers 5.24 drops the "
+        "transforms (the logits are wrong). `duquant.json` holds the full run configuration.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(model: nn.Module, tokenizer, dest: Path, info: dict, calib: Tensor | None = None) -> dict:
+    """Write the checkpoint into the (empty, temporary) directory `dest`; return size figures.
+
+    `calib` (calibration windows) is needed by formats with a static activation scale (NVFP4)."""
+    from safetensors.torch import save_file
+
+    act_amax = None
+    first = next((m for m in model.modules() if isinstance(m, InputQuantizer)), None)
+    if first is not None and first.spec is not None and needs_activation_calibration(first.spec):
+        if calib is None:
+            raise ExportError(f"a {first.spec.format} export needs calibration windows")
+        act_amax = activation_amax(model, calib)
+    tensors, schemes, w_spec, a_spec, ignore = collect(model, act_amax)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    config["quantization_config"] = quantization_config(w_spec, a_spec, ignore, schemes)
+    (dest / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    save_file(tensors, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(dest))
+    sizes = size_figures(tensors, model)
+    info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
+    info["format_name"] = w_spec.codec.EXPORT_FORMAT
+    info["transforms"] = {k: v["apply"][0]["targets"] for k, v in schemes.items()}
+    (dest / SIDECAR).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (dest / "README.md").write_text(model_card(info, dest.name.split(".partial-")[0].lstrip(".")))
+    return sizes
+
+
+def size_figures(tensors: dict[str, Tensor], model: nn.Module) -> dict:
+    """Bytes of the quantized linears' codes and scales, the rest, and bits per quantized weight."""
+    q_bytes = sum(
+        v.numel() * v.element_size()
+        for k, v in tensors.items()
+        if k.endswith(
+            ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+        )
+    )
+    n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantLinear))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    return {
+        "quantized_weights": n_weights,
+        "quantized_bytes": q_bytes,
+        "bits_per_quantized_weight": 8.0 * q_bytes / n_weights,
+        "tensor_bytes": total,
+        "other_bytes": total - q_bytes,
+    }
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a compressed-tensors checkpoint."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "compressed-tensors"
+
+
+def _online_only(tconfig: dict) -> dict:
+    """The transform config with only the online `input` entries (weights are stored rotated)."""
+    out = {}
+    for name, scheme in tconfig.get("config_groups", {}).items():
+        apply = [a for a in scheme.get("apply", []) if a.get("location") in ("input", "output")]
+        if apply:
+            out[name] = {**scheme, "apply": apply}
+    return {"config_groups": out}
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load an export through compressed-tensors' own APIs, transforms applied: (model, tokenizer)."""
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+        from compressed_tensors.transform import TransformConfig, apply_transform_config
+    except ImportError as exc:
+        raise ExportError(
+            f"{path} is a compressed-tensors checkpoint; loading it needs compressed-tensors "
+            f'(pip install "duquant[export]"): {exc}'
+        ) from exc
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    qraw = dict(raw["quantization_config"])
+    traw = qraw.pop("transform_config", None)
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers' own loader would drop the transforms
+    # built directly in the target dtype: a cast afterwards would round RoPE's inv_freq
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if traw:
+        apply_transform_config(model, TransformConfig.model_validate(_online_only(traw)))
+    qconfig = QuantizationConfig.model_validate(qraw)
+    apply_quantization_config(model, qconfig)
+    ModelCompressor(quantization_config=qconfig).compress_model(model)
+    state = load_file(str(path / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ExportError(f"{path}: tensors the model does not have: {unexpected[:5]}")
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
+    bad = [k for k in missing if not (k in tied or _is_tied_transform(k))]
+    if bad:
+        raise ExportError(f"{path}: tensors missing from {WEIGHTS_FILE}: {bad[:5]}")
+    model.tie_weights()
+    ModelCompressor(quantization_config=qconfig).decompress_model(model)
+    _to_dtype(model, dtype)
+    _check_transforms_present(model, traw)
+    model.to(device).eval()
+    has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tok else None
+    return model, tokenizer
+
+
+def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Decompressed weights come back in bfloat16 (exact for E2M1 times E8M0): give them the
+    model's dtype, as transformers' loader does, so that the linear's GEMM runs in it."""
+    from compressed_tensors.offload import disable_onloading
+
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if getattr(module, "quantization_scheme", None) is None or w is None or w.dtype == dtype:
+            continue
+        new = nn.Parameter(w.data.to(dtype), requires_grad=False)
+        with disable_onloading():  # the offload cache would copy into the bfloat16 tensor
+            module._parameters["weight"] = new
+
+
+def _is_tied_transform(key: str) -> bool:
+    """A transform matrix of a scheme's second or later target (a tied copy of the first)."""
+    return key.endswith("_input.weight") or key.endswith("_output.weight")
+
+
+def _check_transforms_present(model: nn.Module, traw: dict | None) -> None:
+    """Every online transform scheme of the config is attached to the model: never drop one."""
+    if not traw:
+        return
+    want = set(_online_only(traw)["config_groups"])
+    have = {
+        n.rsplit(".", 1)[-1].removesuffix("_input").removesuffix("_output")
+        for n, _ in model.named_modules()
+        if n.endswith(("_input", "_output"))
+    }
+    if want - have:
+        raise ExportError(f"transforms {sorted(want - have)[:5]} were not applied on load")
+
+
+def nbytes_on_disk(path: Path) -> int:
+    """Total size of the files in a directory."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+__all__ = [
+    "NAME",
+    "check_request",
+    "collect",
+    "is_checkpoint",
+    "load",
+    "quantization_config",
+    "write",
+]
