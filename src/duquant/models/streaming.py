@@ -332,8 +332,12 @@ def streamed_logits(
     with store.head():
         norm = model.get_submodule(adapter.final_norm)
         head = model.get_submodule(adapter.lm_head)
+        # the final soft cap some families apply to the logits (Gemma 3's final_logit_softcapping)
+        cap = getattr(model.config, "final_logit_softcapping", None)
         for h in inputs.hidden:
             logits = head(norm(h))
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
             out.append(logits if fn is None else fn(logits))
             del logits
     return out
