@@ -48,11 +48,14 @@ def quantize_streaming(
 @torch.no_grad()
 def streamed_nll(model, adapter, store, windows: Tensor) -> float:
     """Mean next-token NLL of `windows` (n x seqlen), the model streamed block by block."""
-    total, count = 0.0, 0
-    for w, logits in zip(windows, streamed_logits(model, adapter, store, windows), strict=True):
-        total += F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="sum").item()
-        count += w.numel() - 1
-    return total / count
+    it = iter(windows)  # streamed_logits hands the windows' logits over in order
+
+    def window_sum(logits: Tensor) -> float:
+        w = next(it)
+        return F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="sum").item()
+
+    total = sum(streamed_logits(model, adapter, store, windows, fn=window_sum))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def _parser():
