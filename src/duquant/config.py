@@ -309,6 +309,17 @@ class RunConfig(QuantSettings):
     output: str | None = opt(None, "write the result JSON here")
     save: str | None = opt(None, "export the quantized model to this folder (compressed-tensors)")
     overwrite: bool = opt(False, "let --save replace a non-empty folder")
+    stream: bool = opt(
+        False,
+        "quantize and evaluate one block at a time, reading a safetensors checkpoint folder lazily "
+        "(models larger than memory)",
+    )
+    work_dir: str | None = opt(
+        None, "with --stream: folder for the quantized blocks (default: a temporary one, removed)"
+    )
+    max_activation_mb: int | None = opt(
+        None, "with --stream: refuse calibration activations above this many MiB", minimum=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -329,14 +340,37 @@ class RunConfig(QuantSettings):
                 check_eval_file(name, self.seqlen)
         if self.output is not None:
             check_output_file(self.output, "--output")
+        if self.model is not None:
+            from duquant.models.loading import refuse_method
+
+            refuse_method(self.model, method)  # e.g. QuaRot on Gemma 3, before anything loads
+        if self.stream:
+            self._check_stream()
+        elif self.work_dir is not None or self.max_activation_mb is not None:
+            raise ConfigError("--work-dir and --max-activation-mb apply to --stream runs only")
         from duquant import export
 
-        export.check_source(
-            self
-        )  # an export is evaluated as it is (method fp), not quantized again
+        # an export is evaluated as it is (method fp), not quantized again
+        export.check_source(self)
         if self.save is not None:
             check_output_dir(self.save, "--save")
             export.check(self, self.save, self.overwrite)  # destination, method, formats
+
+    def _check_stream(self) -> None:
+        """A streamed run reads a local safetensors folder and exports nothing (yet)."""
+        folder = Path(self.model) if self.model else None
+        if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise ConfigError(
+                f"--stream: --model {self.model} is not a checkpoint folder with safetensors "
+                "weights; convert a GGUF first (scripts/gguf_to_hf.py)"
+            )
+        if self.save is not None:
+            raise ConfigError(
+                "--save with --stream: a streamed model cannot be exported yet; export a model "
+                "that fits in memory, or drop --save"
+            )
+        if self.work_dir is not None:
+            check_output_dir(self.work_dir, "--work-dir")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -39,7 +39,7 @@ def supports(rule: str, rounding: str) -> bool:
 
 def supports_spec(spec) -> bool:
     """Whether the kernel implements a QuantSpec: MXFP4 (the kernel's format) with its rule and rounding."""
-    return spec.codec.__name__.endswith(".mxfp4") and supports(spec.scale_rule, spec.rounding)
+    return spec.codec is mxfp4 and supports(spec.scale_rule, spec.rounding)
 
 
 def _kernel_source():

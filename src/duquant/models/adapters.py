@@ -246,6 +246,19 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+# GGUF `general.architecture` names, for checks made before a GGUF is loaded
+GGUF_ARCHITECTURES: dict[str, Adapter] = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LLAMA,
+    "gemma3": GEMMA3,
+    "phi3": PHI3,
+    "qwen3moe": QWEN3_MOE,
+    "olmoe": OLMOE,
+}
+
+
 class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no adapter."""
 

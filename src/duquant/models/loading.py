@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from duquant.models.adapters import adapter_for_names
+from duquant.models.adapters import UnsupportedArchitectureError, adapter_for_names
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,58 @@ def check_vocabulary(model: nn.Module, tokenizer, source: str) -> None:
             f"model {source}: the tokenizer has {n} tokens but the embedding only {rows} rows, so "
             "some token ids have no embedding; use the tokenizer that belongs to this model"
         )
+
+
+def architectures_of(source: str) -> tuple[str, ...]:
+    """The architecture names a local model declares without loading it: config.json's
+    `architectures` for a folder, `general.architecture` for a GGUF; () when unknown."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return tuple(json.loads((path / "config.json").read_text()).get("architectures") or ())
+    if path.suffix == ".gguf" and path.is_file():
+        arch = gguf_architecture(path)
+        return (arch,) if arch else ()
+    return ()
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file, read from its first metadata entries (no tensors)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                return None
+            _version, _tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+            for _ in range(min(n_kv, 8)):
+                (klen,) = struct.unpack("<Q", f.read(8))
+                key = f.read(klen).decode("utf-8", "replace")
+                (vtype,) = struct.unpack("<I", f.read(4))
+                if vtype != 8:  # only string values are read; the architecture comes first
+                    return None
+                (vlen,) = struct.unpack("<Q", f.read(8))
+                value = f.read(vlen).decode("utf-8", "replace")
+                if key == "general.architecture":
+                    return value
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def refuse_method(source: str, method) -> None:
+    """Refuse, before loading, a method that cannot apply to the model's family (adapter.refuse)."""
+    from duquant.models.adapters import GGUF_ARCHITECTURES, adapter_for_names
+
+    archs = architectures_of(source)
+    adapter = next((GGUF_ARCHITECTURES[a] for a in archs if a in GGUF_ARCHITECTURES), None)
+    if adapter is None and archs:
+        try:
+            adapter = adapter_for_names(*archs)
+        except UnsupportedArchitectureError:
+            return  # reported by check_architecture / adapter_for with the supported list
+    if adapter is None:
+        return
+    why = adapter.refuse(method)
+    if why:
+        raise ModelSourceError(why)
 
 
 def check_architecture(where: str) -> None:
