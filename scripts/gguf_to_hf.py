@@ -1,6 +1,6 @@
 """Save a GGUF model that transformers loads as a Hugging Face safetensors folder (weights dequantized, float32).
 
-Streaming (`python -m duquant.stream`) reads safetensors shards; the GGUF loader dequantizes the whole file at
+Streaming (`duquant run --stream`) reads safetensors shards; the GGUF loader dequantizes the whole file at
 once. Usage: python scripts/gguf_to_hf.py model.gguf out_dir [--max-shard-size 2GB]
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -138,24 +140,50 @@ def test_streaming_refuses_global_rotation_and_a_mismatched_checkpoint(tmp_path)
         SafetensorsCheckpoint(tmp_path)
 
 
-def test_stream_entry_point_runs_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+def test_run_stream_equals_the_in_memory_run(tmp_path, capsys, monkeypatch):
+    """`duquant run --stream` on a safetensors folder gives the in-memory run's perplexity exactly,
+    and bad streaming input is refused in one line before anything is written."""
     pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from duquant.stream import main
+    import duquant.data
+    from duquant.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("DUQUANT_DATA_DIR", raising=False)
+    monkeypatch.setattr(duquant.data, "hub_reachable", lambda *a, **k: False)
     _saved_llama(tmp_path, False)
+    ckpt = tmp_path / "ckpt"
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(tmp_path / "ckpt")
-    out = tmp_path / "r.json"
-    args = ["--model", str(tmp_path / "ckpt"), "--work", str(tmp_path / "w"), "--method", "rtn"]
-    assert main([*args, "--max-windows", "0", "--output", str(out)]) == 0
-    assert out.is_file() and len(list((tmp_path / "w").glob("block_*.pt"))) == 3
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0").save_pretrained(ckpt)
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"t{(7 * i) % 128}" for i in range(200)))
+    args = ["run", "--model", str(ckpt), "--method", "duquant++", "--eval", str(text)]
+    args += ["--seqlen", "32", "--nsamples", "4", "--calib-seqlen", "32"]
+    results = {}
+    for mode, extra in (
+        ("memory", []),
+        ("stream", ["--stream", "--work-dir", str(tmp_path / "w")]),
+    ):
+        out = tmp_path / f"{mode}.json"
+        assert main([*args, *extra, "--output", str(out)]) == 0, capsys.readouterr().err
+        results[mode] = json.loads(out.read_text())["metrics"]["eval.txt"]
+    assert results["stream"]["windows"] == results["memory"]["windows"] == 6
+    assert results["stream"]["ppl"] == results["memory"]["ppl"]
+    assert len(list((tmp_path / "w").glob("block_*.pt"))) == 3
     capsys.readouterr()
-    assert main(["--model", str(tmp_path / "nope"), "--work", str(tmp_path / "w2")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is not a checkpoint folder" in err
-    assert not (tmp_path / "w2").exists()  # refused before anything is written
+    no_st = tmp_path / "no_safetensors"
+    no_st.mkdir()
+    (no_st / "config.json").write_text((ckpt / "config.json").read_text())
+    for bad, needle in (
+        (["--model", str(tmp_path / "nope"), "--stream"], "no such file"),
+        (["--model", str(no_st), "--stream"], "not a checkpoint folder with safetensors"),
+        (["--model", str(ckpt), "--stream", "--save", str(tmp_path / "x")], "--save with --stream"),
+        (["--model", str(ckpt), "--work-dir", str(tmp_path / "w3")], "--stream runs only"),
+    ):
+        assert main(["run", *bad, "--output", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "bad.json").exists() and not (tmp_path / "w3").exists()

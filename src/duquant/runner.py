@@ -35,6 +35,28 @@ def quant_config(cfg: RunConfig) -> QuantConfig:
     )
 
 
+def _plan(cfg: RunConfig, source: str) -> tuple:
+    """(method, quant config, the result's config record) of a run."""
+    method = get_method(
+        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
+    )
+    quant = quant_config(cfg)
+    config: dict = {
+        "run": cfg.to_dict(),
+        "model_source": source,
+        "method": asdict(method),
+        "weights": asdict(quant.weight) if method.quantize else None,
+        "activations": asdict(quant.act) if method.quantize else None,
+        "weight_quantizer": quant.weights,
+        "gptq": asdict(quant.gptq) if quant.weights == "gptq" else None,
+        "duquant_version": duquant.__version__,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+    }
+    return method, quant, config
+
+
 def eval_tokens(name: str, tokenizer, cfg: RunConfig, vocab_rows: int) -> tuple[torch.Tensor, dict]:
     """The token ids of evaluation `name` and its source, refused unless they make one window."""
     text, src = eval_text(name)
@@ -56,31 +78,18 @@ def run(cfg: RunConfig, loaded=None) -> dict:
     """Load (unless `loaded` is given), quantize and evaluate; return {'config': ..., 'metrics': ...}.
 
     Every evaluation text is tokenized and checked before calibration starts, so a text too short
-    for one window costs seconds, not a quantization."""
+    for one window costs seconds, not a quantization. `cfg.stream` runs the same steps one block at
+    a time from a safetensors folder (`run_streamed`)."""
+    if cfg.stream:
+        return run_streamed(cfg)
     torch.manual_seed(cfg.seed)
     loaded = loaded or load_model(cfg.model, cfg.dtype, cfg.device)
     model, tok = loaded.model, loaded.tokenizer
     rows = model.get_input_embeddings().num_embeddings
     texts = {name: eval_tokens(name, tok, cfg, rows) for name in cfg.evals}
     adapter = adapter_for(model)
-    method = get_method(
-        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
-    quant = quant_config(cfg)
+    method, quant, config = _plan(cfg, loaded.source)
     metrics: dict = {}
-    config: dict = {
-        "run": cfg.to_dict(),
-        "model_source": loaded.source,
-        "method": asdict(method),
-        "weights": asdict(quant.weight) if method.quantize else None,
-        "activations": asdict(quant.act) if method.quantize else None,
-        "weight_quantizer": quant.weights,
-        "gptq": asdict(quant.gptq) if quant.weights == "gptq" else None,
-        "duquant_version": duquant.__version__,
-        "torch_version": torch.__version__,
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-    }
     windows = None
     if method.quantize and (method.needs_calibration or cfg.weights == "gptq"):
         t = time.perf_counter()
@@ -98,4 +107,56 @@ def run(cfg: RunConfig, loaded=None) -> dict:
         res["source"] = src
         metrics[Path(name).name if name != "wikitext2" else name] = res
         log.info("%s %s ppl %.3f over %d windows", cfg.method, name, res["ppl"], res["windows"])
+    return {"config": config, "metrics": metrics}
+
+
+def run_streamed(cfg: RunConfig) -> dict:
+    """`run` for models larger than memory: quantize and evaluate block by block from safetensors,
+    the quantized blocks kept in `cfg.work_dir` (a temporary folder when None)."""
+    import math
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from duquant.pipeline import peak_rss_mb
+    from duquant.stream import quantize_streaming, streamed_nll
+
+    torch.manual_seed(cfg.seed)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    rows = AutoConfig.from_pretrained(cfg.model).vocab_size
+    texts = {name: eval_tokens(name, tok, cfg, rows) for name in cfg.evals}
+    method, quant, config = _plan(cfg, cfg.model)
+    metrics: dict = {}
+    windows = None
+    if method.quantize and (method.needs_calibration or cfg.weights == "gptq"):
+        windows, calib = calibration_windows(tok, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
+        config["calibration"] = asdict(calib)
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="duquant-stream-"))
+    try:
+        model, adapter, store, report = quantize_streaming(
+            cfg.model, method, quant, windows, work, cfg.device, cfg.seed, cfg.max_activation_mb
+        )
+        metrics["quantize_seconds"] = report.seconds
+        metrics["quantize_peak_rss_mb"] = peak_rss_mb()
+        for name, (ids, src) in texts.items():
+            start = time.perf_counter()
+            n = ids.numel() // cfg.seqlen
+            n = min(n, cfg.max_windows) if cfg.max_windows else n
+            evals = ids[: n * cfg.seqlen].reshape(n, cfg.seqlen).to(cfg.device)
+            nll = streamed_nll(model, adapter, store, evals)
+            metrics[Path(name).name if name != "wikitext2" else name] = {
+                "ppl": math.exp(nll),
+                "nll": nll,
+                "windows": n,
+                "seqlen": cfg.seqlen,
+                "tokens": n * (cfg.seqlen - 1),
+                "seconds": time.perf_counter() - start,
+                "streamed": True,
+                "source": src,
+            }
+        metrics["peak_rss_mb"] = peak_rss_mb()
+    finally:
+        if cfg.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     return {"config": config, "metrics": metrics}
