@@ -18,7 +18,14 @@ from duquant.calibrate import InputStats
 from duquant.formats import QuantSpec
 from duquant.methods import MethodConfig
 from duquant.models.adapters import InputGroup
-from duquant.transforms.base import BlockRotation, ChannelScale, Permutation, Sequence, Transform
+from duquant.transforms.base import (
+    BlockRotation,
+    ChannelScale,
+    Permutation,
+    Sequence,
+    Transform,
+    transform_output_rows,
+)
 from duquant.transforms.hadamard import block_hadamard, random_signs
 from duquant.transforms.permutation import zigzag_permutation
 from duquant.transforms.rotation import best_start, greedy_rotation, per_block_greedy
@@ -78,7 +85,7 @@ class GroupPlan:
             else:
                 producer = block.get_submodule(group.producer)
                 rows = producer_rows(group, producer.weight.shape[0], heads)
-                _fold_rows(producer, _to_producer(step, group, heads), rows)
+                transform_output_rows(producer, _to_producer(step, group, heads), rows)
 
 
 def producer_rows(group: InputGroup, out_features: int, heads: HeadShape | None) -> slice:
@@ -91,15 +98,6 @@ def producer_rows(group: InputGroup, out_features: int, heads: HeadShape | None)
         q, kv = heads.n_heads * heads.head_dim, heads.n_kv_heads * heads.head_dim
         return slice(q + kv, q + 2 * kv)
     raise ValueError(f"unknown producer rows {group.producer_rows!r} of group {group.name}")
-
-
-def _fold_rows(linear: nn.Linear, step: Transform, rows: slice) -> None:
-    """Make `linear`'s output y[rows] become step(y[rows]): W <- (W^T A)^T, b <- b A on those rows."""
-    w = linear.weight.data
-    w[rows] = step(w[rows].float().T).T.to(w.dtype)
-    if linear.bias is not None:
-        b = linear.bias.data
-        b[rows] = step(b[rows].float()).to(b.dtype)
 
 
 def _fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:

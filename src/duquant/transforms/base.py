@@ -173,3 +173,15 @@ class BlockRotation(Transform):
 
     def flops_per_token(self, dim: int) -> int:
         return 2 * dim * self.block_size
+
+
+def transform_output_rows(
+    linear: nn.Linear, step: Transform, rows: slice, compute: torch.dtype = torch.float32
+) -> None:
+    """Make `linear`'s output y[rows] become step(y[rows]), in place: W <- (W^T A)^T and b <- b A
+    on those rows, computed in `compute` (folds use float32, QuaRot's rotations float64)."""
+    w = linear.weight.data
+    w[rows] = step(w[rows].to(compute).T).T.to(w.dtype)
+    if linear.bias is not None:
+        b = linear.bias.data
+        b[rows] = step(b[rows].to(compute)).to(b.dtype)

@@ -20,7 +20,7 @@ from torch import nn
 from duquant.methods import get_method
 from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import Adapter
-from duquant.transforms.base import BlockRotation
+from duquant.transforms.base import BlockRotation, transform_output_rows
 from duquant.transforms.hadamard import KroneckerHadamard, hadamard, random_signs
 
 
@@ -39,15 +39,6 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
     linear.weight.data = (q.T @ linear.weight.data.double()).to(linear.weight.dtype)
     if linear.bias is not None:
         linear.bias.data = (linear.bias.data.double() @ q).to(linear.bias.dtype)
-
-
-def _rotate_rows(linear: nn.Linear, t: BlockRotation, rows: slice) -> None:
-    """Rotate the output rows `rows` of `linear` (and its bias) by the block rotation `t`."""
-    w = linear.weight.data
-    w[rows] = t(w[rows].double().T).T.to(w.dtype)
-    if linear.bias is not None:
-        b = linear.bias.data
-        b[rows] = t(b[rows].double()).to(b.dtype)
 
 
 def _absorb_norm(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
@@ -97,9 +88,8 @@ def apply_quarot(model: nn.Module, adapter: Adapter, seed: int = 0) -> dict[str,
                 _rotate_output(lin, q)
             if group.heads:  # head-wise Hadamard: v's output rows and o's input, exact per head
                 producer = block.get_submodule(group.producer)
-                _rotate_rows(
-                    producer, head_rot, producer_rows(group, producer.weight.shape[0], heads)
-                )
+                rows = producer_rows(group, producer.weight.shape[0], heads)
+                transform_output_rows(producer, head_rot, rows, compute=torch.float64)
                 for lin in linears:
                     lin.weight.data = head_rot.weight(lin.weight.data.double()).to(lin.weight.dtype)
             else:  # the MLP's inner activation: an online Hadamard of its width
