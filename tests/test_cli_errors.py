@@ -266,3 +266,26 @@ def test_config_rejects_the_same_values_in_the_library():
         RunConfig(alpha=math.inf)
     cfg = RunConfig(method="duquant++", weights="gptq", format="nvfp4")
     assert cfg.to_dict()["weights"] == "gptq" and cfg.resolved_rules() == ("e4m3", "e4m3")
+
+
+def gguf_with_architecture(path, arch: str) -> None:
+    """A GGUF whose only metadata is `general.architecture` (enough for the pre-load checks)."""
+    key, value = b"general.architecture", arch.encode()
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<I", 8)
+    body += struct.pack("<Q", len(value)) + value
+    path.write_bytes(gguf_header(tensors=0, kvs=1) + body)
+
+
+def test_method_refused_for_the_family_before_loading(tmp_path, capsys):
+    """QuaRot on a Gemma 3 GGUF is refused from the file's declared architecture, no model loaded
+    (the autouse fixture fails any load); a Llama GGUF is not refused by that check."""
+    from duquant.models.loading import gguf_architecture
+
+    gemma = tmp_path / "gemma.gguf"
+    gguf_with_architecture(gemma, "gemma3")
+    assert gguf_architecture(gemma) == "gemma3"
+    code = invoke(["run", "--model", str(gemma), "--method", "quarot"])
+    one_line_error(capsys, code, "quarot", "post-norms")
+    llama = tmp_path / "llama.gguf"
+    gguf_with_architecture(llama, "llama")
+    RunConfig(model=str(llama), method="quarot")  # allowed: Llama has no post-norms
