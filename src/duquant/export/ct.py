@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -203,43 +204,52 @@ def activation_amax(model: nn.Module, windows: Tensor) -> dict[int, Tensor]:
     return amax
 
 
-def collect(
-    model: nn.Module, act_amax: dict[int, Tensor] | None = None
-) -> tuple[dict[str, Tensor], dict, QuantSpec, QuantSpec, list[str]]:
-    """(tensors, transform schemes, weight spec, activation spec, ignored linears) of a quantized
-    model; `act_amax` (from `activation_amax`) gives formats with a static activation scale theirs."""
-    qlins = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not qlins:
-        raise ExportError("the model has no quantized linears; nothing to export")
-    state = model.state_dict()
-    tensors: dict[str, Tensor] = {}
+@dataclass
+class Collection:
+    """What an export gathers over the parts of a model: transform schemes, specs, ignored linears."""
+
+    schemes: dict = field(default_factory=dict)
+    ignore: list[str] = field(default_factory=list)
+    w_spec: QuantSpec | None = None
+    a_spec: QuantSpec | None = None
+    n_quantized: int = 0
+
+
+def _join(prefix: str, name: str) -> str:
+    """A submodule's full name from its parent's (`prefix`, "" for the model) and its own."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def collect_part(
+    module: nn.Module,
+    prefix: str,
+    acc: Collection,
+    act_amax: dict[int, Tensor] | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> dict[str, Tensor]:
+    """The tensors to write of `module` (the model, or one block named `prefix`), on the CPU, less
+    the names in `skip`; its transform schemes, specs and unquantized linears go into `acc`."""
+    qlins = {_join(prefix, n): m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
     drop = tuple(f"{n}." for n in qlins)
-    for key, value in state.items():
-        if not key.startswith(drop):
-            tensors[key] = value
-    # tied embeddings: one tensor, written once (transformers ties lm_head again on load)
-    head = model.get_output_embeddings()
-    if (
-        getattr(model.config, "tie_word_embeddings", False)
-        and head is not None
-        and head.weight is model.get_input_embeddings().weight
-    ):
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        tensors.pop(f"{head_name}.weight", None)
-    ignore = [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(drop)
+    state = module.state_dict(prefix=f"{prefix}." if prefix else "")
+    tensors = {k: v for k, v in state.items() if not k.startswith(drop) and k not in skip}
+    acc.ignore += [
+        _join(prefix, n)
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear) and not _join(prefix, n).startswith(drop)
     ]
-    w_spec = a_spec = None
-    schemes: dict = {}
+    acc.n_quantized += len(qlins)
+    # one scheme per distinct online transform object of this part (ids are only unique while the
+    # part is in memory, so a streamed block never shares a scheme with an earlier, freed one)
     seen: dict[int, str] = {}
     for name, q in qlins.items():
         if q.qweight is None:
             raise ExportError(
                 f"{name} has no quantized weight codes (weights left in full precision)"
             )
-        if w_spec is None:
-            w_spec, a_spec = q.qweight.spec, q.input_quantizer.spec
-        if (q.qweight.spec, q.input_quantizer.spec) != (w_spec, a_spec):
+        if acc.w_spec is None:
+            acc.w_spec, acc.a_spec = q.qweight.spec, q.input_quantizer.spec
+        if (q.qweight.spec, q.input_quantizer.spec) != (acc.w_spec, acc.a_spec):
             raise ExportError(f"{name} is quantized differently from the other linears")
         qw = q.qweight
         for k, v in qw.spec.codec.export_tensors(
@@ -258,18 +268,44 @@ def collect(
         stored = online_matrix(iq.online, iq.name)
         if stored is None:
             continue
-        # one scheme per distinct online transform: q/k/v (gate/up) share an input quantizer, and
-        # QuaRot's down_proj Hadamard is one object for every layer: one matrix, several targets
+        # q/k/v (gate/up) share an input quantizer, and QuaRot's down_proj Hadamard is one object
+        # for every layer: one matrix, several targets
         if id(iq.online) in seen:
-            schemes[seen[id(iq.online)]]["apply"][0]["targets"].append(name)
+            acc.schemes[seen[id(iq.online)]]["apply"][0]["targets"].append(name)
             continue
-        scheme = _scheme_name(iq.name, len(schemes))
+        scheme = _scheme_name(iq.name, len(acc.schemes))
         seen[id(iq.online)] = scheme
-        schemes[scheme] = _transform_scheme([name], stored[1])
+        acc.schemes[scheme] = _transform_scheme([name], stored[1])
         tensors[f"{name}.{scheme}_input.weight"] = stored[0]
-    _check_act_spec(a_spec)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return tensors, schemes, w_spec, a_spec, ignore
+    meta = [k for k, v in tensors.items() if v.device.type == "meta"]
+    if meta:
+        raise ExportError(f"tensors {meta[:4]} were never loaded (meta device); cannot export them")
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def tied_head_key(model: nn.Module, shared: bool = True) -> str | None:
+    """The head's weight name when the config ties it to the embedding (and, with `shared`, the two
+    are one tensor): written once, transformers ties the head again on load."""
+    head = model.get_output_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None:
+        return None
+    if shared and head.weight is not model.get_input_embeddings().weight:
+        return None
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is head)
+
+
+def collect(
+    model: nn.Module, act_amax: dict[int, Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict, QuantSpec, QuantSpec, list[str]]:
+    """(tensors, transform schemes, weight spec, activation spec, ignored linears) of a quantized
+    model; `act_amax` (from `activation_amax`) gives formats with a static activation scale theirs."""
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ExportError("the model has no quantized linears; nothing to export")
+    acc = Collection()
+    tied = tied_head_key(model)
+    tensors = collect_part(model, "", acc, act_amax, frozenset({tied} if tied else ()))
+    _check_act_spec(acc.a_spec)
+    return tensors, acc.schemes, acc.w_spec, acc.a_spec, acc.ignore
 
 
 def _check_act_spec(spec: QuantSpec | None) -> None:
