@@ -357,17 +357,12 @@ class RunConfig(QuantSettings):
             export.check(self, self.save, self.overwrite)  # destination, method, formats
 
     def _check_stream(self) -> None:
-        """A streamed run reads a local safetensors folder and exports nothing (yet)."""
+        """A streamed run reads a local safetensors folder (its export, if any: `export.check`)."""
         folder = Path(self.model) if self.model else None
         if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
             raise ConfigError(
                 f"--stream: --model {self.model} is not a checkpoint folder with safetensors "
                 "weights; convert a GGUF first (scripts/gguf_to_hf.py)"
-            )
-        if self.save is not None:
-            raise ConfigError(
-                "--save with --stream: a streamed model cannot be exported yet; export a model "
-                "that fits in memory, or drop --save"
             )
         if self.work_dir is not None:
             check_output_dir(self.work_dir, "--work-dir")

@@ -110,9 +110,10 @@ def run(cfg: RunConfig, loaded=None) -> dict:
     return {"config": config, "metrics": metrics}
 
 
-def run_streamed(cfg: RunConfig) -> dict:
+def run_streamed(cfg: RunConfig, dest: str | Path | None = None, overwrite: bool = False) -> dict:
     """`run` for models larger than memory: quantize and evaluate block by block from safetensors,
-    the quantized blocks kept in `cfg.work_dir` (a temporary folder when None)."""
+    the quantized blocks kept in `cfg.work_dir` (a temporary folder when None); with `dest`, then
+    export it there shard by shard (`export.save_streamed`, checked by `export.check` before)."""
     import math
     import shutil
     import tempfile
@@ -156,7 +157,15 @@ def run_streamed(cfg: RunConfig) -> dict:
                 "source": src,
             }
         metrics["peak_rss_mb"] = peak_rss_mb()
+        result = {"config": config, "metrics": metrics}
+        if dest is not None:
+            from duquant.export import save_streamed
+
+            figures = save_streamed(model, adapter, store, tok, dest, result, overwrite)
+            result["export"] = {"dir": str(dest), **figures}
+            metrics["export_peak_rss_mb"] = peak_rss_mb()
+            log.info("exported to %s", dest)
     finally:
         if cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return {"config": config, "metrics": metrics}
+    return result

@@ -1,8 +1,9 @@
 """Exporters: a quantized model out of the process, into a format an inference engine loads.
 
 A small registry: each exporter is one module with `check_request(method, quant)` (refuse what it
-cannot express, before any model is loaded), `write(model, tokenizer, dir, info)` and, when it can
-be read back, `is_checkpoint(path)` / `load(path, dtype, device)`. `save` and `check` are the two
+cannot express, before any model is loaded), `write(model, tokenizer, dir, info)`, optionally
+`write_streamed(model, adapter, store, tokenizer, dir, info)` (a model quantized block by block,
+written shard by shard) and, when it can be read back, `is_checkpoint(path)` / `load(path, dtype, device)`. `save` and `check` are the two
 calls the command line makes; writes are atomic (see `atomic`).
 """
 
@@ -38,7 +39,14 @@ def check(cfg, dest: str | Path, overwrite: bool = False, target: str = DEFAULT_
     method = get_method(
         cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
     )
-    exporter(target).check_request(method, quant_config(cfg))
+    quant = quant_config(cfg)
+    exporter(target).check_request(method, quant)
+    if cfg.stream and exporter(target).needs_activation_calibration(quant.act):
+        raise ExportError(
+            f"--save with --stream: a {quant.act.format} export calibrates a static activation "
+            "scale over the whole model, which a streamed run does not do; export mxfp4, or drop "
+            "--stream"
+        )
 
 
 def export_info(result: dict) -> dict:
@@ -78,6 +86,26 @@ def save(
     return figures
 
 
+def save_streamed(
+    model,
+    adapter,
+    store,
+    tokenizer,
+    dest: str | Path,
+    result: dict | None = None,
+    overwrite: bool = False,
+    target: str = DEFAULT_TARGET,
+) -> dict:
+    """Write a model quantized block by block (its blocks in `store`) to `dest` atomically, shard by
+    shard; return the exporter's figures."""
+    mod = exporter(target)
+    with staged_directory(dest, overwrite) as tmp:
+        figures = mod.write_streamed(
+            model, adapter, store, tokenizer, tmp, export_info(result or {})
+        )
+    return figures
+
+
 def check_source(cfg) -> None:
     """Refuse to quantize an export again (before loading it): it is evaluated with method fp."""
     if cfg.model and cfg.method != "fp" and find_loader(cfg.model) is not None:
@@ -96,6 +124,10 @@ def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -
     if dest is None:
         return run(cfg)
     check(cfg, dest, overwrite)  # before the model loads or calibration starts
+    if cfg.stream:
+        from duquant.runner import run_streamed
+
+        return run_streamed(cfg, dest, overwrite)
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     result = run(cfg, loaded)
     calib = None

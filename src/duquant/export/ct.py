@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 NAME = "compressed-tensors"
 CT_VERSION = "0.20.1"  # the version this exporter is tested against (pyproject's `export` extra)
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint (the streamed export)
 SIDECAR = "duquant.json"
 TRANSFORM_TYPE = "random-hadamard"  # a stored dense matrix divided by sqrt(B) on load
 
@@ -372,27 +374,79 @@ def write(model: nn.Module, tokenizer, dest: Path, info: dict, calib: Tensor | N
             raise ExportError(f"a {first.spec.format} export needs calibration windows")
         act_amax = activation_amax(model, calib)
     tensors, schemes, w_spec, a_spec, ignore = collect(model, act_amax)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
-    config["quantization_config"] = quantization_config(w_spec, a_spec, ignore, schemes)
-    (dest / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     save_file(tensors, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(dest))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(str(dest))
-    sizes = size_figures(tensors, model)
-    info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
-    info["format_name"] = w_spec.codec.EXPORT_FORMAT
-    info["transforms"] = {k: v["apply"][0]["targets"] for k, v in schemes.items()}
-    (dest / SIDECAR).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    (dest / "README.md").write_text(model_card(info, dest.name.split(".partial-")[0].lstrip(".")))
+    acc = Collection(schemes, ignore, w_spec, a_spec)
+    sizes = size_figures(size_counts(tensors, model))
+    generation = getattr(model, "generation_config", None)
+    _write_metadata(dest, model, tokenizer, info, acc, sizes, generation)
     return sizes
 
 
-def size_figures(tensors: dict[str, Tensor], model: nn.Module) -> dict:
-    """Bytes of the quantized linears' codes and scales, the rest, and bits per quantized weight."""
+def write_streamed(model: nn.Module, adapter, store, tokenizer, dest: Path, info: dict) -> dict:
+    """`write` for a model quantized block by block (`stream.quantize_streaming`): one shard per
+    decoder block, loaded from the block store and dropped again, then one shard of the tensors
+    outside the blocks (embedding, final norm, untied head) read from the source checkpoint, and
+    the index `model.safetensors.index.json`. At most one block's tensors are in memory at once."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    acc, counts, weight_map = Collection(), Counter(), {}
+    n = len(adapter.blocks(model))
+    files = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
+
+    def put(tensors: dict[str, Tensor], part: nn.Module, file: str) -> None:
+        save_file(tensors, str(dest / file), metadata={"format": "pt"})
+        counts.update(size_counts(tensors, part))
+        weight_map.update(dict.fromkeys(tensors, file))
+
+    for i in tqdm(range(n), desc="export blocks"):
+        block = store.load(i)
+        try:  # NVFP4's static activation scales are not calibrated: collect_part refuses them
+            put(collect_part(block, f"{adapter.layers}.{i}", acc), block, files[i])
+        finally:
+            store.release(i)
+    if not acc.n_quantized:
+        raise ExportError("the model has no quantized linears; nothing to export")
+    _check_act_spec(acc.a_spec)
+    tied = tied_head_key(model, shared=False)
+    outer = [adapter.embed, adapter.final_norm] + ([] if tied else [adapter.lm_head])
+    with store.outer(outer):  # the blocks are released: the model's state is what lies outside
+        put(collect_part(model, "", acc, skip=frozenset({tied} if tied else ())), model, files[n])
+    index = {
+        "metadata": {"total_size": counts["tensor_bytes"]},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (dest / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    sizes = size_figures(counts)
+    _write_metadata(dest, model, tokenizer, info, acc, sizes, store.generation_config())
+    return sizes
+
+
+def _write_metadata(
+    dest: Path, model: nn.Module, tokenizer, info: dict, acc: Collection, sizes: dict, generation
+) -> None:
+    """config.json (with the quantization and transform config), tokenizer, generation config,
+    the sidecar and the model card: everything of an export but its tensors."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    config["quantization_config"] = quantization_config(
+        acc.w_spec, acc.a_spec, acc.ignore, acc.schemes
+    )
+    (dest / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(dest))
+    if generation is not None:
+        generation.save_pretrained(str(dest))
+    info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
+    info["format_name"] = acc.w_spec.codec.EXPORT_FORMAT
+    info["transforms"] = {k: v["apply"][0]["targets"] for k, v in acc.schemes.items()}
+    (dest / SIDECAR).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (dest / "README.md").write_text(model_card(info, dest.name.split(".partial-")[0].lstrip(".")))
+
+
+def size_counts(tensors: dict[str, Tensor], module: nn.Module) -> Counter:
+    """Byte and weight counts of the tensors written for `module` (summed over shards)."""
     q_bytes = sum(
         v.numel() * v.element_size()
         for k, v in tensors.items()
@@ -400,14 +454,23 @@ def size_figures(tensors: dict[str, Tensor], model: nn.Module) -> dict:
             ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
         )
     )
-    n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantLinear))
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    return Counter(
+        quantized_weights=sum(
+            m.weight.numel() for m in module.modules() if isinstance(m, QuantLinear)
+        ),
+        quantized_bytes=q_bytes,
+        tensor_bytes=sum(v.numel() * v.element_size() for v in tensors.values()),
+    )
+
+
+def size_figures(counts: Counter) -> dict:
+    """Bytes of the quantized linears' codes and scales, the rest, and bits per quantized weight."""
     return {
-        "quantized_weights": n_weights,
-        "quantized_bytes": q_bytes,
-        "bits_per_quantized_weight": 8.0 * q_bytes / n_weights,
-        "tensor_bytes": total,
-        "other_bytes": total - q_bytes,
+        "quantized_weights": counts["quantized_weights"],
+        "quantized_bytes": counts["quantized_bytes"],
+        "bits_per_quantized_weight": 8.0 * counts["quantized_bytes"] / counts["quantized_weights"],
+        "tensor_bytes": counts["tensor_bytes"],
+        "other_bytes": counts["tensor_bytes"] - counts["quantized_bytes"],
     }
 
 
@@ -464,14 +527,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cp
     qconfig = QuantizationConfig.model_validate(qraw)
     apply_quantization_config(model, qconfig)
     ModelCompressor(quantization_config=qconfig).compress_model(model)
-    state = load_file(str(path / WEIGHTS_FILE))
+    state = _read_state(path, load_file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ExportError(f"{path}: tensors the model does not have: {unexpected[:5]}")
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
     bad = [k for k in missing if not (k in tied or _is_tied_transform(k))]
     if bad:
-        raise ExportError(f"{path}: tensors missing from {WEIGHTS_FILE}: {bad[:5]}")
+        raise ExportError(f"{path}: tensors missing from the checkpoint: {bad[:5]}")
     model.tie_weights()
     ModelCompressor(quantization_config=qconfig).decompress_model(model)
     _to_dtype(model, dtype)
@@ -480,6 +543,22 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cp
     has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tok else None
     return model, tokenizer
+
+
+def _read_state(path: Path, load_file) -> dict[str, Tensor]:
+    """Every tensor of the export, from its single file or from the shards its index names (all
+    in memory at once: the reloaded model is evaluated whole)."""
+    index = path / INDEX_FILE
+    if not index.is_file():
+        return load_file(str(path / WEIGHTS_FILE))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = load_file(str(path / shard))
+        if set(part) != {k for k, v in weight_map.items() if v == shard}:
+            raise ExportError(f"{path}: {shard} does not hold the tensors {INDEX_FILE} names")
+        state.update(part)
+    return state
 
 
 def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -528,4 +607,5 @@ __all__ = [
     "load",
     "quantization_config",
     "write",
+    "write_streamed",
 ]

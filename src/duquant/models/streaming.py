@@ -208,24 +208,31 @@ class StreamedBlocks:
         return self.checkpoint.load(names, self.device).items()
 
     @contextmanager
-    def embedding(self, model: nn.Module) -> Iterator[None]:
-        """The embedding loaded for the duration (what runs before block 0)."""
-        self._load_outer(self.adapter.embed)
+    def outer(self, names: list[str]) -> Iterator[None]:
+        """The top-level modules `names` (embedding, final norm, head) loaded for the duration."""
         try:
+            for name in names:
+                self._load_outer(name)
             yield
         finally:
-            _to_meta(model.get_submodule(self.adapter.embed))
-
-    @contextmanager
-    def head(self) -> Iterator[None]:
-        """The final norm and the head loaded for the duration (what runs after the last block)."""
-        self._load_outer(self.adapter.final_norm)
-        self._load_outer(self.adapter.lm_head)
-        try:
-            yield
-        finally:
-            for name in (self.adapter.final_norm, self.adapter.lm_head):
+            for name in names:
                 _to_meta(self.model.get_submodule(name))
+
+    def embedding(self, model: nn.Module):
+        """The embedding loaded for the duration (what runs before block 0)."""
+        return self.outer([self.adapter.embed])
+
+    def head(self):
+        """The final norm and the head loaded for the duration (what runs after the last block)."""
+        return self.outer([self.adapter.final_norm, self.adapter.lm_head])
+
+    def generation_config(self):
+        """The source checkpoint's generation config, None if it has none."""
+        from transformers import GenerationConfig
+
+        if not (self.checkpoint.path / "generation_config.json").is_file():
+            return None
+        return GenerationConfig.from_pretrained(self.checkpoint.path)
 
     def load(self, i: int) -> nn.Module:
         """Block `i`: quantized from the work folder if there, else from the checkpoint."""
