@@ -8,6 +8,12 @@ the quantized blocks read back and run):
 python benchmarks/bench_stream.py make --out /tmp/synth3g
 python benchmarks/bench_stream.py quantize --model /tmp/synth3g --method duquant++ \
     --work /tmp/synth3g-work --out results/bench/stream_3g.json
+
+`export` writes the quantized blocks of a finished `quantize` (or `duquant run --stream`) work folder as a
+sharded compressed-tensors checkpoint (`export.save_streamed`) in a fresh process, and records its peak RSS:
+
+python benchmarks/bench_stream.py export --model /tmp/synth3g --work /tmp/synth3g-work \
+    --save /tmp/synth3g-export --out results/bench/stream_export_3g.json
 """
 
 from __future__ import annotations
@@ -93,6 +99,43 @@ def quantize(args) -> dict:
     }
 
 
+def export(args) -> dict:
+    """Export the quantized blocks in `args.work` shard by shard; peak RSS and wall time."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from duquant.export import save_streamed
+    from duquant.models.streaming import open_streamed
+
+    fp32_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model, adapter, store = open_streamed(args.model, args.work)
+    n = len(adapter.blocks(model))
+    if not all(store.block_file(i).is_file() for i in range(n)):
+        raise SystemExit(
+            f"{args.work} does not hold all {n} quantized blocks: run `quantize` first"
+        )
+    start = time.perf_counter()
+    figures = save_streamed(model, adapter, store, None, args.save, overwrite=True)
+    seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shards = sorted(Path(args.save).glob("*.safetensors"))
+    return {
+        "model": str(args.model),
+        "checkpoint_fp32_mib": fp32_bytes / 2**20,
+        "export_dir": str(args.save),
+        "export_mib": sum(f.stat().st_size for f in shards) / 2**20,
+        "shards": len(shards),
+        "largest_shard_mib": max(f.stat().st_size for f in shards) / 2**20,
+        "export_seconds": seconds,
+        "peak_rss_mib_before": rss0,
+        "peak_rss_mib_export": rss,
+        "peak_rss_fraction_of_fp32": rss * 2**20 / fp32_bytes,
+        "figures": figures,
+        "machine": machine(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -108,9 +151,24 @@ def main() -> None:
     pq.add_argument("--threads", type=int, default=1)
     pq.add_argument("--device", default="cpu")
     pq.add_argument("--out", type=Path, default=Path("results/bench/stream.json"))
+    pe = sub.add_parser("export")
+    pe.add_argument("--model", type=Path, required=True)
+    pe.add_argument("--work", type=Path, required=True)
+    pe.add_argument("--save", type=Path, required=True)
+    pe.add_argument("--threads", type=int, default=1)
+    pe.add_argument("--out", type=Path, default=Path("results/bench/stream_export.json"))
     args = p.parse_args()
     if args.cmd == "make":
         make(args.out, args.seed)
+        return
+    if args.cmd == "export":
+        res = export(args)
+        write_json(res, args.out)
+        print(
+            f"{res['checkpoint_fp32_mib']:.0f} MiB fp32 checkpoint -> {res['shards']} shards, "
+            f"{res['export_mib']:.0f} MiB, largest {res['largest_shard_mib']:.0f} MiB: peak RSS "
+            f"{res['peak_rss_mib_export']:.0f} MiB, {res['export_seconds']:.0f} s"
+        )
         return
     res = quantize(args)
     write_json(res, args.out)
