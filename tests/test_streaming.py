@@ -209,7 +209,7 @@ def test_run_stream_save_equals_the_in_memory_export(tmp_path, capsys, monkeypat
     from safetensors.torch import load_file
 
     from duquant.cli import main
-    from duquant.export import ct
+    from duquant.export import ExportError, ct
 
     _, args = _cli_checkpoint(tmp_path, monkeypatch, tie)
     for mode, extra in (
@@ -257,6 +257,12 @@ def test_run_stream_save_equals_the_in_memory_export(tmp_path, capsys, monkeypat
     # and the reload is close to what the streamed run measured itself (same fake-quant model)
     measured = json.loads((tmp_path / "stream.json").read_text())["metrics"]["eval.txt"]["ppl"]
     assert abs(ppl["stream"] / measured - 1) < 1e-3
+    # an index that does not match its shards is refused, not half-loaded
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[1]
+    (st / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="does not hold the tensors"):
+        ct.load(st)
 
 
 def test_interrupted_stream_export_leaves_nothing(tmp_path, capsys, monkeypatch):
