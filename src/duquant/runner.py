@@ -163,7 +163,7 @@ def run_streamed(cfg: RunConfig, dest: str | Path | None = None, overwrite: bool
 
             figures = save_streamed(model, adapter, store, tok, dest, result, overwrite)
             result["export"] = {"dir": str(dest), **figures}
-            metrics["export_peak_rss_mb"] = peak_rss_mb()
+            metrics["peak_rss_mb_after_export"] = peak_rss_mb()  # the process high-water mark
             log.info("exported to %s", dest)
     finally:
         if cfg.work_dir is None:
