@@ -103,7 +103,7 @@ def _run(cfg: RunConfig, demo: bool) -> list[dict]:
     if not demo:
         from duquant.export import run_and_save
 
-        return [run_and_save(cfg, cfg.save, cfg.overwrite)]
+        return [run_and_save(cfg)]
     from dataclasses import replace
 
     from duquant.models import load_model

@@ -353,7 +353,6 @@ class RunConfig(QuantSettings):
         # an export is evaluated as it is (method fp), not quantized again
         export.check_source(self)
         if self.save is not None:
-            check_output_dir(self.save, "--save")
             export.check(self, self.save, self.overwrite)  # destination, method, formats
 
     def _check_stream(self) -> None:

@@ -44,8 +44,6 @@ from duquant.compare.report import build_table, plot_table, table_markdown, writ
 from duquant.compare.run import Cell, default_out, environment, plan, run_compare
 from duquant.config import ConfigError, add_arguments, from_namespace
 
-INTERRUPTED = 130
-
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register `duquant compare` on the CLI's subparsers (options generated from CompareConfig)."""
@@ -59,7 +57,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 def compare_main(args: argparse.Namespace) -> int:
     """`duquant compare`: run, print the table, say where the outputs are."""
-    from duquant.cli import fail
+    from duquant.cli import INTERRUPTED, fail
 
     prog = "duquant compare"
     try:

@@ -115,31 +115,27 @@ def check_source(cfg) -> None:
         )
 
 
-def run_and_save(cfg, dest: str | Path | None = None, overwrite: bool = False) -> dict:
-    """`duquant run`: check the request, load, quantize, evaluate, then export to `dest` if given."""
+def run_and_save(cfg) -> dict:
+    """`duquant run`: load, quantize, evaluate, then export to `cfg.save` when set. `cfg` (a
+    RunConfig) was validated when it was made: source, destination, method and formats."""
     from duquant.models import load_model
-    from duquant.runner import quant_config, run
+    from duquant.runner import quant_config, run, run_streamed
 
-    check_source(cfg)
-    if dest is None:
-        return run(cfg)
-    check(cfg, dest, overwrite)  # before the model loads or calibration starts
     if cfg.stream:
-        from duquant.runner import run_streamed
-
-        return run_streamed(cfg, dest, overwrite)
+        return run_streamed(cfg, cfg.save, cfg.overwrite)
+    if cfg.save is None:
+        return run(cfg)
     loaded = load_model(cfg.model, cfg.dtype, cfg.device)
     result = run(cfg, loaded)
+    act = quant_config(cfg).act
     calib = None
-    if quant_config(cfg).act is not None and exporter().needs_activation_calibration(
-        quant_config(cfg).act
-    ):
+    if act is not None and exporter().needs_activation_calibration(act):
         from duquant.data import calibration_windows
 
         calib, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
-    figures = save(loaded.model, loaded.tokenizer, dest, result, overwrite, calib=calib)
-    result["export"] = {"dir": str(dest), **figures}
-    log.info("exported to %s", dest)
+    figures = save(loaded.model, loaded.tokenizer, cfg.save, result, cfg.overwrite, calib=calib)
+    result["export"] = {"dir": str(cfg.save), **figures}
+    log.info("exported to %s", cfg.save)
     return result
 
 

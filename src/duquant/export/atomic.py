@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from duquant.config import check_output_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -28,9 +30,9 @@ def check_destination(dest: str | Path, overwrite: bool) -> Path:
             f"--save {path} exists and is not empty; pass --overwrite to replace it, "
             "or choose another directory"
         )
-    parent = path.absolute().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot write into {parent} (permission denied); choose another --save")
+    # the staged copy is made beside `dest`: probe that place (os.access is wrong for root and
+    # read-only mounts)
+    check_output_dir(path.absolute().parent, "--save")
     return path
 
 
