@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def make_tiny_family(family: str, seed: int = 0):
         emb = model.get_input_embeddings().weight
         emb[:, [3, 77]] *= 30.0  # residual-stream outliers
     return model
+
+
+def transformed_fp_logits(base, method: str, ids, max_steps: int):
+    """(reference logits, logits of a copy with `method`'s transforms applied and nothing quantized,
+    that copy): the full-precision invariance check every architecture test makes."""
+    from duquant.methods import get_method
+    from duquant.models import adapter_for
+    from duquant.pipeline import QuantConfig, quantize_model
+
+    with torch.no_grad():
+        ref = base(ids).logits
+    m = copy.deepcopy(base)
+    quantize_model(
+        m, adapter_for(m), get_method(method, max_steps=max_steps), QuantConfig(None, None), ids
+    )
+    with torch.no_grad():
+        out = m(ids).logits
+    return ref, out, m

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny_family
+from conftest import FAMILIES, make_tiny_family, transformed_fp_logits
 from torch import nn
 
 from duquant.methods import METHODS, get_method
@@ -38,13 +38,7 @@ def test_fp_invariance(family, method, base_models):
     if (family, method) in REFUSED:
         pytest.skip("refused (tested below)")
     base = base_models[family]
-    ids = _ids()
-    with torch.no_grad():
-        ref = base(ids).logits
-    m = copy.deepcopy(base)
-    quantize_model(m, adapter_for(m), get_method(method, max_steps=8), QuantConfig(None, None), ids)
-    with torch.no_grad():
-        out = m(ids).logits
+    ref, out, _ = transformed_fp_logits(base, method, _ids(), max_steps=8)
     err = float((out - ref).abs().max())
     assert torch.allclose(out, ref, atol=2e-4 * ref.abs().max()), err
 

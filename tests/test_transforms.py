@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, transformed_fp_logits
 
 from duquant.methods import METHODS, get_method
 from duquant.models import adapter_for
@@ -166,12 +166,7 @@ def test_zigzag_balances_block_maxima():
 def test_every_method_leaves_fp_logits_unchanged(name, tie):
     base = outlier_llama(tie)
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = base(ids).logits
-    m = copy.deepcopy(base)
-    quantize_model(m, adapter_for(m), get_method(name, max_steps=24), QuantConfig(None, None), ids)
-    with torch.no_grad():
-        out = m(ids).logits
+    ref, out, m = transformed_fp_logits(base, name, ids, max_steps=24)
     assert torch.allclose(out, ref, atol=2e-4 * ref.abs().max()), float((out - ref).abs().max())
     if name != "fp":
         assert all(isinstance(blk.mlp.down_proj, QuantLinear) for blk in m.model.layers)
