@@ -223,7 +223,8 @@ SKIP_IN = {"demo": {"method", "weights"}}
 def _bad_values(f) -> list[str]:
     """Out-of-range and malformed values for a numeric field."""
     if str(f.type).startswith("float"):
-        return ["-0.5", "1.5", "nan", "inf", "x"]
+        above = ["1.5"] if "[0, 1]" in f.metadata["help"] else []  # a bounded fraction (alpha)
+        return ["-0.5", "nan", "inf", "x", *above]
     low = f.metadata["minimum"]
     return sorted({str(low - 1), "-7", "1.5", "x"})
 

@@ -232,6 +232,17 @@ class QuantSettings:
     max_steps: int | None = opt(
         None, "greedy rotation steps, >= 0 (default: the method's)", minimum=0
     )
+    learn_epochs: int | None = opt(
+        None, "training epochs of a learned method's transforms (default: the method's)", minimum=0
+    )
+    learn_lr: float | None = opt(
+        None, "learning rate of a learned method's transforms, > 0 (default: the method's)"
+    )
+    learn_batch: int | None = opt(
+        None,
+        "calibration windows per training step of a learned method (default: the method's)",
+        minimum=1,
+    )
     seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)
     max_windows: int | None = opt(None, "evaluate only the first N windows", minimum=1)
     nsamples: int = opt(128, "calibration windows", minimum=1)
@@ -262,12 +273,29 @@ class QuantSettings:
             and 0 <= self.alpha <= 1
         ):
             raise ConfigError(f"--alpha {self.alpha}: must be a number in [0, 1]")
+        if self.learn_lr is not None and not (
+            isinstance(self.learn_lr, (int, float))
+            and math.isfinite(self.learn_lr)
+            and self.learn_lr > 0
+        ):
+            raise ConfigError(f"--learn-lr {self.learn_lr}: must be a positive number")
         check_ranges(self)
         check_device(self.device)
         if self.model is not None:
             from duquant.models.loading import check_model_source
 
             check_model_source(self.model)
+
+    def method_overrides(self) -> dict:
+        """The method fields these settings override (None: keep the method's own value)."""
+        return {
+            "alpha": self.alpha,
+            "block_size": self.block_size,
+            "max_steps": self.max_steps,
+            "learn_epochs": self.learn_epochs,
+            "learn_lr": self.learn_lr,
+            "learn_batch": self.learn_batch,
+        }
 
     def resolved_rules(self) -> tuple[str, str]:
         """(weight, activation) scale rules after applying the format default."""

@@ -27,6 +27,7 @@ from duquant.gptq import (
     gptq_quantize,
     hessian_row_energy,
 )
+from duquant.learn import learn_block
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter, InputGroup
@@ -88,6 +89,7 @@ class QuantizeReport:
 
     plans: list[dict[str, GroupPlan]] = field(default_factory=list)
     layer_errors: list[dict] = field(default_factory=list)  # per linear, RTN vs GPTQ output error
+    learn: list[dict] = field(default_factory=list)  # per block, the learned transforms' MSE
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -172,6 +174,17 @@ def quantize_model(
             )
             for j, g in enumerate(groups)
         }
+        if method.learn != "none":
+            plans, info = learn_block(
+                block, groups, inputs, plans, stats, method, quant, heads, seed=seed * 1000 + i
+            )
+            report.learn.append(info)
+            log.info(
+                "layer %d learned: block MSE %.4g -> %.4g",
+                i,
+                info["loss_before"],
+                info["loss_after"],
+            )
         for name, online in global_online.items():
             if name in plans:
                 plans[name] = GroupPlan(weight_transform=online, online=online)

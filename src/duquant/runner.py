@@ -37,9 +37,7 @@ def quant_config(cfg: RunConfig) -> QuantConfig:
 
 def _plan(cfg: RunConfig, source: str) -> tuple:
     """(method, quant config, the result's config record) of a run."""
-    method = get_method(
-        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
+    method = get_method(cfg.method, **cfg.method_overrides())
     quant = quant_config(cfg)
     config: dict = {
         "run": cfg.to_dict(),

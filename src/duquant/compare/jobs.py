@@ -113,9 +113,7 @@ def resolve(cfg: CompareConfig, job: Job) -> tuple[MethodConfig, Any, RunConfig]
     from duquant.runner import quant_config
 
     rc = run_config(cfg, job)
-    method = get_method(
-        job.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
+    method = get_method(job.method, **cfg.method_overrides())
     return method, quant_config(rc), rc
 
 

@@ -30,11 +30,17 @@ class MethodConfig:
     start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
+    # block-wise training of the transform on the quantized block-output error (duquant.learn):
+    # none, rotation (ours: refine the smoothing and block rotation found above)
+    learn: str = "none"
+    learn_epochs: int = 2
+    learn_lr: float = 1e-3
+    learn_batch: int = 4
 
     @property
     def needs_calibration(self) -> bool:
         """Whether the method reads calibration activations."""
-        return self.smooth or self.rotation in ("greedy", "duquant-v1")
+        return self.smooth or self.rotation in ("greedy", "duquant-v1") or self.learn != "none"
 
 
 _DQPP_MX = MethodConfig(
@@ -66,6 +72,9 @@ METHODS: dict[str, MethodConfig] = {
         # error of the calibration activations and the rotated weights (docs/results.md has the
         # measurement against smooth+hadamard); same online cost as duquant++ (one 32 x 32 block)
         _DQPP_MX,
+        # ours, learned: duquant++mx's smoothing and rotation refined block by block on the
+        # quantized block-output error (duquant.learn.rotation); same online cost and export
+        replace(_DQPP_MX, name="duquant++learn", learn="rotation"),
         # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
         replace(_DQPP_MX, name="dqpp-best-had"),
         replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),

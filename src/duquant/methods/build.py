@@ -100,14 +100,14 @@ def producer_rows(group: InputGroup, out_features: int, heads: HeadShape | None)
     raise ValueError(f"unknown producer rows {group.producer_rows!r} of group {group.name}")
 
 
-def _fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
+def fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
     """Whether the group's input is attention-head output (the o_proj input)."""
     return group.heads and heads is not None
 
 
 def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) -> Transform:
     """The same map expressed on the producer's output width (KV heads for v_proj under GQA)."""
-    if not _fed_by_heads(group, heads) or heads.n_kv_heads == heads.n_heads:
+    if not fed_by_heads(group, heads) or heads.n_kv_heads == heads.n_heads:
         return step
     rep = heads.n_heads // heads.n_kv_heads
     if isinstance(step, ChannelScale):
@@ -120,12 +120,12 @@ def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) ->
 def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bool:
     """Whether `step` can move into the norm / producer exactly."""
     if isinstance(step, ChannelScale):
-        if _fed_by_heads(group, heads):
+        if fed_by_heads(group, heads):
             rep = heads.n_heads // heads.n_kv_heads
             s = step.scale.reshape(heads.n_kv_heads, rep, heads.head_dim)
             return bool((s == s[:, :1]).all())
         return group.norm is not None or group.producer is not None
-    if isinstance(step, BlockRotation) and _fed_by_heads(group, heads):
+    if isinstance(step, BlockRotation) and fed_by_heads(group, heads):
         return step.rotation.shape[0] == 1 and heads.head_dim % step.block_size == 0
     return False
 
@@ -205,18 +205,30 @@ def plan_group(
     x = None if stats is None else stats.sample.float()
     if method.smooth:
         scale = smoothing_scale(stats.absmax, weights, method.alpha)
-        if _fed_by_heads(group, heads):
+        if fed_by_heads(group, heads):
             scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
         steps.append(ChannelScale(scale))
         x = x / scale
         w_cat = w_cat * scale
     rot, rinfo = _rotation_steps(method, x, w_cat, quant, gen)
-    steps += rot
     info.update(rinfo)
+    return plan_from_steps(steps + rot, group, heads, method.fold, info)
+
+
+def plan_from_steps(
+    steps: list[Transform],
+    group: InputGroup,
+    heads: HeadShape | None,
+    fold: bool = True,
+    info: dict | None = None,
+) -> GroupPlan:
+    """The plan that applies `steps` to the group: weights get all of them, the leading exactly
+    foldable run moves into the norm / producer (when `fold`), the rest runs online."""
+    info = {} if info is None else info
     if not steps:
         return GroupPlan(info=info)
     n_fold = 0
-    while method.fold and n_fold < len(steps) and _foldable(steps[n_fold], group, heads):
+    while fold and n_fold < len(steps) and _foldable(steps[n_fold], group, heads):
         n_fold += 1
     online = steps[n_fold:]
     return GroupPlan(
