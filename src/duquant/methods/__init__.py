@@ -30,6 +30,17 @@ class MethodConfig:
     start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
+    # the weight quantizer and GPTQ options a method fixes (None: the command line's)
+    weights: str | None = None  # rtn or gptq
+    act_order: bool | None = None
+    act_order_scope: str | None = None  # group or column (duquant.gptq.ACT_ORDER_SCOPES)
+    static_groups: bool | None = None
+    scale_search: str | None = None  # none, hessian or fpquant-mse (duquant.gptq.SCALE_SEARCHES)
+
+    def gptq_overrides(self) -> dict:
+        """The GPTQConfig fields this method fixes."""
+        names = ("act_order", "act_order_scope", "static_groups", "scale_search")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def needs_calibration(self) -> bool:
@@ -66,6 +77,18 @@ METHODS: dict[str, MethodConfig] = {
         # error of the calibration activations and the rotated weights (docs/results.md has the
         # measurement against smooth+hadamard); same online cost as duquant++ (one 32 x 32 block)
         _DQPP_MX,
+        # MR-GPTQ (FP-Quant, Egiazarian et al. 2025): block-32 randomized Hadamard, then GPTQ with
+        # static group scales from FP-Quant's MSE observer and single columns in descending
+        # diag(H) order (FP-Quant's --quantization_order activation --w_observer mse)
+        MethodConfig(
+            "mr-gptq",
+            rotation="random-hadamard",
+            weights="gptq",
+            act_order=True,
+            act_order_scope="column",
+            static_groups=True,
+            scale_search="fpquant-mse",
+        ),
         # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
         replace(_DQPP_MX, name="dqpp-best-had"),
         replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
