@@ -290,3 +290,21 @@ def test_method_refused_for_the_family_before_loading(tmp_path, capsys):
     llama = tmp_path / "llama.gguf"
     gguf_with_architecture(llama, "llama")
     RunConfig(model=str(llama), method="quarot")  # allowed: Llama has no post-norms
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--method", "mr-gptq", "--weights", "rtn"], ("--weights rtn", "mr-gptq", "gptq")),
+        (["--method", "mr-gptq", "--gptq-scale-search", "hessian"], ("--gptq-scale-search",)),
+        (["--weights", "gptq", "--gptq-scale-search", "fpquant-mse"], ("static",)),
+        (
+            ["--weights", "gptq", "--w-scale-rule", "fpquant", "--gptq-scale-search", "hessian"],
+            ("ocp",),
+        ),
+    ],
+)
+def test_gptq_options_a_method_fixes_or_cannot_take(argv, needles, capsys):
+    """A weight quantizer or scale search that contradicts the method, or a search the scale rule
+    cannot take, is one line before anything loads."""
+    one_line_error(capsys, invoke(["run", *argv]), *needles)

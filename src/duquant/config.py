@@ -54,6 +54,14 @@ class WeightQuantizer(StrEnum):
     GPTQ = "gptq"
 
 
+class ScaleSearch(StrEnum):
+    """How GPTQ chooses each MXFP4 group's E8M0 scale (duquant.gptq.SCALE_SEARCHES)."""
+
+    NONE = "none"  # the scale rule's
+    HESSIAN = "hessian"  # the rule's or its E8M0 neighbour, by the group's GPTQ loss
+    FPQUANT_MSE = "fpquant-mse"  # FP-Quant's MSE observer (static scales)
+
+
 class HessianSource(StrEnum):
     """Where GPTQ's Hessians come from."""
 
@@ -220,6 +228,12 @@ class QuantSettings:
     a_scale_rule: ScaleRule | None = opt(None, "activation scale rule (default: the format's)")
     rounding: Rounding = opt(Rounding.EVEN, "element rounding: ties to even or away from zero")
     act_order: bool = opt(False, "GPTQ act-order (MX groups kept whole)")
+    gptq_scale_search: ScaleSearch | None = opt(
+        None,
+        "GPTQ E8M0 scale choice: the rule's (none), the rule's or its neighbour by the group's "
+        "GPTQ loss (hessian), FP-Quant's MSE observer (fpquant-mse, static scales) (default: the "
+        "method's, else none)",
+    )
     gptq_hessian: HessianSource = opt(
         HessianSource.QUANTIZED,
         "GPTQ Hessians from the transformed, quantized inputs each group sees (one partial block "
@@ -255,6 +269,8 @@ class QuantSettings:
         self.format = _enum(Format, "format", self.format)
         self.rounding = _enum(Rounding, "rounding", self.rounding)
         self.gptq_hessian = _enum(HessianSource, "gptq_hessian", self.gptq_hessian)
+        if self.gptq_scale_search is not None:
+            self.gptq_scale_search = _enum(ScaleSearch, "gptq_scale_search", self.gptq_scale_search)
         self.dtype = _enum(DType, "dtype", self.dtype)
         rules = FORMATS[self.format].SCALE_RULES
         for name in ("w_scale_rule", "a_scale_rule"):
@@ -328,8 +344,10 @@ class RunConfig(QuantSettings):
     """One quantize-and-evaluate run (`duquant run`, the library's `runner.run`)."""
 
     method: str = opt("rtn", "quantization method", choices=_method_names)
-    weights: WeightQuantizer = opt(
-        WeightQuantizer.RTN, "weight quantizer: round to nearest, or GPTQ on the same grid"
+    weights: WeightQuantizer | None = opt(
+        None,
+        "weight quantizer: round to nearest, or GPTQ on the same grid (default: the method's, "
+        "else rtn)",
     )
     evals: list[str] = opt(
         ["wikitext2"], "'wikitext2' and/or paths of UTF-8 text files", flag="--eval", nargs="+"
@@ -353,13 +371,13 @@ class RunConfig(QuantSettings):
         super().__post_init__()
         from duquant.methods import get_method
 
-        self.weights = _enum(WeightQuantizer, "weights", self.weights)
         try:
             method = get_method(self.method)
         except ValueError:
             raise ConfigError(
                 f"--method {self.method}: unknown; choose one of {', '.join(_method_names())}"
             ) from None
+        self._resolve_method_weights(method)
         check_block_size(method, self.block_size)
         if not self.evals:
             raise ConfigError("--eval: name at least one evaluation ('wikitext2' or a text file)")
@@ -382,6 +400,37 @@ class RunConfig(QuantSettings):
         export.check_source(self)
         if self.save is not None:
             export.check(self, self.save, self.overwrite)  # destination, method, formats
+
+    def _resolve_method_weights(self, method: Any) -> None:
+        """Take the weight quantizer and GPTQ scale search the method fixes; refuse a conflict."""
+        given = None if self.weights is None else _enum(WeightQuantizer, "weights", self.weights)
+        if method.weights is not None and given not in (None, method.weights):
+            raise ConfigError(
+                f"--weights {given}: method {method.name} quantizes weights with {method.weights}; "
+                f"drop --weights or choose another method"
+            )
+        self.weights = WeightQuantizer(method.weights or given or WeightQuantizer.RTN)
+        if (
+            method.scale_search is not None
+            and self.gptq_scale_search is not None
+            and self.gptq_scale_search != method.scale_search
+        ):
+            raise ConfigError(
+                f"--gptq-scale-search {self.gptq_scale_search}: method {method.name} uses "
+                f"{method.scale_search}; drop the option or choose another method"
+            )
+        if self.weights == WeightQuantizer.GPTQ:
+            from duquant.formats import QuantSpec
+            from duquant.gptq import check_gptq_options
+
+            gptq = {"act_order": self.act_order, "act_order_scope": "group", "static_groups": False}
+            gptq |= {"scale_search": str(self.gptq_scale_search or "none")}
+            gptq |= method.gptq_overrides()
+            spec = QuantSpec(str(self.format), self.resolved_rules()[0], str(self.rounding))
+            try:
+                check_gptq_options(spec, **gptq)
+            except ValueError as exc:
+                raise ConfigError(f"--method {method.name}: {exc}") from None
 
     def _check_stream(self) -> None:
         """A streamed run reads a local safetensors folder (its export, if any: `export.check`)."""
@@ -434,7 +483,8 @@ def _enum_type(f) -> type[StrEnum] | None:
     """The StrEnum a field's annotation names, if any."""
     base = str(f.type).split("|")[0].strip()
     return {
-        e.__name__: e for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer)
+        e.__name__: e
+        for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer, ScaleSearch)
     }.get(base)
 
 

@@ -23,6 +23,7 @@ from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import (
     HessianAccumulator,
     as_quantized_weight,
+    check_gptq_options,
     energy_ratio,
     gptq_quantize,
     hessian_row_energy,
@@ -57,6 +58,8 @@ class GPTQConfig:
     percdamp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
+    act_order_scope: str = "group"  # group: MX groups kept whole; column: MR-GPTQ (needs static)
+    scale_search: str = "none"  # none, hessian (ours), fpquant-mse (FP-Quant's observer)
     # `quantized`: each group's Hessian from what it sees at inference (transformed, fake-quantized,
     # earlier groups of the block already GPTQ'd), one partial block pass per group. `fp`: from the
     # raw inputs of the statistics pass, transformed exactly (Tᵀ H T), no activation quantization,
@@ -81,6 +84,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.weights not in ("rtn", "gptq"):
             raise ValueError(f"weights must be 'rtn' or 'gptq', got {self.weights!r}")
+        if self.weights == "gptq" and self.weight is not None:
+            g = self.gptq
+            check_gptq_options(
+                self.weight, g.act_order, g.act_order_scope, g.static_groups, g.scale_search
+            )
 
 
 @dataclass
@@ -311,6 +319,8 @@ def _gptq_block(
                 percdamp=quant.gptq.percdamp,
                 act_order=quant.gptq.act_order,
                 static_groups=quant.gptq.static_groups,
+                act_order_scope=quant.gptq.act_order_scope,
+                scale_search=quant.gptq.scale_search,
             )
             rows = [w_fps[i].shape[0] for i in idxs]
             qw = as_quantized_weight(res, quant.weight)

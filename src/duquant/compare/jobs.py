@@ -126,6 +126,8 @@ def jobs_of(cfg: CompareConfig) -> list[Job]:
             jobs.append(Job(m.removesuffix(GPTQ_MARK), "gptq"))
         elif not get_method(m).quantize:
             jobs.append(Job(m, None))
+        elif get_method(m).weights is not None:  # the method fixes its weight quantizer
+            jobs.append(Job(m, get_method(m).weights))
         else:
             jobs.extend(Job(m, w) for w in cfg.weights)
     return list(dict.fromkeys(jobs))

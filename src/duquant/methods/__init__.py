@@ -36,6 +36,17 @@ class MethodConfig:
     learn_epochs: int = 2
     learn_lr: float = 1e-3
     learn_batch: int = 4
+    # the weight quantizer and GPTQ options a method fixes (None: the command line's)
+    weights: str | None = None  # rtn or gptq
+    act_order: bool | None = None
+    act_order_scope: str | None = None  # group or column (duquant.gptq.ACT_ORDER_SCOPES)
+    static_groups: bool | None = None
+    scale_search: str | None = None  # none, hessian or fpquant-mse (duquant.gptq.SCALE_SEARCHES)
+
+    def gptq_overrides(self) -> dict:
+        """The GPTQConfig fields this method fixes."""
+        names = ("act_order", "act_order_scope", "static_groups", "scale_search")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def needs_calibration(self) -> bool:
@@ -75,6 +86,18 @@ METHODS: dict[str, MethodConfig] = {
         # ours, learned: duquant++mx's smoothing and rotation refined block by block on the
         # quantized block-output error (duquant.learn.rotation); same online cost and export
         replace(_DQPP_MX, name="duquant++learn", learn="rotation"),
+        # MR-GPTQ (FP-Quant, Egiazarian et al. 2025): block-32 randomized Hadamard, then GPTQ with
+        # static group scales from FP-Quant's MSE observer and single columns in descending
+        # diag(H) order (FP-Quant's --quantization_order activation --w_observer mse)
+        MethodConfig(
+            "mr-gptq",
+            rotation="random-hadamard",
+            weights="gptq",
+            act_order=True,
+            act_order_scope="column",
+            static_groups=True,
+            scale_search="fpquant-mse",
+        ),
         # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
         replace(_DQPP_MX, name="dqpp-best-had"),
         replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
