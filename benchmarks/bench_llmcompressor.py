@@ -54,7 +54,7 @@ the step starts, and the step's own peak (VmHWM of /proc/self/status after reset
     /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0
     /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0 llmcompressor gguf
     # the issue-18 protocol (3 seeds, 16 x 1024 calibration, 8 x 1024 WikiText-2 test windows);
-    # about 2.5-3 h at one thread on this machine (estimate: docs/benchmarks.md section 4b)
+    # estimated 2.5 h at one thread on an idle 2-core machine, ~3.5 h shared (docs/benchmarks.md 4b)
     OMP_NUM_THREADS=1 python benchmarks/bench_llmcompressor.py --threads 1 --seeds 0,1,2 \\
         --nsamples 16 --seqlen 1024 --eval-windows 8 --eval-seqlen 1024 --fp-check \\
         --ours-methods duquant++,duquant++mx --llmc-recipes sq+quip+gptq,gptq \\
@@ -496,7 +496,7 @@ def worker_llmc(
         "rotations": rotation_digest(model),
         "config": {
             "recipe": args.recipe,
-            "modifiers": [f"{type(m).__name__}({m!r})" for m in recipe],
+            "modifiers": [repr(m) for m in recipe],
             "scheme": args.llmc_scheme,
             "resolved_scheme": scheme.model_dump() if scheme is not None else None,
             "gptq": {
