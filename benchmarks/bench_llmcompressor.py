@@ -9,6 +9,16 @@ tensors; both sides compute perplexity with duquant's own `duquant.eval.perplexi
 (the llm-compressor side imports it from the source tree, like the loader): a plain forward over
 each window, summed next-token NLL over all windows / (windows x (seqlen - 1)), exp.
 
+A second text the methods were not calibrated on (calibration is WikiText-2), --second-text lambada
+(the default when its file is found): the LAMBADA (OpenAI) test passages, found as duquant's zero-shot
+LAMBADA finds them (`duquant.eval.tasks.utils.local_paths`: $DUQUANT_DATA_DIR, else shared/data beside
+the checkout), joined with "\\n\\n" in file order, tokenized with the same call as the WikiText-2 text,
+first --second-windows x --eval-seqlen tokens. It is handed to every case like the WikiText-2 windows
+and evaluated with the same `perplexity` call (`ppl_second` beside `ppl`). The summary also gives, for
+each llm-compressor recipe, our best case's mean PPL / the recipe's on both texts (our best case: the
+lowest mean WikiText-2 PPL, kept for the second text; issue 18's target is <= 0.91, i.e. >= 9 % lower
+than llm-compressor's best recipe) and the order of the cases by mean PPL on each text.
+
 The two libraries live in different environments (llm-compressor pins its own transformers), so each
 case runs in its own subprocess:
 
@@ -43,8 +53,9 @@ Facts about llmcompressor 0.14.0.1 / compressed-tensors 0.19.0 this relies on (c
   online to the input (float64) before the activation QDQ.
 
 Per seed (--seeds) the calibration windows are redrawn with that seed and every case runs once; the
-seed also seeds our methods and llm-compressor's transforms. Reported per case and seed: PPL,
-quantize wall time (the quantization step alone, `time.perf_counter`, model loading not timed),
+seed also seeds our methods and llm-compressor's transforms. Reported per case and seed: PPL
+(WikiText-2 and the second text), quantize wall time (the quantization step alone,
+`time.perf_counter`, model loading not timed),
 memory (below); means over seeds; JSON (--out) and a markdown table (same path, .md).
 Memory: the process peak (`getrusage(RUSAGE_SELF).ru_maxrss`, model loading included), the RSS when
 the step starts, and the step's own peak (VmHWM of /proc/self/status after resetting it through
@@ -53,10 +64,12 @@ the step starts, and the step's own peak (VmHWM of /proc/self/status after reset
     python3 -m venv /work/.venv-llmc && echo torch==2.13.0 > /tmp/llmc_constraints.txt
     /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0
     /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0 llmcompressor gguf
-    # the issue-18 protocol (3 seeds, 16 x 1024 calibration, 8 x 1024 WikiText-2 test windows);
-    # estimated 2.5 h at one thread on an idle 2-core machine, ~3.5 h shared (docs/benchmarks.md 4b)
+    # the issue-18 protocol (3 seeds, 16 x 1024 calibration, 8 x 1024 WikiText-2 test windows and
+    # 8 x 1024 LAMBADA windows); estimated 2.5 h at one thread on an idle 2-core machine before the
+    # second text, ~3.5 h shared (docs/benchmarks.md 4b); the LAMBADA windows add one evaluation pass
     OMP_NUM_THREADS=1 python benchmarks/bench_llmcompressor.py --threads 1 --seeds 0,1,2 \\
         --nsamples 16 --seqlen 1024 --eval-windows 8 --eval-seqlen 1024 --fp-check \\
+        --second-text lambada --second-windows 8 \\
         --ours-methods duquant++,duquant++mx --llmc-recipes sq+quip+gptq,gptq \\
         --out results/bench/llmcompressor_accuracy.json
 """
@@ -161,6 +174,9 @@ def _load(model: str | None):
 
 
 LLMC_RECIPES = ("sq+quip+gptq", "gptq")
+SECOND_TEXTS = ("lambada", "none")
+SECOND_NAME = {"lambada": "LAMBADA"}  # table name of each second text
+TARGET_RATIO = 0.91  # issue 18: our best mean PPL >= 9 % lower than llm-compressor's best recipe's
 SMOOTHING_STRENGTH = 0.6  # llm-compressor's best MXFP4 W4A4 recipe (issue 18)
 ROTATION_BLOCK = 32  # QuIP's block-diagonal random Hadamard, one MX group wide
 
@@ -191,14 +207,41 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def first_windows(ids: torch.Tensor, n: int, seqlen: int) -> torch.Tensor:
+def first_windows(
+    ids: torch.Tensor, n: int, seqlen: int, option: str = "--eval-windows"
+) -> torch.Tensor:
     """The first `n` windows of `seqlen` tokens of a 1-D token tensor, flat (what `perplexity` splits)."""
     if n * seqlen > ids.numel():
         raise ValueError(
             f"{n} evaluation windows of {seqlen} tokens need {n * seqlen} tokens, the text has "
-            f"{ids.numel()}; lower --eval-windows or --eval-seqlen"
+            f"{ids.numel()}; lower {option} or --eval-seqlen"
         )
     return ids[: n * seqlen].clone()
+
+
+def text_windows(
+    tok, text: str, n: int, seqlen: int, option: str = "--eval-windows"
+) -> torch.Tensor:
+    """A whole text tokenized at once (the call of `runner.eval_tokens`), its first n x seqlen tokens."""
+    return first_windows(tok(text, return_tensors="pt").input_ids[0], n, seqlen, option)
+
+
+def find_lambada() -> Path | None:
+    """LAMBADA (OpenAI) test where duquant's zero-shot LAMBADA reads it, or None when absent."""
+    use_src()
+    from duquant.eval.tasks.utils import local_paths
+
+    try:
+        path = local_paths("lambada_openai")[0]
+    except FileNotFoundError:  # no data directory at all
+        return None
+    return path if path.is_file() else None
+
+
+def passages_text(path: Path) -> str:
+    """The `text` of every row of a jsonl file, in file order, joined with blank lines."""
+    with open(path, encoding="utf-8") as f:
+        return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
 
 
 def evaluate(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, desc: str) -> dict:
@@ -225,6 +268,34 @@ def label(case: str, scheme: str = "MXFP4") -> str:
     return f"{star}duquant {method} --weights gptq{extra}"
 
 
+def second_text_path(args: argparse.Namespace) -> str | None:
+    """The second text's file (None: no second text); resolves --second-text's default (lambada
+    when found, else none) and exits with status 2 on a bad choice, a missing file or a bad count."""
+    choice = args.second_text
+    if choice is not None and choice not in SECOND_TEXTS:
+        fail(f"--second-text {choice}: unknown text; choose from {', '.join(SECOND_TEXTS)}")
+    if choice == "none":
+        return None
+    path = find_lambada()
+    if path is None and choice is None:
+        return None
+    if path is None:
+        use_src()
+        from duquant.data import data_dir
+
+        where = data_dir() or "$DUQUANT_DATA_DIR"
+        fail(
+            f"--second-text lambada: {where}/lambada_openai/lambada_test.jsonl not found; set "
+            "DUQUANT_DATA_DIR to a folder holding it (shared/data/MANIFEST.md) or give --second-text none"
+        )
+    if args.second_windows < 1:
+        fail(
+            f"--second-windows {args.second_windows}: give a positive integer, "
+            "or --second-text none for no second text"
+        )
+    return str(path)
+
+
 def cases_of(args: argparse.Namespace) -> list[str]:
     """The cases to run, checked before anything loads: ours first (the first is the base), then
     llm-compressor's; exits with status 2 on an unknown name or a bad number."""
@@ -236,6 +307,7 @@ def cases_of(args: argparse.Namespace) -> list[str]:
             fail(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive integer")
     if args.eval_windows < 0:
         fail(f"--eval-windows {args.eval_windows}: give 0 (no evaluation) or more")
+    args.second_path = second_text_path(args)
     try:
         args.seed_list = parse_seeds(args.seeds)
     except ValueError as exc:
@@ -262,7 +334,18 @@ def cases_of(args: argparse.Namespace) -> list[str]:
     return cases
 
 
-def worker_ours(args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tensor | None) -> dict:
+def evaluate_texts(
+    model: torch.nn.Module, args: argparse.Namespace, texts: dict, desc: str, key: str
+) -> dict:
+    """`evaluate` on each given text: {key: WikiText-2, key_second: the second text}."""
+    out = {}
+    for suffix, ids in (("", texts.get("eval")), ("_second", texts.get("second"))):
+        if ids is not None:
+            out[key + suffix] = evaluate(model, ids, args.eval_seqlen, desc + suffix)
+    return out
+
+
+def worker_ours(args: argparse.Namespace, windows: torch.Tensor, texts: dict) -> dict:
     """What `duquant run --method <method> --weights gptq` does (duquant++: DuQuant++*), timed,
     then duquant's perplexity on the evaluation windows."""
     from dataclasses import asdict
@@ -289,8 +372,8 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tens
     quant = quant_config(cfg)
     model = loaded.model
     out: dict = {"load_seconds": load_s}
-    if args.fp_check and ids is not None:
-        out["fp_eval"] = evaluate(model, ids, args.eval_seqlen, "fp")
+    if args.fp_check:
+        out |= evaluate_texts(model, args, texts, "fp", "fp_eval")
     torch.manual_seed(cfg.seed)
     mem = start_quantize()
     start = time.perf_counter()
@@ -311,8 +394,7 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tens
         },
         "versions": _versions("duquant", "torch", "transformers"),
     }
-    if ids is not None:
-        out["eval"] = evaluate(model, ids, args.eval_seqlen, args.method)
+    out |= evaluate_texts(model, args, texts, args.method, "eval")
     return out
 
 
@@ -443,9 +525,7 @@ def activation_check(model: torch.nn.Module, window: torch.Tensor) -> dict:
     }
 
 
-def worker_llmc(
-    args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tensor | None, tmp: Path
-) -> dict:
+def worker_llmc(args: argparse.Namespace, windows: torch.Tensor, texts: dict, tmp: Path) -> dict:
     """llm-compressor: oneshot with recipe `args.recipe` on the same windows, timed, then duquant's
     perplexity of the model oneshot leaves on the evaluation windows."""
     import copy
@@ -456,8 +536,8 @@ def worker_llmc(
     loaded, load_s = _load(args.model)
     model = loaded.model
     out: dict = {"load_seconds": load_s}
-    if args.fp_check and ids is not None:
-        out["fp_eval"] = evaluate(model, ids, args.eval_seqlen, "fp")
+    if args.fp_check:
+        out |= evaluate_texts(model, args, texts, "fp", "fp_eval")
     # oneshot re-reads the config from model.config.name_or_path and refuses a GGUF-quantized one.
     # transformers has dequantized the GGUF to a plain float32 model, so hand it the same config
     # without the gguf quantization_config.
@@ -508,9 +588,10 @@ def worker_llmc(
             "llmcompressor", "compressed-tensors", "torch", "transformers", "datasets"
         ),
     }
+    ids = texts.get("eval")
     if ids is not None:
         out["activation_check"] = activation_check(model, ids[: args.eval_seqlen])
-        out["eval"] = evaluate(model, ids, args.eval_seqlen, args.recipe)
+    out |= evaluate_texts(model, args, texts, args.recipe, "eval")
     return out
 
 
@@ -518,15 +599,18 @@ def run_worker(args: argparse.Namespace) -> None:
     """Subprocess entry: quantize and evaluate one case, write its JSON to --result."""
     torch.set_num_threads(args.threads)
     windows = torch.load(args.windows)
-    ids = torch.load(args.eval_ids) if args.eval_ids else None
+    texts = {
+        "eval": torch.load(args.eval_ids) if args.eval_ids else None,
+        "second": torch.load(args.second_ids) if args.second_ids else None,
+    }
     tmp = Path(args.result).parent
     side, _, name = args.worker.partition(":")
     if side == "ours":
         args.method = name
-        out = worker_ours(args, windows, ids)
+        out = worker_ours(args, windows, texts)
     else:
         args.recipe = name
-        out = worker_llmc(args, windows, ids, tmp)
+        out = worker_llmc(args, windows, texts, tmp)
     out["torch_threads"] = torch.get_num_threads()
     Path(args.result).write_text(json.dumps(out, indent=2, default=str))
 
@@ -540,6 +624,7 @@ def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, seed: int
     cmd += ["--threads", str(args.threads), "--seed", str(seed), "--llmc-scheme", args.llmc_scheme]
     cmd += ["--eval-seqlen", str(args.eval_seqlen)]
     cmd += ["--eval-ids", str(tmp / "eval.pt")] if args.eval_windows else []
+    cmd += ["--second-ids", str(tmp / "second.pt")] if args.second_path else []
     cmd += ["--fp-check"] if args.fp_check else []
     cmd += ["--model", args.model] if args.model else []
     n = str(args.threads)
@@ -555,6 +640,7 @@ def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, seed: int
     out = json.loads(result.read_text())
     out["wall_seconds_subprocess"] = time.perf_counter() - start
     ppl = f", PPL {out['eval']['ppl']:.3f}" if "eval" in out else ""
+    ppl += f", second text PPL {out['eval_second']['ppl']:.3f}" if "eval_second" in out else ""
     print(
         f"  quantize {out['quantize_seconds']:.1f}s{ppl}, peak RSS {out['peak_rss_mb']:.0f} MiB",
         flush=True,
@@ -571,6 +657,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows; 0: none")
     p.add_argument("--eval-seqlen", type=int, default=1024)
+    p.add_argument(
+        "--second-text",
+        default=None,
+        help="a second evaluation text, not calibrated on: lambada (LAMBADA OpenAI test passages in\n"
+        "file order) or none; default: lambada when its file is found, else none",
+    )
+    p.add_argument(
+        "--second-windows", type=int, default=8, help="second-text windows of --eval-seqlen"
+    )
     p.add_argument(
         "--fp-check",
         action="store_true",
@@ -599,6 +694,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
     p.add_argument("--eval-ids", help=argparse.SUPPRESS)
+    p.add_argument("--second-ids", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -609,16 +705,52 @@ def mean(xs: list[float]) -> float:
     return statistics.fmean(xs)
 
 
-def summary_table(cases: list[str], runs: dict, seeds: list[int], scheme: str) -> str:
-    """Markdown: per case PPL and quantize time per seed, their means, time vs the first case."""
+def case_ppls(runs: dict, cases: list[str], key: str) -> dict[str, list[float]]:
+    """PPL per case and seed on one text (key `eval`: WikiText-2, `eval_second`: the second text);
+    a case some run of which lacks that text is left out."""
+    return {
+        c: [r[key]["ppl"] for r in runs[c]]
+        for c in cases
+        if runs[c] and all(key in r for r in runs[c])
+    }
+
+
+def best_ours(mean_ppl: dict[str, float]) -> str | None:
+    """Our case with the lowest mean WikiText-2 PPL (None without one): chosen on the first text
+    and kept for the second, so the second text is not used to pick it."""
+    ours = {c: v for c, v in mean_ppl.items() if c.startswith("ours:")}
+    return min(ours, key=ours.get) if ours else None
+
+
+def ratios_to_llmc(means: dict[str, dict[str, float]], best: str) -> dict[str, dict[str, float]]:
+    """For each llm-compressor case: mean PPL of our case `best` / its mean PPL, per text
+    (`means`: text -> case -> mean PPL over seeds)."""
+    recipes = [c for m in means.values() for c in m if c.startswith("llmc:")]
+    return {
+        c: {text: m[best] / m[c] for text, m in means.items() if best in m and c in m}
+        for c in dict.fromkeys(recipes)
+    }
+
+
+def ppl_order(mean_ppl: dict[str, float]) -> list[str]:
+    """The cases from lowest to highest mean PPL."""
+    return sorted(mean_ppl, key=mean_ppl.get)
+
+
+def summary_table(
+    cases: list[str], runs: dict, seeds: list[int], scheme: str, second: str | None = None
+) -> str:
+    """Markdown: per case PPL (WikiText-2, then the second text `second` if given) and quantize
+    time per seed, their means, time vs the first case."""
     base = cases[0]
     times = {c: [r["quantize_seconds"] for r in runs[c]] for c in cases}
-    evald = all("eval" in r for c in cases for r in runs[c])
+    texts = [("eval", "PPL")] + ([("eval_second", f"{second} PPL")] if second else [])
+    texts = [(k, name) for k, name in texts if len(case_ppls(runs, cases, k)) == len(cases)]
     rows = []
     for c in cases:
         row = [label(c, scheme)]
-        if evald:
-            ppl = [r["eval"]["ppl"] for r in runs[c]]
+        for key, _ in texts:
+            ppl = case_ppls(runs, [c], key)[c]
             row += [", ".join(f"{x:.3f}" for x in ppl), f"{mean(ppl):.3f}"]
         row += [", ".join(f"{x:.0f}" for x in times[c]), f"{mean(times[c]):.1f}"]
         row += [f"{paired_ratio(times, c, base):.2f}"]
@@ -626,10 +758,28 @@ def summary_table(cases: list[str], runs: dict, seeds: list[int], scheme: str) -
         rows.append(row)
     seed_txt = ",".join(map(str, seeds))
     header = ["case"]
-    if evald:
-        header += [f"PPL (seeds {seed_txt})", "mean PPL"]
+    for _, name in texts:
+        header += [f"{name} (seeds {seed_txt})", f"mean {name}"]
     header += [f"quantize s (seeds {seed_txt})", "mean s", "x base time", "peak RSS MiB"]
     return markdown_table(header, rows)
+
+
+def ratio_table(ratios: dict, best: str, scheme: str, names: dict[str, str]) -> str:
+    """Markdown: for each llm-compressor recipe, our best case's mean PPL / its mean PPL per text
+    (`names`: text key -> column name) and whether that meets the target (<= TARGET_RATIO)."""
+    header = ["llm-compressor recipe"]
+    header += [f"{names[t]}: ours / recipe" for t in names]
+    header += [f"ours >= {100 * (1 - TARGET_RATIO):.0f} % lower ({', '.join(names.values())})"]
+    rows = []
+    for case, by_text in ratios.items():
+        row = [label(case, scheme)] + [f"{by_text[t]:.3f}" if t in by_text else "" for t in names]
+        row += [
+            ", ".join("yes" if by_text[t] <= TARGET_RATIO else "no" for t in names if t in by_text)
+        ]
+        rows.append(row)
+    return f"ours = {label(best)} (lowest mean WikiText-2 PPL of our cases)\n\n" + markdown_table(
+        header, rows
+    )
 
 
 def main() -> None:
@@ -646,7 +796,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from duquant.data import calibration_windows, eval_text
+    from duquant.data import calibration_windows, eval_text, file_sha256
     from duquant.models import default_model
     from duquant.models.loading import ModelSourceError, check_model_source
 
@@ -665,30 +815,73 @@ def main() -> None:
         # as runner.eval_tokens: the whole WikiText-2 test text tokenized at once
         text, eval_src = eval_text("wikitext2")
         try:
-            eval_ids = first_windows(
-                tok(text, return_tensors="pt").input_ids[0], args.eval_windows, args.eval_seqlen
+            eval_ids = text_windows(tok, text, args.eval_windows, args.eval_seqlen)
+        except ValueError as exc:
+            fail(str(exc))
+    second_ids, second_src, second = None, None, None
+    if args.second_text is None and not args.second_path:
+        print(
+            "no second text: LAMBADA's lambada_test.jsonl not found in the data directory",
+            flush=True,
+        )
+    if args.second_path:
+        # tokenized with the same call as the WikiText-2 text, first N x L tokens
+        second = SECOND_NAME[args.second_text or "lambada"]
+        path = Path(args.second_path)
+        text = passages_text(path)
+        try:
+            second_ids = text_windows(
+                tok, text, args.second_windows, args.eval_seqlen, "--second-windows"
             )
         except ValueError as exc:
             fail(str(exc))
+        second_src = {
+            "dataset": "lambada_openai",
+            "split": "test",
+            "origin": str(path),
+            "sha256": file_sha256(path),
+            "joined_with": "\n\n",
+            "passage_order": "file",
+            "windows": args.second_windows,
+            "seqlen": args.eval_seqlen,
+        }
     runs: dict[str, list[dict]] = {case: [] for case in cases}
     calib = {}
     with tempfile.TemporaryDirectory(prefix="bench_llmc_") as tmp:
         tmp = Path(tmp)
         if eval_ids is not None:
             torch.save(eval_ids, tmp / "eval.pt")
+        if second_ids is not None:
+            torch.save(second_ids, tmp / "second.pt")
         for seed in args.seed_list:
             windows, calib[seed] = calibration_windows(tok, args.nsamples, args.seqlen, seed)
             torch.save(windows, tmp / f"w{seed}.pt")
             for case in cases:
                 python = args.llmc_python if case.startswith("llmc:") else args.python
                 runs[case].append(spawn(case, python, args, tmp, seed))
-    table = summary_table(cases, runs, args.seed_list, args.llmc_scheme)
+    table = summary_table(cases, runs, args.seed_list, args.llmc_scheme, second)
+    ppl = case_ppls(runs, cases, "eval")
+    ppl_second = case_ppls(runs, cases, "eval_second")
+    means = {"wikitext2": {c: mean(v) for c, v in ppl.items()}}
+    if ppl_second:
+        means["second"] = {c: mean(v) for c, v in ppl_second.items()}
+    best = best_ours(means["wikitext2"])
+    ratios = ratios_to_llmc(means, best) if best else {}
+    tables = [table]
+    if ratios:
+        names = {"wikitext2": "WikiText-2"} | ({"second": second} if "second" in means else {})
+        tables.append(ratio_table(ratios, best, args.llmc_scheme, names))
     head = (
         f"{args.nsamples} x {args.seqlen} calibration tokens, "
         + (
             f"{args.eval_windows} x {args.eval_seqlen} WikiText-2 test tokens, "
             if args.eval_windows
             else "no evaluation, "
+        )
+        + (
+            f"{args.second_windows} x {args.eval_seqlen} {second} tokens (not calibrated on), "
+            if second
+            else ""
         )
         + f"seeds {args.seeds}, {args.threads} thread(s); time base: {label(cases[0])}"
     )
@@ -712,13 +905,21 @@ def main() -> None:
             if any(rot):
                 line += f"; rotation sha256 per seed: {', '.join(h[:12] for h in rot)}"
             notes.append(line)
-    fp = {c: [r["fp_eval"]["ppl"] for r in runs[c] if "fp_eval" in r] for c in cases}
-    if any(fp.values()):
+    for key, name in (("fp_eval", "FP PPL"), ("fp_eval_second", f"FP {second} PPL")):
+        fp = {c: [r[key]["ppl"] for r in runs[c] if key in r] for c in cases}
+        if any(fp.values()):
+            notes.append(
+                f"{name} in each worker: "
+                + "; ".join(f"{c}: {', '.join(f'{x:.4f}' for x in v)}" for c, v in fp.items())
+            )
+    if len(means) == 2 and means["second"].keys() == means["wikitext2"].keys():
+        orders = {t: ppl_order(m) for t, m in means.items()}
         notes.append(
-            "FP PPL in each worker: "
-            + "; ".join(f"{c}: {', '.join(f'{x:.4f}' for x in v)}" for c, v in fp.items())
+            f"order by mean PPL, WikiText-2: {' < '.join(orders['wikitext2'])}; {second}: "
+            f"{' < '.join(orders['second'])} (same order: "
+            f"{'yes' if orders['wikitext2'] == orders['second'] else 'no'})"
         )
-    md = "\n\n".join([head, table, *[f"- {n}" for n in notes]]) + "\n"
+    md = "\n\n".join([head, *tables, *[f"- {n}" for n in notes]]) + "\n"
     print("\n" + md)
     out = Path(args.out)
     write_json(
@@ -727,7 +928,7 @@ def main() -> None:
             "args": {
                 k: v
                 for k, v in vars(args).items()
-                if k not in ("worker", "windows", "result", "eval_ids", "seed")
+                if k not in ("worker", "windows", "result", "eval_ids", "second_ids", "seed")
             },
             "calibration": {seed: asdict(c) for seed, c in calib.items()},
             "evaluation": {
@@ -735,15 +936,18 @@ def main() -> None:
                 "windows": args.eval_windows,
                 "seqlen": args.eval_seqlen,
             },
+            "second_text": second_src,
             "cases": cases,
             "labels": {c: label(c, args.llmc_scheme) for c in cases},
             "seeds": args.seed_list,
-            "ppl": {c: [r["eval"]["ppl"] for r in runs[c] if "eval" in r] for c in cases},
-            "mean_ppl": {
-                c: mean([r["eval"]["ppl"] for r in runs[c]])
-                for c in cases
-                if all("eval" in r for r in runs[c])
-            },
+            "ppl": ppl,
+            "mean_ppl": means["wikitext2"],
+            "ppl_second": ppl_second,
+            "mean_ppl_second": means.get("second", {}),
+            "best_ours": best,
+            "ratio_to_llmc": ratios,
+            "target_ratio": TARGET_RATIO,
+            "order": {t: ppl_order(m) for t, m in means.items()},
             "quantize_seconds": {c: [r["quantize_seconds"] for r in runs[c]] for c in cases},
             "mean_quantize_seconds": {
                 c: mean([r["quantize_seconds"] for r in runs[c]]) for c in cases
