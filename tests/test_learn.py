@@ -132,3 +132,17 @@ def test_learned_method_runs_end_to_end_on_a_tiny_model(weights):
     assert len(rep.learn) == model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_model_target_trains_towards_the_unquantized_model():
+    """learn_target=model: block 0 sees the same targets as learn_target=block (nothing before it
+    is quantized), later blocks the full-precision model's own outputs; both run end to end."""
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(6))
+    quant = QuantConfig(weight=MX, act=MX)
+    reports = {}
+    for target in ("block", "model"):
+        model = make_tiny_llama(2)
+        method = get_method("duquant++learn", learn_epochs=1, learn_target=target)
+        reports[target] = quantize_model(model, adapter_for(model), method, quant, ids).learn
+    assert reports["block"][0] == reports["model"][0]
+    assert reports["block"][1]["loss_before"] != reports["model"][1]["loss_before"]

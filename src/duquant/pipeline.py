@@ -156,10 +156,13 @@ def quantize_model(
         with store.embedding(model):
             inputs = capture_block_inputs(model, adapter, calib_windows)
     fp_hessians = gptq and quant.gptq.hessian == "fp"
+    # the full-precision model's block inputs, for learning towards the unquantized model
+    fp_stream = inputs if method.learn != "none" and method.learn_target == "model" else None
     for i in tqdm(range(len(blocks)), desc=f"quantize {method.name}", leave=False):
         block = store.load(i)
         unfuse_block(block, adapter)
         groups = adapter.block_groups(block)
+        fp_out = run_block(block, fp_stream) if fp_stream is not None else None
         stats = None
         if method.needs_calibration or fp_hessians:
             stats = collect_input_stats(
@@ -184,7 +187,16 @@ def quantize_model(
         }
         if method.learn != "none":
             plans, info = learn_block(
-                block, groups, inputs, plans, stats, method, quant, heads, seed=seed * 1000 + i
+                block,
+                groups,
+                inputs,
+                plans,
+                stats,
+                method,
+                quant,
+                heads,
+                seed=seed * 1000 + i,
+                targets=fp_out,
             )
             report.learn.append(info)
             log.info(
@@ -215,6 +227,8 @@ def quantize_model(
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
             inputs = inputs.next(run_block(block, inputs), i + 1)
+            if fp_stream is not None:
+                fp_stream = fp_stream.next(fp_out, i + 1)
         store.release(i)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()

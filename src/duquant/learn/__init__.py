@@ -60,6 +60,7 @@ def learn_block(
     quant,
     heads: HeadShape | None,
     seed: int,
+    targets: list | None = None,
 ) -> tuple[dict[str, GroupPlan], dict]:
     """Train the method's learnable transforms of one block; the plans that apply what was learned."""
     learner = LEARNERS.get(method.learn)
@@ -80,6 +81,7 @@ def learn_block(
         lr=method.learn_lr,
         batch=method.learn_batch,
         seed=seed,
+        targets=targets,
     )
     out = dict(plans)
     for name, lg in learned.items():

@@ -113,15 +113,20 @@ def train_block(
     lr: float,
     batch: int,
     seed: int,
+    targets: list[Tensor] | None = None,
 ) -> dict:
-    """Fit `learned` (per group name) to the full-precision outputs of `block` on `inputs`.
+    """Fit `learned` (per group name) to the full-precision outputs of `block` on `inputs`, or to
+    `targets` (e.g. the full-precision model's own outputs of this block, whose inputs did not pass
+    through quantized blocks: then training also corrects the error accumulated before).
 
     The block's own weights stay as they are; on return its linears are back in place and the
     learned groups hold the trained parameters. Returns the loss before and after training (on the first `batch` windows).
     """
     hidden = [h.detach() for h in inputs.hidden]
-    with torch.no_grad():
-        targets = [_outputs(block, h, inputs.kwargs).detach().float() for h in hidden]
+    if targets is None:
+        with torch.no_grad():
+            targets = [_outputs(block, h, inputs.kwargs).detach().float() for h in hidden]
+    targets = [t.float() for t in targets]
     params = [p for g in learned.values() for p in g.parameters() if p.requires_grad]
     swapped: dict[str, nn.Module] = {}
     caches: list[dict] = []

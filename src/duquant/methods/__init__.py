@@ -36,6 +36,10 @@ class MethodConfig:
     learn_epochs: int = 2
     learn_lr: float = 1e-3
     learn_batch: int = 4
+    # what the quantized block is trained to reproduce: its full-precision self on the same
+    # (quantized-stream) inputs, `block`, or the full-precision model's output of this block,
+    # `model` (also corrects the error accumulated in earlier blocks)
+    learn_target: str = "block"
     # the weight quantizer and GPTQ options a method fixes (None: the command line's)
     weights: str | None = None  # rtn or gptq
     act_order: bool | None = None
@@ -47,6 +51,10 @@ class MethodConfig:
         """The GPTQConfig fields this method fixes."""
         names = ("act_order", "act_order_scope", "static_groups", "scale_search")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def __post_init__(self) -> None:
+        if self.learn_target not in ("block", "model"):
+            raise ValueError(f"learn_target must be 'block' or 'model', got {self.learn_target!r}")
 
     @property
     def needs_calibration(self) -> bool:
