@@ -34,6 +34,8 @@ EXPORTABLE = (
     "smooth+hadamard",
     "duquant++",
     "duquant++mx",
+    "duquant++learn",
+    "mr-gptq",
 )
 
 

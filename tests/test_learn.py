@@ -146,3 +146,15 @@ def test_model_target_trains_towards_the_unquantized_model():
         reports[target] = quantize_model(model, adapter_for(model), method, quant, ids).learn
     assert reports["block"][0] == reports["model"][0]
     assert reports["block"][1]["loss_before"] != reports["model"][1]["loss_before"]
+
+
+def test_method_best_resolves_to_a_registered_method_with_gptq():
+    """`--method best` runs a registered method with GPTQ weights and records the resolved name."""
+    from duquant.config import RunConfig
+    from duquant.methods import ALIASES, METHODS
+    from duquant.runner import _plan
+
+    method, quant, record = _plan(RunConfig(method="best"), "model")
+    assert method.name in METHODS and method.name == ALIASES["best"][0]
+    assert quant.weights == "gptq" and record["weight_quantizer"] == "gptq"
+    assert record["method"]["name"] == method.name and record["run"]["method"] == "best"

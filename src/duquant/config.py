@@ -334,9 +334,9 @@ def _plain(value: Any) -> Any:
 
 def _method_names() -> list[str]:
     """The registered methods (imported late: methods import nothing from here)."""
-    from duquant.methods import METHODS
+    from duquant.methods import method_names
 
-    return sorted(METHODS)
+    return method_names()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from duquant.config import (
     check_output_dir,
     opt,
 )
-from duquant.methods import METHODS, MethodConfig, get_method
+from duquant.methods import MethodConfig, get_method, method_names
 
 GPTQ_MARK = "*"  # `--methods quarot*`: the paper's notation for a method with GPTQ weights
 
@@ -53,11 +53,11 @@ class CompareConfig(QuantSettings):
         bad = [e for e in self.evals if e not in EVALS]
         if bad:
             raise ConfigError(f"--evals {','.join(bad)}: unknown; choose from {', '.join(EVALS)}")
-        unknown = [m for m in self.methods if m.removesuffix(GPTQ_MARK) not in METHODS]
+        unknown = [m for m in self.methods if m.removesuffix(GPTQ_MARK) not in method_names()]
         if unknown:
             raise ConfigError(
                 f"--methods {','.join(unknown)}: unknown method(s); registered: "
-                f"{', '.join(sorted(METHODS))}"
+                f"{', '.join(method_names())}"
             )
         choices = [w.value for w in WeightQuantizer]
         for w in self.weights:

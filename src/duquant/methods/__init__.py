@@ -114,11 +114,26 @@ METHODS: dict[str, MethodConfig] = {
 }
 
 
+# `--method best`: the most accurate registered method, with the weight quantizer it was measured
+# with (docs/results.md §11 has the measurement); results record the resolved name
+ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++learn", {"weights": "gptq"})}
+
+
+def method_names() -> list[str]:
+    """Every name `--method` accepts: the registered methods and the aliases."""
+    return sorted([*METHODS, *ALIASES])
+
+
 def get_method(name: str, **overrides) -> MethodConfig:
-    """The registered method `name`, with fields overridden (None values are ignored)."""
+    """The registered method `name` (an alias resolved), with fields overridden (None values are
+    ignored)."""
+    fixed: dict = {}
+    if name in ALIASES:
+        name, fixed = ALIASES[name]
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return replace(METHODS[name], **{k: v for k, v in overrides.items() if v is not None})
+        raise ValueError(f"unknown method {name!r}; choose one of {method_names()}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(METHODS[name], **{**fixed, **given})
 
 
-__all__ = ["METHODS", "MethodConfig", "get_method"]
+__all__ = ["ALIASES", "METHODS", "MethodConfig", "get_method", "method_names"]
