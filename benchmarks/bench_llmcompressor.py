@@ -72,6 +72,28 @@ the step starts, and the step's own peak (VmHWM of /proc/self/status after reset
         --second-text lambada --second-windows 8 \\
         --ours-methods duquant++,duquant++mx --llmc-recipes sq+quip+gptq,gptq \\
         --out results/bench/llmcompressor_accuracy.json
+
+To use both cores, run parts in parallel, each with its own --out (same --nsamples, --seqlen,
+--eval-windows, --eval-seqlen, --second-text, --second-windows, --model, --llmc-scheme, --threads),
+then merge them into the one summary a single run of all their cases and seeds would write (the same
+tables, ratios, order, notes, JSON and markdown; the JSON adds `combined_from`: each file's path,
+machine and args):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_llmcompressor.py ... --ours-methods '' \\
+        --llmc-recipes sq+quip+gptq,gptq --seeds 0,1,2 --out results/bench/llmc_part.json &
+    OMP_NUM_THREADS=1 python benchmarks/bench_llmcompressor.py ... --llmc-recipes '' \\
+        --ours-methods duquant++,duquant++mx --seeds 0,1,2 --out results/bench/ours_part.json &
+    wait
+    python benchmarks/bench_llmcompressor.py --combine results/bench/llmc_part.json \\
+        results/bench/ours_part.json --out results/bench/llmcompressor_accuracy.json
+
+--combine orders the cases ours first (in file order; the first is the time base), then
+llm-compressor's, and the seeds ascending. It refuses, with one line and exit status 2 before
+writing anything: files whose calibration (text, sha256, counts, lengths), evaluation windows or
+second text (source, sha256, windows) or model, scheme or threads differ (results on different
+windows are never combined); the same (case, seed) in two files; a case without runs for every seed
+of the union (its mean would be over other seeds than the rest: rerun its missing seeds and add
+that file); --out being one of the inputs.
 """
 
 from __future__ import annotations
@@ -691,6 +713,13 @@ def parser() -> argparse.ArgumentParser:
         help="compressed-tensors preset: MXFP4 (W4A4) or MXFP4A16 (weights only)",
     )
     p.add_argument("--out", default="results/bench/llmcompressor_accuracy.json")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: merge the --out JSONs of several runs (same windows and settings, each\n"
+        "(case, seed) once, every case on every seed) into one summary at --out",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
     p.add_argument("--eval-ids", help=argparse.SUPPRESS)
@@ -782,12 +811,227 @@ def ratio_table(ratios: dict, best: str, scheme: str, names: dict[str, str]) -> 
     )
 
 
+SETTINGS_ARGS = ("model", "llmc_scheme", "threads")  # run options the combined files must share
+HIDDEN_ARGS = ("worker", "windows", "result", "eval_ids", "second_ids", "seed", "combine")
+
+
+def second_name(choice: str | None, present: bool) -> str | None:
+    """Table name of the second text (None without one); --second-text's default is lambada."""
+    return SECOND_NAME[choice or "lambada"] if present else None
+
+
+def write_summary(
+    settings: dict, cases: list[str], runs: dict[str, list[dict]], seeds: list[int], out: Path
+) -> str:
+    """Tables, ratios, order and notes of `runs` (runs[case][i]: seed seeds[i]); prints the markdown,
+    writes the JSON at `out` and the markdown beside it (.md) and returns the markdown.
+
+    `settings`: machine, args (a dict), calibration, evaluation, second_text as a run records them,
+    the first keys of the JSON; a normal run and --combine both end here."""
+    a = settings["args"]
+    scheme = a["llmc_scheme"]
+    second = second_name(a.get("second_text"), settings["second_text"] is not None)
+    table = summary_table(cases, runs, seeds, scheme, second)
+    ppl = case_ppls(runs, cases, "eval")
+    ppl_second = case_ppls(runs, cases, "eval_second")
+    means = {"wikitext2": {c: mean(v) for c, v in ppl.items()}}
+    if ppl_second:
+        means["second"] = {c: mean(v) for c, v in ppl_second.items()}
+    best = best_ours(means["wikitext2"])
+    ratios = ratios_to_llmc(means, best) if best else {}
+    tables = [table]
+    if ratios:
+        names = {"wikitext2": "WikiText-2"} | ({"second": second} if "second" in means else {})
+        tables.append(ratio_table(ratios, best, scheme, names))
+    head = (
+        f"{a['nsamples']} x {a['seqlen']} calibration tokens, "
+        + (
+            f"{a['eval_windows']} x {a['eval_seqlen']} WikiText-2 test tokens, "
+            if a["eval_windows"]
+            else "no evaluation, "
+        )
+        + (
+            f"{a['second_windows']} x {a['eval_seqlen']} {second} tokens (not calibrated on), "
+            if second
+            else ""
+        )
+        + f"seeds {','.join(map(str, seeds))}, {a['threads']} thread(s); "
+        + f"time base: {label(cases[0])}"
+    )
+    notes = []
+    for case in cases:
+        if case.startswith("llmc:"):
+            r = runs[case][0]
+            act = r.get("activation_check")
+            line = (
+                f"{label(case, scheme)}: {r['quantized_linears']} quantized linears, "
+                f"{100 * r['weights_on_e2m1_grid']:.2f}% of weights on the E2M1 grid"
+            )
+            if act:
+                line += (
+                    f"; {act['with_input_activations']}/{act['linears']} with input activation "
+                    f"quantization, status {act['status']}; probe {act['probe']}: output vs our "
+                    f"MXFP4 ct-round input QDQ rel. diff {act['probe_rel_diff_to_mxfp4_ct_round_input']:.2e}, "
+                    f"vs unquantized input {act['probe_rel_diff_to_unquantized_input']:.2e}"
+                )
+            rot = [x["rotations"]["rotation_sha256"] for x in runs[case]]
+            if any(rot):
+                line += f"; rotation sha256 per seed: {', '.join(h[:12] for h in rot)}"
+            notes.append(line)
+    for key, name in (("fp_eval", "FP PPL"), ("fp_eval_second", f"FP {second} PPL")):
+        fp = {c: [r[key]["ppl"] for r in runs[c] if key in r] for c in cases}
+        if any(fp.values()):
+            notes.append(
+                f"{name} in each worker: "
+                + "; ".join(f"{c}: {', '.join(f'{x:.4f}' for x in v)}" for c, v in fp.items())
+            )
+    if len(means) == 2 and means["second"].keys() == means["wikitext2"].keys():
+        orders = {t: ppl_order(m) for t, m in means.items()}
+        notes.append(
+            f"order by mean PPL, WikiText-2: {' < '.join(orders['wikitext2'])}; {second}: "
+            f"{' < '.join(orders['second'])} (same order: "
+            f"{'yes' if orders['wikitext2'] == orders['second'] else 'no'})"
+        )
+    md = "\n\n".join([head, *tables, *[f"- {n}" for n in notes]]) + "\n"
+    print("\n" + md)
+    write_json(
+        {
+            **settings,
+            "cases": cases,
+            "labels": {c: label(c, scheme) for c in cases},
+            "seeds": seeds,
+            "ppl": ppl,
+            "mean_ppl": means["wikitext2"],
+            "ppl_second": ppl_second,
+            "mean_ppl_second": means.get("second", {}),
+            "best_ours": best,
+            "ratio_to_llmc": ratios,
+            "target_ratio": TARGET_RATIO,
+            "order": {t: ppl_order(m) for t, m in means.items()},
+            "quantize_seconds": {c: [r["quantize_seconds"] for r in runs[c]] for c in cases},
+            "mean_quantize_seconds": {
+                c: mean([r["quantize_seconds"] for r in runs[c]]) for c in cases
+            },
+            "runs": runs,
+        },
+        out,
+    )
+    out.with_suffix(".md").write_text(md)
+    return md
+
+
+def first_difference(a: object, b: object, where: str = "") -> str | None:
+    """Where two JSON values first differ ('key.sub: x vs y'), None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in dict.fromkeys([*a, *b]):
+            diff = first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+            if diff:
+                return diff
+        return None
+    if a == b:
+        return None
+    return f"{where}: {a!r} vs {b!r}" if where else f"{a!r} vs {b!r}"
+
+
+def load_result(path: str) -> dict:
+    """One JSON a run of this script wrote (--out); exits with status 2 when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"--combine {path}: cannot read it as JSON ({exc})")
+    keys = ("args", "calibration", "evaluation", "second_text", "cases", "seeds", "runs")
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        fail(f"--combine {path}: not a bench_llmcompressor result (no {', '.join(missing)})")
+    bad = [c for c in data["cases"] if len(data["runs"].get(c, [])) != len(data["seeds"])]
+    if bad:
+        fail(f"--combine {path}: case {bad[0]} does not have one run per seed {data['seeds']}")
+    return data
+
+
+def combined_settings(paths: list[str], files: list[dict]) -> dict:
+    """The settings the files share (calibration per seed, evaluation, second text and their sources
+    and sha256s, model, scheme, threads); exits with status 2 naming the first mismatch."""
+    first, calib = files[0], {}
+    ref = {k: v for k, v in next(iter(first["calibration"].values()), {}).items() if k != "seed"}
+    for path, data in zip(paths, files, strict=True):
+        checks = [(k, first[k], data[k]) for k in ("evaluation", "second_text")]
+        checks += [(f"args.{k}", first["args"].get(k), data["args"].get(k)) for k in SETTINGS_ARGS]
+        for seed, info in data["calibration"].items():
+            # every seed's windows come from the same text, counts and lengths; only the seed differs
+            checks.append((f"calibration[{seed}]", ref | {"seed": int(seed)}, info))
+            calib[int(seed)] = info
+        for what, want, got in checks:
+            diff = first_difference(want, got)
+            if diff:
+                fail(
+                    f"--combine: {paths[0]} and {path} differ in {what} ({diff}); results on "
+                    "different settings or windows cannot be combined"
+                )
+    return {
+        "machine": first.get("machine"),
+        "args": dict(first["args"]),
+        "calibration": dict(sorted(calib.items())),
+        "evaluation": first["evaluation"],
+        "second_text": first["second_text"],
+    }
+
+
+def combine(paths: list[str], out: Path) -> str:
+    """Merge the results of several runs (--out JSONs) into the summary one run of all their cases
+    and seeds would write: ours first, then llm-compressor's, seeds sorted; every (case, seed) once
+    and every case for every seed (exits with status 2 otherwise)."""
+    if any(Path(p).resolve() == out.resolve() for p in paths):
+        fail(f"--combine: --out {out} is one of the inputs; give another --out")
+    files = [load_result(p) for p in paths]
+    settings = combined_settings(paths, files)
+    found: dict[str, dict[int, tuple[str, dict]]] = {}
+    for path, data in zip(paths, files, strict=True):
+        for case in data["cases"]:
+            for seed, run in zip(data["seeds"], data["runs"][case], strict=True):
+                if seed in found.setdefault(case, {}):
+                    fail(
+                        f"--combine: case {case} seed {seed} is in both {found[case][seed][0]} "
+                        f"and {path}; give each (case, seed) once"
+                    )
+                found[case][seed] = (path, run)
+    seeds = sorted({s for by_seed in found.values() for s in by_seed})
+    for case, by_seed in found.items():
+        if sorted(by_seed) != seeds:
+            fail(
+                f"--combine: case {case} has seeds {','.join(map(str, sorted(by_seed)))}, the "
+                f"others {','.join(map(str, seeds))}; add its missing runs (a case on only some "
+                "seeds is refused: its mean would not compare with the others)"
+            )
+    cases = sorted(found, key=lambda c: c.startswith("llmc:"))  # stable: file order within a side
+    runs = {c: [found[c][s][1] for s in seeds] for c in cases}
+    names = {
+        side: [c.partition(":")[2] for c in cases if c.startswith(side)]
+        for side in ("ours", "llmc")
+    }
+    settings["args"] |= {
+        "seeds": ",".join(map(str, seeds)),
+        "seed_list": seeds,
+        "ours_methods": ",".join(names["ours"]),
+        "llmc_recipes": ",".join(names["llmc"]),
+        "out": str(out),
+    }
+    settings["combined_from"] = [
+        {"path": p, "machine": d.get("machine"), "args": d["args"]}
+        for p, d in zip(paths, files, strict=True)
+    ]
+    return write_summary(settings, cases, runs, seeds, out)
+
+
 def main() -> None:
     """Draw the windows, run every case for every seed, print a table, write JSON and markdown."""
     args = parser().parse_args()
     use_src()
     if args.worker:
         run_worker(args)
+        return
+    if args.combine:
+        combine(args.combine, Path(args.out))
         return
     cases = cases_of(args)
     torch.set_num_threads(args.threads)
@@ -818,7 +1062,7 @@ def main() -> None:
             eval_ids = text_windows(tok, text, args.eval_windows, args.eval_seqlen)
         except ValueError as exc:
             fail(str(exc))
-    second_ids, second_src, second = None, None, None
+    second_ids, second_src = None, None
     if args.second_text is None and not args.second_path:
         print(
             "no second text: LAMBADA's lambada_test.jsonl not found in the data directory",
@@ -826,7 +1070,6 @@ def main() -> None:
         )
     if args.second_path:
         # tokenized with the same call as the WikiText-2 text, first N x L tokens
-        second = SECOND_NAME[args.second_text or "lambada"]
         path = Path(args.second_path)
         text = passages_text(path)
         try:
@@ -859,104 +1102,18 @@ def main() -> None:
             for case in cases:
                 python = args.llmc_python if case.startswith("llmc:") else args.python
                 runs[case].append(spawn(case, python, args, tmp, seed))
-    table = summary_table(cases, runs, args.seed_list, args.llmc_scheme, second)
-    ppl = case_ppls(runs, cases, "eval")
-    ppl_second = case_ppls(runs, cases, "eval_second")
-    means = {"wikitext2": {c: mean(v) for c, v in ppl.items()}}
-    if ppl_second:
-        means["second"] = {c: mean(v) for c, v in ppl_second.items()}
-    best = best_ours(means["wikitext2"])
-    ratios = ratios_to_llmc(means, best) if best else {}
-    tables = [table]
-    if ratios:
-        names = {"wikitext2": "WikiText-2"} | ({"second": second} if "second" in means else {})
-        tables.append(ratio_table(ratios, best, args.llmc_scheme, names))
-    head = (
-        f"{args.nsamples} x {args.seqlen} calibration tokens, "
-        + (
-            f"{args.eval_windows} x {args.eval_seqlen} WikiText-2 test tokens, "
-            if args.eval_windows
-            else "no evaluation, "
-        )
-        + (
-            f"{args.second_windows} x {args.eval_seqlen} {second} tokens (not calibrated on), "
-            if second
-            else ""
-        )
-        + f"seeds {args.seeds}, {args.threads} thread(s); time base: {label(cases[0])}"
-    )
-    notes = []
-    for case in cases:
-        if case.startswith("llmc:"):
-            r = runs[case][0]
-            act = r.get("activation_check")
-            line = (
-                f"{label(case, args.llmc_scheme)}: {r['quantized_linears']} quantized linears, "
-                f"{100 * r['weights_on_e2m1_grid']:.2f}% of weights on the E2M1 grid"
-            )
-            if act:
-                line += (
-                    f"; {act['with_input_activations']}/{act['linears']} with input activation "
-                    f"quantization, status {act['status']}; probe {act['probe']}: output vs our "
-                    f"MXFP4 ct-round input QDQ rel. diff {act['probe_rel_diff_to_mxfp4_ct_round_input']:.2e}, "
-                    f"vs unquantized input {act['probe_rel_diff_to_unquantized_input']:.2e}"
-                )
-            rot = [x["rotations"]["rotation_sha256"] for x in runs[case]]
-            if any(rot):
-                line += f"; rotation sha256 per seed: {', '.join(h[:12] for h in rot)}"
-            notes.append(line)
-    for key, name in (("fp_eval", "FP PPL"), ("fp_eval_second", f"FP {second} PPL")):
-        fp = {c: [r[key]["ppl"] for r in runs[c] if key in r] for c in cases}
-        if any(fp.values()):
-            notes.append(
-                f"{name} in each worker: "
-                + "; ".join(f"{c}: {', '.join(f'{x:.4f}' for x in v)}" for c, v in fp.items())
-            )
-    if len(means) == 2 and means["second"].keys() == means["wikitext2"].keys():
-        orders = {t: ppl_order(m) for t, m in means.items()}
-        notes.append(
-            f"order by mean PPL, WikiText-2: {' < '.join(orders['wikitext2'])}; {second}: "
-            f"{' < '.join(orders['second'])} (same order: "
-            f"{'yes' if orders['wikitext2'] == orders['second'] else 'no'})"
-        )
-    md = "\n\n".join([head, *tables, *[f"- {n}" for n in notes]]) + "\n"
-    print("\n" + md)
-    out = Path(args.out)
-    write_json(
-        {
-            "machine": info,
-            "args": {
-                k: v
-                for k, v in vars(args).items()
-                if k not in ("worker", "windows", "result", "eval_ids", "second_ids", "seed")
-            },
-            "calibration": {seed: asdict(c) for seed, c in calib.items()},
-            "evaluation": {
-                "source": asdict(eval_src) if eval_src else None,
-                "windows": args.eval_windows,
-                "seqlen": args.eval_seqlen,
-            },
-            "second_text": second_src,
-            "cases": cases,
-            "labels": {c: label(c, args.llmc_scheme) for c in cases},
-            "seeds": args.seed_list,
-            "ppl": ppl,
-            "mean_ppl": means["wikitext2"],
-            "ppl_second": ppl_second,
-            "mean_ppl_second": means.get("second", {}),
-            "best_ours": best,
-            "ratio_to_llmc": ratios,
-            "target_ratio": TARGET_RATIO,
-            "order": {t: ppl_order(m) for t, m in means.items()},
-            "quantize_seconds": {c: [r["quantize_seconds"] for r in runs[c]] for c in cases},
-            "mean_quantize_seconds": {
-                c: mean([r["quantize_seconds"] for r in runs[c]]) for c in cases
-            },
-            "runs": runs,
+    settings = {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if k not in HIDDEN_ARGS},
+        "calibration": {seed: asdict(c) for seed, c in calib.items()},
+        "evaluation": {
+            "source": asdict(eval_src) if eval_src else None,
+            "windows": args.eval_windows,
+            "seqlen": args.eval_seqlen,
         },
-        out,
-    )
-    out.with_suffix(".md").write_text(md)
+        "second_text": second_src,
+    }
+    write_summary(settings, cases, runs, args.seed_list, Path(args.out))
 
 
 if __name__ == "__main__":

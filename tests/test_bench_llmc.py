@@ -244,3 +244,199 @@ def test_cli_second_text_missing_exits_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--second-text lambada" in proc.stderr
     assert not out.exists()
+
+
+COMBINE_CASES = ["ours:duquant++", "ours:duquant++mx", "llmc:sq+quip+gptq", "llmc:gptq"]
+COMBINE_PPL = {  # (WikiText-2, LAMBADA) PPL per seed 0, 1, 2
+    "ours:duquant++": [(30.0, 40.0), (32.0, 41.0), (31.0, 42.0)],
+    "ours:duquant++mx": [(27.0, 42.0), (28.0, 44.0), (29.0, 46.0)],
+    "llmc:sq+quip+gptq": [(29.0, 50.0), (30.0, 55.0), (31.0, 60.0)],
+    "llmc:gptq": [(45.0, 80.0), (50.0, 80.0), (55.0, 80.0)],
+}
+
+
+def combine_run(case: str, seed: int) -> dict:
+    """A worker result of one case and seed with every field the summary reads (llm-compressor's too)."""
+    wt, lam = COMBINE_PPL[case][seed]
+    run = {
+        "eval": {"ppl": wt},
+        "eval_second": {"ppl": lam},
+        "fp_eval": {"ppl": 20.0 + seed / 100},
+        "quantize_seconds": 10.0 * (1 + COMBINE_CASES.index(case)) + seed,
+        "peak_rss_mb": 100.0 + seed,
+    }
+    if case.startswith("llmc:"):
+        run |= {
+            "quantized_linears": 210,
+            "weights_on_e2m1_grid": 1.0,
+            "rotations": {"rotation_sha256": f"{seed:02d}" * 32 if "quip" in case else None},
+        }
+    return run
+
+
+def run_settings(cases: list[str], seeds: list[int], out: Path, sha: str = "ab" * 32) -> dict:
+    """What main() hands write_summary for a run of `cases` over `seeds` (the keys its JSON starts
+    with): the args as parsed and checked, calibration per seed, evaluation and second-text sources."""
+    args = bench.parser().parse_args(
+        ["--seeds", ",".join(map(str, seeds)), "--out", str(out), "--second-text", "lambada"]
+        + ["--ours-methods", ",".join(c[5:] for c in cases if c.startswith("ours:"))]
+        + ["--llmc-recipes", ",".join(c[5:] for c in cases if c.startswith("llmc:"))]
+    )
+    args.seed_list, args.second_path = seeds, "/data/lambada_openai/lambada_test.jsonl"
+    calib = {"dataset": "wikitext2", "split": "train", "origin": "/data/wiki.train.raw"}
+    calib |= {"sha256": sha, "nsamples": 16, "seqlen": 1024}
+    source = {"dataset": "wikitext2", "split": "test", "origin": "/data/wiki.test.raw"}
+    return {
+        "machine": {"cpu": "test", "nproc": 2},
+        "args": {k: v for k, v in vars(args).items() if k not in bench.HIDDEN_ARGS},
+        "calibration": {s: calib | {"seed": s} for s in seeds},
+        "evaluation": {"source": source | {"sha256": "cd" * 32}, "windows": 8, "seqlen": 1024},
+        "second_text": {
+            "dataset": "lambada_openai",
+            "split": "test",
+            "origin": args.second_path,
+            "sha256": "ef" * 32,
+            "joined_with": "\n\n",
+            "passage_order": "file",
+            "windows": 8,
+            "seqlen": 1024,
+        },
+    }
+
+
+def write_part(path: Path, cases: list[str], seeds: list[int], **kw) -> Path:
+    """The JSON a run of `cases` over `seeds` (in that order) writes, through the run's own writer."""
+    runs = {c: [combine_run(c, s) for s in seeds] for c in cases}
+    bench.write_summary(run_settings(cases, seeds, path, **kw), cases, runs, seeds, path)
+    return path
+
+
+def run_combine(out: Path, *parts: Path) -> subprocess.CompletedProcess:
+    """The script's --combine mode, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_llmcompressor.py"), "--combine"]
+        + [str(p) for p in parts]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_combine_equals_one_run(tmp_path):
+    """Three parallel parts (llm-compressor on seeds 0-2; ours on seeds 2,0 given in that order; ours
+    on seed 1), combined, give the JSON and markdown of one run of all cases on seeds 0,1,2 (but
+    for `combined_from`); runs are in seed order and the figures are the hand-computed ones."""
+    out = tmp_path / "all.json"
+    llmc, ours = COMBINE_CASES[2:], COMBINE_CASES[:2]
+    parts = [
+        write_part(tmp_path / "llmc.json", llmc, [0, 1, 2]),
+        write_part(tmp_path / "ours20.json", ours, [2, 0]),
+        write_part(tmp_path / "ours1.json", ours, [1]),
+    ]
+    one = tmp_path / "one" / "all.json"
+    runs = {c: [combine_run(c, s) for s in (0, 1, 2)] for c in COMBINE_CASES}
+    one_md = bench.write_summary(
+        run_settings(COMBINE_CASES, [0, 1, 2], out), COMBINE_CASES, runs, [0, 1, 2], one
+    )
+    proc = run_combine(out, *parts)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text())
+    assert [x["path"] for x in got.pop("combined_from")] == [str(p) for p in parts]
+    assert got == json.loads(one.read_text())
+    assert out.with_suffix(".md").read_text() == one_md
+    # hand-computed: seed order restored, ours first, best ours on WikiText-2 = duquant++mx (28)
+    assert got["cases"] == COMBINE_CASES and got["seeds"] == [0, 1, 2]
+    assert got["ppl"]["ours:duquant++"] == [30.0, 32.0, 31.0]
+    assert got["mean_ppl"]["ours:duquant++mx"] == pytest.approx(28.0)
+    assert got["best_ours"] == "ours:duquant++mx"
+    assert got["ratio_to_llmc"]["llmc:sq+quip+gptq"]["wikitext2"] == pytest.approx(28 / 30)
+    assert got["ratio_to_llmc"]["llmc:gptq"]["second"] == pytest.approx(44 / 80)
+    assert got["order"]["second"] == COMBINE_CASES
+    assert list(got["calibration"]) == ["0", "1", "2"]
+    assert got["args"]["seeds"] == "0,1,2" and got["args"]["llmc_recipes"] == "sq+quip+gptq,gptq"
+    assert (
+        "time base: DuQuant++*" in one_md
+        and "rotation sha256 per seed: 000000000000, 0101" in one_md
+    )
+
+
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (lambda s: s["calibration"][0].update(sha256="00" * 32), "calibration[0] (sha256"),
+        (lambda s: s["calibration"][1].update(nsamples=32), "calibration[1] (nsamples"),
+        (lambda s: s["evaluation"]["source"].update(sha256="11" * 32), "evaluation (source.sha256"),
+        (lambda s: s["evaluation"].update(windows=4), "evaluation (windows"),
+        (lambda s: s["second_text"].update(origin="/other.jsonl"), "second_text (origin"),
+        (lambda s: s.update(second_text=None), "second_text ("),
+        (lambda s: s["args"].update(threads=2), "args.threads"),
+        (lambda s: s["args"].update(model="/other.gguf"), "args.model"),
+    ],
+)
+def test_combine_mismatched_settings_exit_2(tmp_path, change, where, monkeypatch, capsys):
+    """Files on other calibration, evaluation or second-text windows (or model, threads) are refused:
+    exit 2, one line naming both files and the mismatch, nothing written."""
+    first = write_part(tmp_path / "a.json", COMBINE_CASES[:2], [0, 1])
+    settings = run_settings(COMBINE_CASES[2:], [0, 1], tmp_path / "b.json")
+    change(settings)
+    runs = {c: [combine_run(c, s) for s in (0, 1)] for c in COMBINE_CASES[2:]}
+    second = tmp_path / "b.json"
+    bench.write_summary(settings, COMBINE_CASES[2:], runs, [0, 1], second)
+    capsys.readouterr()
+    out = tmp_path / "all.json"
+    with pytest.raises(SystemExit) as exc:
+        bench.combine([str(first), str(second)], out)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and where in lines[0], lines
+    assert str(first) in lines[0] and str(second) in lines[0]
+    assert not out.exists() and not out.with_suffix(".md").exists()
+
+
+def test_combine_cli_mismatch_one_line(tmp_path):
+    """The script itself: a calibration sha256 mismatch exits 2 with one line, no traceback."""
+    a = write_part(tmp_path / "a.json", COMBINE_CASES[:2], [0])
+    b = write_part(tmp_path / "b.json", COMBINE_CASES[2:], [0], sha="99" * 32)
+    out = tmp_path / "all.json"
+    proc = run_combine(out, a, b)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "calibration[0] (sha256" in lines[0]
+    assert not out.exists()
+
+
+def test_combine_duplicate_case_seed_exit_2(tmp_path):
+    """The same (case, seed) in two files: exit 2, one line naming it and both files."""
+    a = write_part(tmp_path / "a.json", COMBINE_CASES, [0, 1])
+    b = write_part(tmp_path / "b.json", ["ours:duquant++mx"], [1, 2])
+    out = tmp_path / "all.json"
+    proc = run_combine(out, a, b)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert f"case ours:duquant++mx seed 1 is in both {a} and {b}" in lines[0]
+    assert not out.exists()
+
+
+def test_combine_partial_case_and_bad_files_exit_2(tmp_path, capsys):
+    """A case missing some seeds of the union is refused (documented choice), as are a file that is
+    not a result and an --out that is one of the inputs; each with one line and exit 2."""
+    a = write_part(tmp_path / "a.json", COMBINE_CASES[:2], [0, 1, 2])
+    b = write_part(tmp_path / "b.json", COMBINE_CASES[2:], [0, 1])
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"ppl": {}}')
+    out = tmp_path / "all.json"
+    capsys.readouterr()
+    for paths, dest, message in [
+        ([a, b], out, "case llmc:sq+quip+gptq has seeds 0,1, the others 0,1,2"),
+        ([a, junk], out, "not a bench_llmcompressor result"),
+        ([a, tmp_path / "none.json"], out, "cannot read it as JSON"),
+        ([a, b], a, "is one of the inputs"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            bench.combine([str(p) for p in paths], dest)
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
