@@ -107,8 +107,13 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     compute_dtype: torch.dtype = torch.float64,
+    clip: Tensor | None = None,
 ) -> GPTQResult:
-    """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in]."""
+    """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in].
+
+    `clip` [out, 1] (learned weight clipping, FlatQuant): each group scale is chosen for the row's
+    ratio times the group's maximum, as `QuantSpec.fake_quant_clipped` does.
+    """
     start = time.perf_counter()
     _check_inputs(weight, hessian, spec, blocksize, percdamp)
     gs = spec.group_size
@@ -119,7 +124,8 @@ def gptq_quantize(
     w[:, dead] = 0.0
     w32 = w.float()
     ts = spec.weight_tensor_scale(w32)
-    static = grid_scales(w32, spec, ts) if static_groups else None
+    clip = None if clip is None else clip.detach().float().reshape(-1, 1).to(w.device)
+    static = grid_scales(_clipped(w32, clip), spec, ts) if static_groups else None
 
     perm = act_order_permutation(torch.diagonal(h), gs) if act_order else None
     if perm is not None:
@@ -134,7 +140,7 @@ def gptq_quantize(
             rel,
             tuple(weight.shape),
         )
-        rtn = spec.quantize_weight(weight.detach().float())
+        rtn = spec.quantize_weight(weight.detach().float(), clip=clip)
         return GPTQResult(
             weight=rtn.dequantize(),
             scales=rtn.scales,
@@ -148,7 +154,7 @@ def gptq_quantize(
             seconds=time.perf_counter() - start,
         )
 
-    q, grid, scales, loss = _column_loop(w, u, spec, ts, blocksize, static)
+    q, grid, scales, loss = _column_loop(w, u, spec, ts, blocksize, static, clip)
     if perm is not None:
         q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
         scales = scales[:, torch.argsort(perm[::gs] // gs)]
@@ -164,6 +170,11 @@ def gptq_quantize(
     )
     codes = pack_nibbles(encode_e2m1(grid))
     return GPTQResult(q, scales, codes, ts, rel, damp, False, int(dead.numel()), loss, seconds)
+
+
+def _clipped(w: Tensor, clip: Tensor | None) -> Tensor:
+    """`w` with each row scaled by its clip ratio (what the scale rule sees), or `w` itself."""
+    return w if clip is None else w * clip
 
 
 def _check_inputs(
@@ -217,6 +228,7 @@ def _column_loop(
     ts: Tensor | None,
     blocksize: int,
     static: Tensor | None,
+    clip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, grid values, scales, loss)."""
     rows, cols = w.shape
@@ -238,7 +250,8 @@ def _column_loop(
                 g = col // gs
                 if static is None:
                     # w1 already holds every update so far, intra-block ones included
-                    scales[:, g] = grid_scales(w1[:, i : i + gs].float(), spec, ts)[:, 0]
+                    cur = _clipped(w1[:, i : i + gs].float(), clip)
+                    scales[:, g] = grid_scales(cur, spec, ts)[:, 0]
                 else:
                     scales[:, g] = static[:, g]
                 scale = scales[:, g]

@@ -88,6 +88,7 @@ class QuantizeReport:
 
     plans: list[dict[str, GroupPlan]] = field(default_factory=list)
     layer_errors: list[dict] = field(default_factory=list)  # per linear, RTN vs GPTQ output error
+    learn: list[dict] = field(default_factory=list)  # per block, the learned transforms' losses
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -120,6 +121,10 @@ def quantize_model(
         isinstance(m, QuantLinear) or hasattr(m, "quantization_scheme") for m in model.modules()
     ):
         raise ValueError("the model is already quantized; evaluate it with method fp")
+    if method.learn == "flatquant":
+        from duquant.learn.flatquant import check_quant
+
+        check_quant(quant)
     gptq = quant.weights == "gptq" and quant.weight is not None
     needs_inputs = method.needs_calibration or gptq
     if needs_inputs and calib_windows is None:
@@ -160,18 +165,26 @@ def quantize_model(
                 seed=seed + i,
                 moments=fp_hessians,
             )
-        plans = {
-            g.name: plan_group(
-                block,
-                g,
-                _group_method(method, stats, g, i),
-                quant,
-                stats.get(g.name) if stats and method.needs_calibration else None,
-                heads,
-                seed=seed * 1000 + i * 10 + j,
+        fp_outputs = None
+        if method.learn != "none":
+            plans, info = _learned_plans(
+                block, groups, method, quant, stats, inputs, heads, seed, i
             )
-            for j, g in enumerate(groups)
-        }
+            fp_outputs = info.pop("fp_outputs")
+            report.learn.append({"layer": i, **info})
+        else:
+            plans = {
+                g.name: plan_group(
+                    block,
+                    g,
+                    _group_method(method, stats, g, i),
+                    quant,
+                    stats.get(g.name) if stats and method.needs_calibration else None,
+                    heads,
+                    seed=seed * 1000 + i * 10 + j,
+                )
+                for j, g in enumerate(groups)
+            }
         for name, online in global_online.items():
             if name in plans:
                 plans[name] = GroupPlan(weight_transform=online, online=online)
@@ -190,14 +203,63 @@ def quantize_model(
                     )
                     for g in groups
                 }
-            report.layer_errors += _gptq_block(block, groups, inputs, quant, layer=i, given=given)
+            clips = {n: c for g in groups for n, c in plans[g.name].weight_clip.items()}
+            report.layer_errors += _gptq_block(
+                block, groups, inputs, quant, layer=i, given=given, clips=clips
+            )
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
-            inputs = inputs.next(run_block(block, inputs), i + 1)
+            # learned methods train every block on the full-precision model's hidden states
+            nxt = fp_outputs if fp_outputs is not None else run_block(block, inputs)
+            inputs = inputs.next(nxt, i + 1)
         store.release(i)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
+
+
+def _learned_plans(
+    block: nn.Module,
+    groups: tuple[InputGroup, ...],
+    method: MethodConfig,
+    quant: QuantConfig,
+    stats: dict | None,
+    inputs: BlockInputs,
+    heads: HeadShape,
+    seed: int,
+    layer: int,
+) -> tuple[dict[str, GroupPlan], dict]:
+    """Train the block's learned transforms (FlatQuant) and turn them into plans with their clips."""
+    from duquant.learn.flatquant import FlatQuantGroup, learned_plans, train_block
+
+    if method.learn != "flatquant":
+        raise ValueError(f"unknown learned transform {method.learn!r}")
+    learned = {}
+    for j, g in enumerate(groups):
+        st = (stats or {}).get(g.name)
+        learned[g.name] = FlatQuantGroup(
+            g,
+            {n: block.get_submodule(n).weight.detach().float() for n in g.linears},
+            None if st is None else st.absmax,
+            heads,
+            torch.Generator().manual_seed(seed * 1000 + layer * 10 + j),
+            alpha=method.flat_alpha,
+            clip_init=method.clip_init,
+            fold=method.fold,
+        )
+    info = train_block(
+        block,
+        groups,
+        inputs,
+        learned,
+        quant,
+        epochs=method.learn_epochs,
+        lr=method.learn_lr,
+        batch=method.learn_batch,
+        seed=seed * 1000 + layer,
+        heads=heads,
+    )
+    return learned_plans(learned, groups, heads, method.fold), info
 
 
 def _group_method(
@@ -252,13 +314,16 @@ def _gptq_block(
     quant: QuantConfig,
     layer: int,
     given: dict[str, Tensor] | None = None,
+    clips: dict[str, Tensor] | None = None,
 ) -> list[dict]:
     """GPTQ the block's linears group by group, each on inputs through the groups already done.
 
     The Hessian of a group is built from what its linears really see: the transformed, quantized
     activations (the shared InputQuantizer's output), with every earlier group already quantized;
-    `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes.
+    `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes; `clips` are
+    learned per-row weight clip ratios by linear name (FlatQuant), honoured by every scale choice.
     """
+    clips = clips or {}
     errors = []
     for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
@@ -281,7 +346,9 @@ def _gptq_block(
             h = hs[idxs[0]]
             if h is None:  # an expert no calibration token reached: nothing to weigh errors by
                 for i in idxs:
-                    w = quantize_weight(w_fps[i], quant.weight, g.linears[i])
+                    w = quantize_weight(
+                        w_fps[i], quant.weight, g.linears[i], clips.get(g.linears[i])
+                    )
                     linears[i].weight.data = w.to(linears[i].weight.dtype)
                     errors.append({"layer": layer, "linear": g.linears[i], "fallback": "rtn"})
                 log.warning("layer %d %s: no calibration tokens, RTN weights", layer, g.name)
@@ -298,13 +365,14 @@ def _gptq_block(
                 percdamp=quant.gptq.percdamp,
                 act_order=quant.gptq.act_order,
                 static_groups=quant.gptq.static_groups,
+                clip=_stacked_clip([clips.get(g.linears[i]) for i in idxs], w_fps, idxs),
             )
             rows = [w_fps[i].shape[0] for i in idxs]
             qw = as_quantized_weight(res, quant.weight)
             starts = [sum(rows[:k]) for k in range(len(rows))]
             for k, (i, w_q) in enumerate(zip(idxs, res.weight.split(rows), strict=True)):
                 name, w_fp = g.linears[i], w_fps[i]
-                w_rtn = quantize_weight(w_fp, quant.weight, name)
+                w_rtn = quantize_weight(w_fp, quant.weight, name, clips.get(name))
                 den = hessian_row_energy(h32, w_fp).sum().item()
                 errors.append(
                     {
@@ -324,6 +392,20 @@ def _gptq_block(
                 # the weight decoded from the codes and scales it keeps: w_q bit for bit (tested)
                 linears[i].set_quantized(qw.rows(starts[k], starts[k] + rows[k]))
     return errors
+
+
+def _stacked_clip(
+    parts: list[Tensor | None], w_fps: list[Tensor], idxs: list[int]
+) -> Tensor | None:
+    """The per-row clip ratios of linears solved as one stacked matrix (1 where one has none)."""
+    if all(p is None for p in parts):
+        return None
+    return torch.cat(
+        [
+            p.reshape(-1, 1).float() if p is not None else torch.ones(w_fps[i].shape[0], 1)
+            for p, i in zip(parts, idxs, strict=True)
+        ]
+    )
 
 
 def _routed_hessians(
@@ -365,7 +447,9 @@ def _swap_linears(
 
     With `rtn=False` the weights stay transformed but unquantized, for GPTQ to quantize next.
     """
-    iq = InputQuantizer(plan.online, quant.act, name=f"layers.{layer}.{group.name} input")
+    iq = InputQuantizer(
+        plan.online, quant.act, name=f"layers.{layer}.{group.name} input", clip=plan.act_clip
+    )
     for lname in group.linears:
         linear = block.get_submodule(lname)
         qlin = make_quant_linear(
@@ -374,6 +458,7 @@ def _swap_linears(
             iq,
             quant.weight if rtn else None,
             name=f"layers.{layer}.{lname}.weight",
+            clip=plan.weight_clip.get(lname),
         )
         parent, _, attr = lname.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, qlin)

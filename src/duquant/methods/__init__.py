@@ -30,11 +30,18 @@ class MethodConfig:
     start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
+    # learned transforms trained block by block (duquant.learn): none, or flatquant
+    learn: str = "none"
+    learn_epochs: int = 15  # FlatQuant's default
+    learn_lr: float = 5e-3  # FlatQuant's scripts (--flat_lr 5e-3); clip logits at 10x
+    learn_batch: int = 4  # windows a step (FlatQuant's --cali_bsz)
+    flat_alpha: float = 0.3  # FlatQuant's per-channel scale start: SmoothQuant-style, α = 0.3
+    clip_init: float = 4.0  # FlatQuant's clip logit start: ratio sigmoid(4) = 0.982
 
     @property
     def needs_calibration(self) -> bool:
         """Whether the method reads calibration activations."""
-        return self.smooth or self.rotation in ("greedy", "duquant-v1")
+        return self.smooth or self.rotation in ("greedy", "duquant-v1") or self.learn != "none"
 
 
 _DQPP_MX = MethodConfig(
@@ -46,6 +53,8 @@ _DQPP_MX = MethodConfig(
     start_candidates=16,
     max_steps=0,
 )
+
+_FLATQUANT = MethodConfig("flatquant", learn="flatquant")
 
 METHODS: dict[str, MethodConfig] = {
     m.name: m
@@ -70,6 +79,11 @@ METHODS: dict[str, MethodConfig] = {
         replace(_DQPP_MX, name="dqpp-best-had"),
         replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
         replace(_DQPP_MX, name="dqpp-best-had-mx", max_steps=16),
+        # FlatQuant (Sun et al., 2024) as published, on the MX grid: learned Kronecker transforms,
+        # channel scales and clipping, 15 epochs a block (duquant.learn.flatquant)
+        _FLATQUANT,
+        # the same with 2 epochs: the CPU-sized setting of the quick protocol
+        replace(_FLATQUANT, name="flatquant-quick", learn_epochs=2),
     )
 }
 
