@@ -1,35 +1,70 @@
-"""End-to-end quantization cost: DuQuant++* (duquant++ with GPTQ weights) vs llm-compressor's GPTQ (MXFP4).
+"""Accuracy and quantization cost side by side: duquant's methods vs llm-compressor's MXFP4 W4A4 recipes.
 
-Both quantize the default model (SmolLM2-135M, loaded by `duquant.models.load_model`) on the same
-calibration token windows: `duquant.data.calibration_windows(tokenizer, --nsamples, --seqlen, --seed)`,
-drawn once here and handed to both sides as a saved tensor. The two libraries live in different
-environments (llm-compressor pins its own transformers), so each side runs in its own subprocess:
+Every case quantizes the default model (SmolLM2-135M, loaded by `duquant.models.load_model`) on the
+same calibration windows, `duquant.data.calibration_windows(tokenizer, --nsamples, --seqlen, seed)`
+(WikiText-2 train, else validation offline), and is evaluated on the same evaluation windows: the
+first --eval-windows x --eval-seqlen tokens of WikiText-2 test tokenized as `duquant run` does
+(`runner.eval_tokens`). Both tensors are drawn once here and handed to every case as saved
+tensors; both sides compute perplexity with duquant's own `duquant.eval.perplexity.perplexity`
+(the llm-compressor side imports it from the source tree, like the loader): a plain forward over
+each window, summed next-token NLL over all windows / (windows x (seqlen - 1)), exp.
 
-* ours: this script with the project's python (`--python`, default this interpreter), the same calls
-  as `duquant run --method duquant++ --weights gptq` (`runner.quant_config`, `pipeline.quantize_model`),
-  quantization only, no evaluation (`--ours-methods duquant++,rtn` also times plain GPTQ on the MX
-  grid, `rtn --weights gptq`, which has no transform, like llm-compressor's);
-* llm-compressor: this script with `--llmc-python` (default /work/.venv-llmc/bin/python, made as
-  below), `oneshot(model, dataset, recipe=GPTQModifier(targets="Linear", scheme=--llmc-scheme,
-  ignore=["lm_head"]))` on a `datasets.Dataset` (input_ids, attention_mask) of the same windows.
+The two libraries live in different environments (llm-compressor pins its own transformers), so each
+case runs in its own subprocess:
 
-Each subprocess loads the model (not timed), then times the quantization step alone with
-`time.perf_counter`. Memory: the process peak (`getrusage(RUSAGE_SELF).ru_maxrss`, model loading
-included), the RSS when the step starts, and the step's own peak (VmHWM of /proc/self/status after
-resetting it through /proc/self/clear_refs just before the step; without that reset, where it is not
-allowed, only the process peak is reported). With `--repeats N` the cases
-alternate N times and the table shows medians; ratios (to the first of --ours-methods) are medians of
-per-round ratios.
+* ours (`--ours-methods`, any registered method name; METHOD/fp uses `--gptq-hessian fp`): this
+  script with the project's python (`--python`), the calls of `duquant run --method METHOD
+  --weights gptq` (`runner.quant_config`, `pipeline.quantize_model`), then the perplexity. Default:
+  `duquant++` (DuQuant++*) and `duquant++mx`;
+* llm-compressor (`--llmc-recipes`): this script with `--llmc-python` (default
+  /work/.venv-llmc/bin/python, made as below), `oneshot(model, dataset, recipe)` on a
+  `datasets.Dataset` (input_ids, attention_mask) of the same windows, then the perplexity of the
+  model oneshot leaves (fake-quantized weights, dynamic MXFP4 activation QDQ in every linear's forward):
+  - `sq+quip+gptq`: [SmoothQuantModifier(smoothing_strength=0.6), QuIPModifier(rotations=["v"],
+    transform_type="random-hadamard", transform_block_size=32), GPTQModifier(targets="Linear",
+    scheme="MXFP4", ignore=["lm_head"])], its best MXFP4 W4A4 recipe;
+  - `gptq`: the GPTQModifier alone.
+
+Facts about llmcompressor 0.14.0.1 / compressed-tensors 0.19.0 this relies on (checked in their code):
+* scheme "MXFP4" (compressed_tensors.quantization.quant_scheme.MXFP4) quantizes weights (static,
+  group 32, FP4, uint8 E8M0 scales) AND input activations (dynamic, group 32, FP4): W4A4. The
+  quantized forward (compressed_tensors.quantization.lifecycle.forward.set_forward_quantized)
+  fake-quantizes the input whenever scheme.input_activations is set and quantization_enabled is
+  not False. Each llm-compressor run checks this on the real model: it records every linear's
+  quantization status and, on one linear, compares its output with F.linear of our MXFP4
+  `ct-round` QDQ of its (rotated) input (`activation_check` in the JSON);
+* QuIPModifier's rotations come from compressed_tensors.transform.factory.base.TransformFactory,
+  whose __init__ makes `self.generator = torch.Generator()` and seeds it only if given `seed`;
+  `apply_transform_config` never passes one, so every run draws the same random Hadamard (the
+  generator's fixed default state), whatever torch.manual_seed says. `seeded_transforms` makes
+  the factory's default seed the run's seed; the JSON records the sha256 of the rotations
+  (`rotation_sha256`): equal for equal seeds, different otherwise (checked). One 32 x 32 matrix is
+  shared by all linears (the factory caches weights by size), fused into the weights and applied
+  online to the input (float64) before the activation QDQ.
+
+Per seed (--seeds) the calibration windows are redrawn with that seed and every case runs once; the
+seed also seeds our methods and llm-compressor's transforms. Reported per case and seed: PPL,
+quantize wall time (the quantization step alone, `time.perf_counter`, model loading not timed),
+memory (below); means over seeds; JSON (--out) and a markdown table (same path, .md).
+Memory: the process peak (`getrusage(RUSAGE_SELF).ru_maxrss`, model loading included), the RSS when
+the step starts, and the step's own peak (VmHWM of /proc/self/status after resetting it through
+/proc/self/clear_refs just before the step; where that is not allowed, only the process peak).
 
     python3 -m venv /work/.venv-llmc && echo torch==2.13.0 > /tmp/llmc_constraints.txt
-    /work/.venv-llmc/bin/pip install torch==2.13.0
-    /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt llmcompressor gguf
-    python benchmarks/bench_llmcompressor.py --threads 1 --nsamples 16 --seqlen 512 --out results/bench/llmcompressor.json
+    /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0
+    /work/.venv-llmc/bin/pip install -c /tmp/llmc_constraints.txt torch==2.13.0 llmcompressor gguf
+    # the issue-18 protocol (3 seeds, 16 x 1024 calibration, 8 x 1024 WikiText-2 test windows);
+    # estimated 2.5 h at one thread on an idle 2-core machine, ~3.5 h shared (docs/benchmarks.md 4b)
+    OMP_NUM_THREADS=1 python benchmarks/bench_llmcompressor.py --threads 1 --seeds 0,1,2 \\
+        --nsamples 16 --seqlen 1024 --eval-windows 8 --eval-seqlen 1024 --fp-check \\
+        --ours-methods duquant++,duquant++mx --llmc-recipes sq+quip+gptq,gptq \\
+        --out results/bench/llmcompressor_accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -38,9 +73,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from _common import machine, markdown_table, paired_ratio, write_json
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -106,10 +144,15 @@ def _versions(*names: str) -> dict:
     return out
 
 
-def _load(model: str | None):
-    """The model through duquant's loader (on the llm-compressor side from the source tree)."""
+def use_src() -> None:
+    """Import duquant from this checkout's source tree (both sides), not from an installed copy."""
     if str(SRC) not in sys.path:
         sys.path.insert(0, str(SRC))
+
+
+def _load(model: str | None):
+    """The model through duquant's loader (on the llm-compressor side from the source tree)."""
+    use_src()
     from duquant.models import load_model
 
     start = time.perf_counter()
@@ -117,19 +160,111 @@ def _load(model: str | None):
     return loaded, time.perf_counter() - start
 
 
-def label(case: str, scheme: str) -> str:
-    """Table label of a case: `ours:<method>` or `llmc`."""
-    if case == "llmc":
-        return f"llm-compressor GPTQ ({scheme})"
-    method, _, hessian = case.split(":", 1)[1].partition("/")
+LLMC_RECIPES = ("sq+quip+gptq", "gptq")
+SMOOTHING_STRENGTH = 0.6  # llm-compressor's best MXFP4 W4A4 recipe (issue 18)
+ROTATION_BLOCK = 32  # QuIP's block-diagonal random Hadamard, one MX group wide
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"bench_llmcompressor: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def split_list(text: str) -> list[str]:
+    """Comma-separated names in order, blanks and repeats dropped."""
+    return list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Comma-separated integer seeds, e.g. '0,1,2'; ValueError names the bad one."""
+    seeds = []
+    for item in split_list(text):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ValueError(
+                f"--seeds {text}: {item!r} is not an integer; give e.g. 0,1,2"
+            ) from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: no seed given; give e.g. 0,1,2")
+    return seeds
+
+
+def first_windows(ids: torch.Tensor, n: int, seqlen: int) -> torch.Tensor:
+    """The first `n` windows of `seqlen` tokens of a 1-D token tensor, flat (what `perplexity` splits)."""
+    if n * seqlen > ids.numel():
+        raise ValueError(
+            f"{n} evaluation windows of {seqlen} tokens need {n * seqlen} tokens, the text has "
+            f"{ids.numel()}; lower --eval-windows or --eval-seqlen"
+        )
+    return ids[: n * seqlen].clone()
+
+
+def evaluate(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, desc: str) -> dict:
+    """duquant's perplexity over the flat evaluation windows: the same call on both sides."""
+    use_src()
+    from duquant.eval.perplexity import perplexity
+
+    return perplexity(model, ids, seqlen, desc=desc)
+
+
+def label(case: str, scheme: str = "MXFP4") -> str:
+    """Table label of a case: `ours:<method>[/hessian]` or `llmc:<recipe>`."""
+    side, _, name = case.partition(":")
+    if side == "llmc":
+        if name == "gptq":
+            return f"llm-compressor GPTQ ({scheme})"
+        return (
+            f"llm-compressor SmoothQuant({SMOOTHING_STRENGTH}) + QuIP(B={ROTATION_BLOCK}) "
+            f"+ GPTQ ({scheme})"
+        )
+    method, _, hessian = name.partition("/")
     star = {"duquant++": "DuQuant++*: ", "rtn": "plain GPTQ: "}.get(method, "")
     extra = f" --gptq-hessian {hessian}" if hessian else ""
     return f"{star}duquant {method} --weights gptq{extra}"
 
 
-def worker_ours(args: argparse.Namespace, windows: torch.Tensor) -> dict:
-    """What `duquant run --method <method> --weights gptq` does before evaluating (duquant++:
-    DuQuant++*; rtn: GPTQ on the MX grid with no transform)."""
+def cases_of(args: argparse.Namespace) -> list[str]:
+    """The cases to run, checked before anything loads: ours first (the first is the base), then
+    llm-compressor's; exits with status 2 on an unknown name or a bad number."""
+    use_src()
+    from duquant.config import ConfigError, RunConfig
+
+    for name in ("nsamples", "seqlen", "eval_seqlen", "threads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive integer")
+    if args.eval_windows < 0:
+        fail(f"--eval-windows {args.eval_windows}: give 0 (no evaluation) or more")
+    try:
+        args.seed_list = parse_seeds(args.seeds)
+    except ValueError as exc:
+        fail(str(exc))
+    ours = split_list(args.ours_methods)
+    for item in ours:
+        method, _, hessian = item.partition("/")
+        try:
+            RunConfig(method=method, weights="gptq", gptq_hessian=hessian or "quantized")
+        except (ConfigError, ValueError) as exc:
+            fail(f"--ours-methods {item}: {exc}")
+    recipes = split_list(args.llmc_recipes)
+    for recipe in recipes:
+        if recipe not in LLMC_RECIPES:
+            fail(f"--llmc-recipes {recipe}: unknown recipe; choose from {', '.join(LLMC_RECIPES)}")
+    if recipes and not Path(args.llmc_python).is_file():
+        fail(
+            f"--llmc-python {args.llmc_python}: no such interpreter; make the llm-compressor venv "
+            "as this script's docstring says, or give --llmc-recipes ''"
+        )
+    cases = [f"ours:{m}" for m in ours] + [f"llmc:{r}" for r in recipes]
+    if not cases:
+        fail("no case to run: give --ours-methods and/or --llmc-recipes")
+    return cases
+
+
+def worker_ours(args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tensor | None) -> dict:
+    """What `duquant run --method <method> --weights gptq` does (duquant++: DuQuant++*), timed,
+    then duquant's perplexity on the evaluation windows."""
     from dataclasses import asdict
 
     from duquant.config import RunConfig
@@ -153,19 +288,20 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor) -> dict:
     method = get_method(cfg.method)
     quant = quant_config(cfg)
     model = loaded.model
+    out: dict = {"load_seconds": load_s}
+    if args.fp_check and ids is not None:
+        out["fp_eval"] = evaluate(model, ids, args.eval_seqlen, "fp")
     torch.manual_seed(cfg.seed)
     mem = start_quantize()
     start = time.perf_counter()
     report = quantize_model(model, adapter_for(model), method, quant, windows, seed=cfg.seed)
     seconds = time.perf_counter() - start
     mem = end_quantize(mem)
-    n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
-    return {
-        "load_seconds": load_s,
+    out |= {
         "quantize_seconds": seconds,
         "pipeline_reported_seconds": report.seconds,
         **mem,
-        "quantized_linears": n_quant,
+        "quantized_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
         "gptq_layers": len(report.layer_errors),
         "config": {
             "method": asdict(method),
@@ -175,6 +311,9 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor) -> dict:
         },
         "versions": _versions("duquant", "torch", "transformers"),
     }
+    if ids is not None:
+        out["eval"] = evaluate(model, ids, args.eval_seqlen, args.method)
+    return out
 
 
 def _llmc_grid_check(model) -> dict:
@@ -203,55 +342,165 @@ def _llmc_grid_check(model) -> dict:
     }
 
 
-def worker_llmc(args: argparse.Namespace, windows: torch.Tensor, tmp: Path) -> dict:
-    """llm-compressor: oneshot GPTQ with the MXFP4 preset scheme on the same windows."""
+def llmc_recipe(name: str, scheme: str) -> list:
+    """llm-compressor's modifiers of recipe `name` (LLMC_RECIPES), GPTQ on `scheme` last."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    if name == "gptq":
+        return [gptq]
+    from llmcompressor.modifiers.transform import QuIPModifier, SmoothQuantModifier
+
+    quip = QuIPModifier(
+        rotations=["v"], transform_type="random-hadamard", transform_block_size=ROTATION_BLOCK
+    )
+    return [SmoothQuantModifier(smoothing_strength=SMOOTHING_STRENGTH), quip, gptq]
+
+
+@contextmanager
+def seeded_transforms(seed: int):
+    """Make compressed-tensors' transform factories draw from a generator seeded with `seed`.
+
+    TransformFactory.__init__ makes `torch.Generator()` and seeds it only when given a seed, which
+    apply_transform_config (QuIP's path) never passes: unseeded, every run draws the same matrices
+    from the generator's fixed default state, and torch.manual_seed does not reach it."""
+    from compressed_tensors.transform import TransformFactory
+
+    original = TransformFactory.__init__
+
+    def init(self, name, scheme, seed_=None):
+        original(self, name, scheme, seed if seed_ is None else seed_)
+
+    TransformFactory.__init__ = init
+    try:
+        yield
+    finally:
+        TransformFactory.__init__ = original
+
+
+def rotation_digest(model: torch.nn.Module) -> dict:
+    """The online transforms llm-compressor left in the model: count, distinct matrices, their
+    sha256 (equal for equal seeds) and worst deviation from orthogonality once scaled."""
+    from compressed_tensors.transform import TransformBase
+
+    count, mats = 0, {}
+    for module in model.modules():
+        if isinstance(module, TransformBase):
+            count += 1
+            mats.setdefault(id(module.weight), module.weight.detach().double().cpu())
+    digest, worst = hashlib.sha256(), 0.0
+    for w in mats.values():
+        digest.update(w.contiguous().numpy().tobytes())
+        # the factory stores the +-1 matrix; HadamardTransform divides by sqrt(size) when applying it
+        n = w.shape[-1]
+        worst = max(worst, float((w @ w.T / n - torch.eye(n, dtype=w.dtype)).abs().max()))
+    return {
+        "online_transforms": count,
+        "distinct_matrices": len(mats),
+        "shapes": sorted({str(tuple(w.shape)) for w in mats.values()}),
+        "rotation_sha256": digest.hexdigest() if mats else None,
+        "orthogonality_max_error": worst if mats else None,
+    }
+
+
+def activation_check(model: torch.nn.Module, window: torch.Tensor) -> dict:
+    """Whether llm-compressor's model quantizes linear inputs at eval: every linear's scheme, status
+    and enable flag, and one linear's output against F.linear of our MXFP4 QDQ (`ct-round`, the
+    compressed-tensors rule) of the input it received after the online rotation, and of the raw one."""
+    from duquant.formats.mxfp4 import quantize_dequantize
+
+    linears = [(n, m) for n, m in model.named_modules() if getattr(m, "quantization_scheme", None)]
+    name, probe = linears[0]
+    seen: dict = {}
+    hook = probe.register_forward_hook(
+        lambda _m, inp, out: seen.update(x=inp[0].detach(), y=out.detach())
+    )
+    with torch.no_grad():
+        model(window.reshape(1, -1), use_cache=False)
+    hook.remove()
+    x, y = seen["x"].to(probe.weight.dtype), seen["y"]
+    w, b = probe.weight.detach(), probe.bias
+
+    def rel(ref: torch.Tensor) -> float:
+        return float((y - ref).norm() / y.norm())
+
+    return {
+        "linears": len(linears),
+        "with_input_activations": sum(
+            m.quantization_scheme.input_activations is not None for _, m in linears
+        ),
+        "status": dict(Counter(str(m.quantization_status) for _, m in linears)),
+        "enabled": sum(getattr(m, "quantization_enabled", True) for _, m in linears),
+        "input_activations": linears[0][1].quantization_scheme.input_activations.model_dump()
+        if linears[0][1].quantization_scheme.input_activations is not None
+        else None,
+        "probe": name,
+        "probe_rel_diff_to_mxfp4_ct_round_input": rel(
+            F.linear(quantize_dequantize(x, "ct-round"), w, b)
+        ),
+        "probe_rel_diff_to_mxfp4_ocp_input": rel(F.linear(quantize_dequantize(x, "ocp"), w, b)),
+        "probe_rel_diff_to_unquantized_input": rel(F.linear(x, w, b)),
+    }
+
+
+def worker_llmc(
+    args: argparse.Namespace, windows: torch.Tensor, ids: torch.Tensor | None, tmp: Path
+) -> dict:
+    """llm-compressor: oneshot with recipe `args.recipe` on the same windows, timed, then duquant's
+    perplexity of the model oneshot leaves on the evaluation windows."""
     import copy
 
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
 
     loaded, load_s = _load(args.model)
     model = loaded.model
+    out: dict = {"load_seconds": load_s}
+    if args.fp_check and ids is not None:
+        out["fp_eval"] = evaluate(model, ids, args.eval_seqlen, "fp")
     # oneshot re-reads the config from model.config.name_or_path and refuses a GGUF-quantized one.
     # transformers has dequantized the GGUF to a plain float32 model, so hand it the same config
     # without the gguf quantization_config.
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.save_pretrained(tmp / "llmc_config")
-    model.config._name_or_path = str(tmp / "llmc_config")
+    config.save_pretrained(tmp / f"llmc_config_{os.getpid()}")
+    model.config._name_or_path = str(tmp / f"llmc_config_{os.getpid()}")
     ds = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
     )
-    recipe = GPTQModifier(targets="Linear", scheme=args.llmc_scheme, ignore=["lm_head"])
+    recipe = llmc_recipe(args.recipe, args.llmc_scheme)
     torch.manual_seed(args.seed)
     mem = start_quantize()
     start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=loaded.tokenizer,
-        dataset=ds,
-        recipe=recipe,
-        num_calibration_samples=windows.shape[0],
-        max_seq_length=windows.shape[1],
-        shuffle_calibration_samples=False,
-    )
+    with seeded_transforms(args.seed):
+        oneshot(
+            model=model,
+            processor=loaded.tokenizer,
+            dataset=ds,
+            recipe=recipe,
+            num_calibration_samples=windows.shape[0],
+            max_seq_length=windows.shape[1],
+            shuffle_calibration_samples=False,
+        )
     seconds = time.perf_counter() - start
     mem = end_quantize(mem)
     scheme = next(
         (m.quantization_scheme for m in model.modules() if hasattr(m, "quantization_scheme")), None
     )
-    return {
-        "load_seconds": load_s,
+    gptq = recipe[-1]
+    out |= {
         "quantize_seconds": seconds,
         **mem,
         **_llmc_grid_check(model),
+        "rotations": rotation_digest(model),
         "config": {
+            "recipe": args.recipe,
+            "modifiers": [repr(m) for m in recipe],
             "scheme": args.llmc_scheme,
             "resolved_scheme": scheme.model_dump() if scheme is not None else None,
             "gptq": {
-                k: str(getattr(recipe, k))
+                k: str(getattr(gptq, k))
                 for k in ("block_size", "dampening_frac", "actorder", "batched_quantization")
             },
         },
@@ -259,33 +508,44 @@ def worker_llmc(args: argparse.Namespace, windows: torch.Tensor, tmp: Path) -> d
             "llmcompressor", "compressed-tensors", "torch", "transformers", "datasets"
         ),
     }
+    if ids is not None:
+        out["activation_check"] = activation_check(model, ids[: args.eval_seqlen])
+        out["eval"] = evaluate(model, ids, args.eval_seqlen, args.recipe)
+    return out
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    """Subprocess entry: quantize one case, write its JSON to --result."""
+    """Subprocess entry: quantize and evaluate one case, write its JSON to --result."""
     torch.set_num_threads(args.threads)
     windows = torch.load(args.windows)
+    ids = torch.load(args.eval_ids) if args.eval_ids else None
     tmp = Path(args.result).parent
-    if args.worker.startswith("ours:"):
-        args.method = args.worker.split(":", 1)[1]
-        out = worker_ours(args, windows)
+    side, _, name = args.worker.partition(":")
+    if side == "ours":
+        args.method = name
+        out = worker_ours(args, windows, ids)
     else:
-        out = worker_llmc(args, windows, tmp)
+        args.recipe = name
+        out = worker_llmc(args, windows, ids, tmp)
     out["torch_threads"] = torch.get_num_threads()
     Path(args.result).write_text(json.dumps(out, indent=2, default=str))
 
 
-def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, round_: int) -> dict:
-    """Run one case in a fresh subprocess; its result dict (the log tail on failure)."""
-    stem = case.replace(":", "_").replace("+", "p").replace("/", "_") + str(round_)
+def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, seed: int) -> dict:
+    """Run one case for one seed in a fresh subprocess; its result dict (the log tail on failure)."""
+    stem = case.replace(":", "_").replace("+", "p").replace("/", "_") + f"_s{seed}"
     result, log = tmp / f"{stem}.json", tmp / f"{stem}.log"
-    cmd = [python, str(Path(__file__).resolve()), "--worker", case, "--windows", str(tmp / "w.pt")]
-    cmd += ["--result", str(result), "--threads", str(args.threads), "--seed", str(args.seed)]
-    cmd += ["--llmc-scheme", args.llmc_scheme] + (["--model", args.model] if args.model else [])
+    cmd = [python, str(Path(__file__).resolve()), "--worker", case]
+    cmd += ["--windows", str(tmp / f"w{seed}.pt"), "--result", str(result)]
+    cmd += ["--threads", str(args.threads), "--seed", str(seed), "--llmc-scheme", args.llmc_scheme]
+    cmd += ["--eval-seqlen", str(args.eval_seqlen)]
+    cmd += ["--eval-ids", str(tmp / "eval.pt")] if args.eval_windows else []
+    cmd += ["--fp-check"] if args.fp_check else []
+    cmd += ["--model", args.model] if args.model else []
     n = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "HF_HUB_OFFLINE": "1"}
     env |= {"HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print(f"round {round_ + 1}: {label(case, args.llmc_scheme)} ({python}) ...", flush=True)
+    print(f"seed {seed}: {label(case, args.llmc_scheme)} ({python}) ...", flush=True)
     start = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
@@ -294,28 +554,39 @@ def spawn(case: str, python: str, args: argparse.Namespace, tmp: Path, round_: i
         raise SystemExit(f"{case} worker failed (exit {rc}); end of its log:\n{tail}")
     out = json.loads(result.read_text())
     out["wall_seconds_subprocess"] = time.perf_counter() - start
+    ppl = f", PPL {out['eval']['ppl']:.3f}" if "eval" in out else ""
     print(
-        f"  quantize {out['quantize_seconds']:.1f}s, peak RSS {out['peak_rss_mb']:.0f} MiB",
+        f"  quantize {out['quantize_seconds']:.1f}s{ppl}, peak RSS {out['peak_rss_mb']:.0f} MiB",
         flush=True,
     )
     return out
 
 
-def main() -> None:
-    """Draw the windows, run every case --repeats times alternately, print a table, write JSON."""
+def parser() -> argparse.ArgumentParser:
+    """The command line (the workers reuse it with hidden options)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="default: duquant.models.load_model()'s")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=1024, help="calibration window length")
+    p.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows; 0: none")
+    p.add_argument("--eval-seqlen", type=int, default=1024)
+    p.add_argument(
+        "--fp-check",
+        action="store_true",
+        help="also evaluate the unquantized model in every worker (both environments must agree)",
+    )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1, help="alternating rounds of all cases")
     p.add_argument(
         "--ours-methods",
-        default="duquant++",
-        help="duquant methods quantized with --weights gptq, comma-separated; the first is the\n"
-        "baseline of the ratios (rtn = plain GPTQ on the MX grid, no transform); METHOD/fp\n"
-        "uses --gptq-hessian fp",
+        default="duquant++,duquant++mx",
+        help="duquant methods (any registered name) quantized with --weights gptq, comma-separated;\n"
+        "the first is the base of the time ratios; METHOD/fp uses --gptq-hessian fp",
+    )
+    p.add_argument(
+        "--llmc-recipes",
+        default=",".join(LLMC_RECIPES),
+        help=f"llm-compressor recipes, comma-separated, of: {', '.join(LLMC_RECIPES)}",
     )
     p.add_argument("--python", default=sys.executable, help="python of the duquant environment")
     p.add_argument("--llmc-python", default="/work/.venv-llmc/bin/python")
@@ -324,98 +595,164 @@ def main() -> None:
         default="MXFP4",
         help="compressed-tensors preset: MXFP4 (W4A4) or MXFP4A16 (weights only)",
     )
-    p.add_argument("--out", default="results/bench/llmcompressor.json")
+    p.add_argument("--out", default="results/bench/llmcompressor_accuracy.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
+    p.add_argument("--eval-ids", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def mean(xs: list[float]) -> float:
+    """Arithmetic mean."""
+    return statistics.fmean(xs)
+
+
+def summary_table(cases: list[str], runs: dict, seeds: list[int], scheme: str) -> str:
+    """Markdown: per case PPL and quantize time per seed, their means, time vs the first case."""
+    base = cases[0]
+    times = {c: [r["quantize_seconds"] for r in runs[c]] for c in cases}
+    evald = all("eval" in r for c in cases for r in runs[c])
+    rows = []
+    for c in cases:
+        row = [label(c, scheme)]
+        if evald:
+            ppl = [r["eval"]["ppl"] for r in runs[c]]
+            row += [", ".join(f"{x:.3f}" for x in ppl), f"{mean(ppl):.3f}"]
+        row += [", ".join(f"{x:.0f}" for x in times[c]), f"{mean(times[c]):.1f}"]
+        row += [f"{paired_ratio(times, c, base):.2f}"]
+        row += [f"{max(r['peak_rss_mb'] for r in runs[c]):.0f}"]
+        rows.append(row)
+    seed_txt = ",".join(map(str, seeds))
+    header = ["case"]
+    if evald:
+        header += [f"PPL (seeds {seed_txt})", "mean PPL"]
+    header += [f"quantize s (seeds {seed_txt})", "mean s", "x base time", "peak RSS MiB"]
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    """Draw the windows, run every case for every seed, print a table, write JSON and markdown."""
+    args = parser().parse_args()
+    use_src()
     if args.worker:
         run_worker(args)
         return
+    cases = cases_of(args)
     torch.set_num_threads(args.threads)
     info = machine()
     from dataclasses import asdict
 
     from transformers import AutoTokenizer
 
-    from duquant.data import calibration_windows
+    from duquant.data import calibration_windows, eval_text
     from duquant.models import default_model
+    from duquant.models.loading import ModelSourceError, check_model_source
 
     source = Path(args.model or default_model())
+    try:
+        check_model_source(str(source))
+    except ModelSourceError as exc:
+        fail(str(exc))
     # the tokenizer exactly as load_model builds it, without loading the weights here
     if source.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     else:
         tok = AutoTokenizer.from_pretrained(str(source))
-    windows, calib = calibration_windows(tok, args.nsamples, args.seqlen, args.seed)
-    cases = [f"ours:{m.strip()}" for m in args.ours_methods.split(",") if m.strip()] + ["llmc"]
-    base = cases[0]
+    eval_ids, eval_src = None, None
+    if args.eval_windows:
+        # as runner.eval_tokens: the whole WikiText-2 test text tokenized at once
+        text, eval_src = eval_text("wikitext2")
+        try:
+            eval_ids = first_windows(
+                tok(text, return_tensors="pt").input_ids[0], args.eval_windows, args.eval_seqlen
+            )
+        except ValueError as exc:
+            fail(str(exc))
     runs: dict[str, list[dict]] = {case: [] for case in cases}
+    calib = {}
     with tempfile.TemporaryDirectory(prefix="bench_llmc_") as tmp:
         tmp = Path(tmp)
-        torch.save(windows, tmp / "w.pt")
-        for r in range(args.repeats):
+        if eval_ids is not None:
+            torch.save(eval_ids, tmp / "eval.pt")
+        for seed in args.seed_list:
+            windows, calib[seed] = calibration_windows(tok, args.nsamples, args.seqlen, seed)
+            torch.save(windows, tmp / f"w{seed}.pt")
             for case in cases:
-                python = args.llmc_python if case == "llmc" else args.python
-                runs[case].append(spawn(case, python, args, tmp, r))
-    times = {side: [x["quantize_seconds"] for x in rs] for side, rs in runs.items()}
-    rss = {side: [x["peak_rss_mb"] for x in rs] for side, rs in runs.items()}
-    step_ok = all(x["quantize_peak_rss_mb"] is not None for rs in runs.values() for x in rs)
-    step = {side: [x["quantize_peak_rss_mb"] for x in rs] for side, rs in runs.items()}
-
-    def med(side: str, key: str) -> str:
-        return f"{statistics.median(x[key] for x in runs[side]):.0f}"
-
-    rows = []
-    for side in cases:
-        row = [
-            label(side, args.llmc_scheme),
-            f"{statistics.median(times[side]):.1f}",
-            f"{paired_ratio(times, side, base):.2f}",
-        ]
-        row += [med(side, "rss_at_quantize_start_mb")]
-        if step_ok:
-            row += [med(side, "quantize_peak_rss_mb"), f"{paired_ratio(step, side, base):.2f}"]
-        row += [med(side, "peak_rss_mb"), f"{paired_ratio(rss, side, base):.2f}"]
-        rows.append(row + [str(runs[side][0]["quantized_linears"])])
-    header = ["case", "quantize s", "x base time", "RSS at start MiB"]
-    if step_ok:
-        header += ["peak RSS in quantize MiB", "x base"]
-    header += ["process peak RSS MiB", "x base", "quantized linears"]
-    print(
-        f"\n{args.nsamples} x {args.seqlen} calibration tokens, {args.threads} thread(s), "
-        f"{args.repeats} round(s); base: {label(base, args.llmc_scheme)}\n"
+                python = args.llmc_python if case.startswith("llmc:") else args.python
+                runs[case].append(spawn(case, python, args, tmp, seed))
+    table = summary_table(cases, runs, args.seed_list, args.llmc_scheme)
+    head = (
+        f"{args.nsamples} x {args.seqlen} calibration tokens, "
+        + (
+            f"{args.eval_windows} x {args.eval_seqlen} WikiText-2 test tokens, "
+            if args.eval_windows
+            else "no evaluation, "
+        )
+        + f"seeds {args.seeds}, {args.threads} thread(s); time base: {label(cases[0])}"
     )
-    print(markdown_table(header, rows))
-    llmc = runs["llmc"][0]
-    print(
-        f"\nllm-compressor output: {llmc['quantized_linears']} quantized linears, "
-        f"{100 * llmc['weights_on_e2m1_grid']:.2f}% of their weights on the E2M1 grid, "
-        f"power-of-two scales: {llmc['scales_power_of_two']}"
-    )
+    notes = []
+    for case in cases:
+        if case.startswith("llmc:"):
+            r = runs[case][0]
+            act = r.get("activation_check")
+            line = (
+                f"{label(case, args.llmc_scheme)}: {r['quantized_linears']} quantized linears, "
+                f"{100 * r['weights_on_e2m1_grid']:.2f}% of weights on the E2M1 grid"
+            )
+            if act:
+                line += (
+                    f"; {act['with_input_activations']}/{act['linears']} with input activation "
+                    f"quantization, status {act['status']}; probe {act['probe']}: output vs our "
+                    f"MXFP4 ct-round input QDQ rel. diff {act['probe_rel_diff_to_mxfp4_ct_round_input']:.2e}, "
+                    f"vs unquantized input {act['probe_rel_diff_to_unquantized_input']:.2e}"
+                )
+            rot = [x["rotations"]["rotation_sha256"] for x in runs[case]]
+            if any(rot):
+                line += f"; rotation sha256 per seed: {', '.join(h[:12] for h in rot)}"
+            notes.append(line)
+    fp = {c: [r["fp_eval"]["ppl"] for r in runs[c] if "fp_eval" in r] for c in cases}
+    if any(fp.values()):
+        notes.append(
+            "FP PPL in each worker: "
+            + "; ".join(f"{c}: {', '.join(f'{x:.4f}' for x in v)}" for c, v in fp.items())
+        )
+    md = "\n\n".join([head, table, *[f"- {n}" for n in notes]]) + "\n"
+    print("\n" + md)
+    out = Path(args.out)
     write_json(
         {
             "machine": info,
             "args": {
-                k: v for k, v in vars(args).items() if k not in ("worker", "windows", "result")
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("worker", "windows", "result", "eval_ids", "seed")
             },
-            "calibration": asdict(calib),
-            "quantize_seconds": times,
-            "peak_rss_mb": rss,
-            "quantize_peak_rss_mb": step,
-            "base": base,
-            "ratio_to_base": {
-                case: {
-                    "time": paired_ratio(times, case, base),
-                    "peak_rss": paired_ratio(rss, case, base),
-                    "quantize_peak_rss": paired_ratio(step, case, base) if step_ok else None,
-                }
-                for case in cases
+            "calibration": {seed: asdict(c) for seed, c in calib.items()},
+            "evaluation": {
+                "source": asdict(eval_src) if eval_src else None,
+                "windows": args.eval_windows,
+                "seqlen": args.eval_seqlen,
+            },
+            "cases": cases,
+            "labels": {c: label(c, args.llmc_scheme) for c in cases},
+            "seeds": args.seed_list,
+            "ppl": {c: [r["eval"]["ppl"] for r in runs[c] if "eval" in r] for c in cases},
+            "mean_ppl": {
+                c: mean([r["eval"]["ppl"] for r in runs[c]])
+                for c in cases
+                if all("eval" in r for r in runs[c])
+            },
+            "quantize_seconds": {c: [r["quantize_seconds"] for r in runs[c]] for c in cases},
+            "mean_quantize_seconds": {
+                c: mean([r["quantize_seconds"] for r in runs[c]]) for c in cases
             },
             "runs": runs,
         },
-        args.out,
+        out,
     )
+    out.with_suffix(".md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def invoke(argv: list[str]) -> int:
         (["--w-scale-rule", "e4m3"], "--w-scale-rule e4m3"),
         (["--method", "flatquant", "--format", "nvfp4"], "--method flatquant"),
         (["--method", "flatquant", "--a-scale-rule", "mse"], "--method flatquant"),
-        (["--method", "flatquant-quick", "--save", "x"], "not exportable"),
+        (["--method", "flatquant", "--save", "x"], "not exportable"),
     ],
 )
 def test_run_rejects_out_of_range_options(argv, needle, tmp_path, capsys):
@@ -226,7 +226,8 @@ SKIP_IN = {"demo": {"method", "weights"}}
 def _bad_values(f) -> list[str]:
     """Out-of-range and malformed values for a numeric field."""
     if str(f.type).startswith("float"):
-        return ["-0.5", "1.5", "nan", "inf", "x"]
+        above = ["1.5"] if "[0, 1]" in f.metadata["help"] else []  # a bounded fraction (alpha)
+        return ["-0.5", "nan", "inf", "x", *above]
     low = f.metadata["minimum"]
     return sorted({str(low - 1), "-7", "1.5", "x"})
 
@@ -292,3 +293,21 @@ def test_method_refused_for_the_family_before_loading(tmp_path, capsys):
     llama = tmp_path / "llama.gguf"
     gguf_with_architecture(llama, "llama")
     RunConfig(model=str(llama), method="quarot")  # allowed: Llama has no post-norms
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--method", "mr-gptq", "--weights", "rtn"], ("--weights rtn", "mr-gptq", "gptq")),
+        (["--method", "mr-gptq", "--gptq-scale-search", "hessian"], ("--gptq-scale-search",)),
+        (["--weights", "gptq", "--gptq-scale-search", "fpquant-mse"], ("static",)),
+        (
+            ["--weights", "gptq", "--w-scale-rule", "fpquant", "--gptq-scale-search", "hessian"],
+            ("ocp",),
+        ),
+    ],
+)
+def test_gptq_options_a_method_fixes_or_cannot_take(argv, needles, capsys):
+    """A weight quantizer or scale search that contradicts the method, or a search the scale rule
+    cannot take, is one line before anything loads."""
+    one_line_error(capsys, invoke(["run", *argv]), *needles)

@@ -118,3 +118,54 @@ def test_fp_hessians_skip_the_group_passes_and_match_the_first_group(monkeypatch
     # per window: statistics + output pass (the capture runs no block: recorders stand in), vs
     # those plus one partial pass per group
     assert calls_f == 2 * 3 and calls_q == (2 + 4) * 3
+
+
+def test_mr_gptq_records_gptq_with_column_act_order_and_static_mse_scales():
+    """`--method mr-gptq` alone means GPTQ weights with FP-Quant's order and observer, and the
+    recorded config says so; other methods keep the command line's weight quantizer."""
+    from duquant.config import RunConfig
+    from duquant.runner import _plan, quant_config
+
+    cfg = RunConfig(method="mr-gptq")
+    assert cfg.weights == "gptq"
+    method, quant, record = _plan(cfg, "tiny")
+    assert method.rotation == "random-hadamard" and method.block_size == 32
+    assert record["run"]["weights"] == "gptq" and record["weight_quantizer"] == "gptq"
+    g = record["gptq"]
+    assert (g["act_order"], g["act_order_scope"], g["static_groups"]) == (True, "column", True)
+    assert g["scale_search"] == "fpquant-mse"
+    plain = quant_config(RunConfig(method="hadamard", weights="gptq", gptq_scale_search="hessian"))
+    assert plain.gptq.scale_search == "hessian" and not plain.gptq.static_groups
+    assert quant_config(RunConfig(method="hadamard")).weights == "rtn"
+
+
+def test_mr_gptq_keeps_full_precision_and_quantizes_on_its_static_scales():
+    """The mr-gptq rotation leaves the FP model unchanged; quantized, every weight lies on its
+    stored E8M0 scales, GPTQ beats RTN on average, and the Hessian search variant runs too."""
+    from conftest import transformed_fp_logits
+
+    from duquant.config import RunConfig
+    from duquant.runner import quant_config
+
+    base = make_tiny_llama(seed=3)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))
+    ref, out, _ = transformed_fp_logits(base, "mr-gptq", ids, max_steps=0)
+    assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4)
+    for search in (None, "hessian"):
+        m = make_tiny_llama(seed=3)
+        name = "mr-gptq" if search is None else "random-hadamard"
+        quant = quant_config(RunConfig(method=name, weights="gptq", gptq_scale_search=search))
+        rep = quantize_model(m, adapter_for(m), get_method(name), quant, ids)
+        mean_g = sum(e["gptq_error"] for e in rep.layer_errors) / len(rep.layer_errors)
+        mean_r = sum(e["rtn_error"] for e in rep.layer_errors) / len(rep.layer_errors)
+        assert mean_g < mean_r, (search, mean_g, mean_r)
+        for layer in m.model.layers:
+            lin = layer.mlp.down_proj
+            qw = lin.qweight  # the codes and scales export writes
+            assert torch.equal(torch.exp2(torch.log2(qw.scales).round()), qw.scales)
+            per_el = qw.scales.repeat_interleave(32, dim=1)
+            assert torch.equal(
+                qw.spec.decode(qw.spec.encode(lin.weight, per_el), per_el), lin.weight
+            )
+        with torch.no_grad():
+            assert torch.isfinite(m(ids).logits).all()

@@ -54,6 +54,14 @@ class WeightQuantizer(StrEnum):
     GPTQ = "gptq"
 
 
+class ScaleSearch(StrEnum):
+    """How GPTQ chooses each MXFP4 group's E8M0 scale (duquant.gptq.SCALE_SEARCHES)."""
+
+    NONE = "none"  # the scale rule's
+    HESSIAN = "hessian"  # the rule's or its E8M0 neighbour, by the group's GPTQ loss
+    FPQUANT_MSE = "fpquant-mse"  # FP-Quant's MSE observer (static scales)
+
+
 class HessianSource(StrEnum):
     """Where GPTQ's Hessians come from."""
 
@@ -220,6 +228,12 @@ class QuantSettings:
     a_scale_rule: ScaleRule | None = opt(None, "activation scale rule (default: the format's)")
     rounding: Rounding = opt(Rounding.EVEN, "element rounding: ties to even or away from zero")
     act_order: bool = opt(False, "GPTQ act-order (MX groups kept whole)")
+    gptq_scale_search: ScaleSearch | None = opt(
+        None,
+        "GPTQ E8M0 scale choice: the rule's (none), the rule's or its neighbour by the group's "
+        "GPTQ loss (hessian), FP-Quant's MSE observer (fpquant-mse, static scales) (default: the "
+        "method's, else none)",
+    )
     gptq_hessian: HessianSource = opt(
         HessianSource.QUANTIZED,
         "GPTQ Hessians from the transformed, quantized inputs each group sees (one partial block "
@@ -231,6 +245,17 @@ class QuantSettings:
     )
     max_steps: int | None = opt(
         None, "greedy rotation steps, >= 0 (default: the method's)", minimum=0
+    )
+    learn_epochs: int | None = opt(
+        None, "training epochs of a learned method's transforms (default: the method's)", minimum=0
+    )
+    learn_lr: float | None = opt(
+        None, "learning rate of a learned method's transforms, > 0 (default: the method's)"
+    )
+    learn_batch: int | None = opt(
+        None,
+        "calibration windows per training step of a learned method (default: the method's)",
+        minimum=1,
     )
     seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)
     max_windows: int | None = opt(None, "evaluate only the first N windows", minimum=1)
@@ -244,6 +269,8 @@ class QuantSettings:
         self.format = _enum(Format, "format", self.format)
         self.rounding = _enum(Rounding, "rounding", self.rounding)
         self.gptq_hessian = _enum(HessianSource, "gptq_hessian", self.gptq_hessian)
+        if self.gptq_scale_search is not None:
+            self.gptq_scale_search = _enum(ScaleSearch, "gptq_scale_search", self.gptq_scale_search)
         self.dtype = _enum(DType, "dtype", self.dtype)
         rules = FORMATS[self.format].SCALE_RULES
         for name in ("w_scale_rule", "a_scale_rule"):
@@ -262,12 +289,29 @@ class QuantSettings:
             and 0 <= self.alpha <= 1
         ):
             raise ConfigError(f"--alpha {self.alpha}: must be a number in [0, 1]")
+        if self.learn_lr is not None and not (
+            isinstance(self.learn_lr, (int, float))
+            and math.isfinite(self.learn_lr)
+            and self.learn_lr > 0
+        ):
+            raise ConfigError(f"--learn-lr {self.learn_lr}: must be a positive number")
         check_ranges(self)
         check_device(self.device)
         if self.model is not None:
             from duquant.models.loading import check_model_source
 
             check_model_source(self.model)
+
+    def method_overrides(self) -> dict:
+        """The method fields these settings override (None: keep the method's own value)."""
+        return {
+            "alpha": self.alpha,
+            "block_size": self.block_size,
+            "max_steps": self.max_steps,
+            "learn_epochs": self.learn_epochs,
+            "learn_lr": self.learn_lr,
+            "learn_batch": self.learn_batch,
+        }
 
     def resolved_rules(self) -> tuple[str, str]:
         """(weight, activation) scale rules after applying the format default."""
@@ -300,8 +344,10 @@ class RunConfig(QuantSettings):
     """One quantize-and-evaluate run (`duquant run`, the library's `runner.run`)."""
 
     method: str = opt("rtn", "quantization method", choices=_method_names)
-    weights: WeightQuantizer = opt(
-        WeightQuantizer.RTN, "weight quantizer: round to nearest, or GPTQ on the same grid"
+    weights: WeightQuantizer | None = opt(
+        None,
+        "weight quantizer: round to nearest, or GPTQ on the same grid (default: the method's, "
+        "else rtn)",
     )
     evals: list[str] = opt(
         ["wikitext2"], "'wikitext2' and/or paths of UTF-8 text files", flag="--eval", nargs="+"
@@ -325,13 +371,13 @@ class RunConfig(QuantSettings):
         super().__post_init__()
         from duquant.methods import get_method
 
-        self.weights = _enum(WeightQuantizer, "weights", self.weights)
         try:
             method = get_method(self.method)
         except ValueError:
             raise ConfigError(
                 f"--method {self.method}: unknown; choose one of {', '.join(_method_names())}"
             ) from None
+        self._resolve_method_weights(method)
         check_block_size(method, self.block_size)
         if method.learn == "flatquant":  # its clipping is defined on MXFP4 group-maximum scales
             from duquant.learn.flatquant import check_quant
@@ -362,6 +408,37 @@ class RunConfig(QuantSettings):
         export.check_source(self)
         if self.save is not None:
             export.check(self, self.save, self.overwrite)  # destination, method, formats
+
+    def _resolve_method_weights(self, method: Any) -> None:
+        """Take the weight quantizer and GPTQ scale search the method fixes; refuse a conflict."""
+        given = None if self.weights is None else _enum(WeightQuantizer, "weights", self.weights)
+        if method.weights is not None and given not in (None, method.weights):
+            raise ConfigError(
+                f"--weights {given}: method {method.name} quantizes weights with {method.weights}; "
+                f"drop --weights or choose another method"
+            )
+        self.weights = WeightQuantizer(method.weights or given or WeightQuantizer.RTN)
+        if (
+            method.scale_search is not None
+            and self.gptq_scale_search is not None
+            and self.gptq_scale_search != method.scale_search
+        ):
+            raise ConfigError(
+                f"--gptq-scale-search {self.gptq_scale_search}: method {method.name} uses "
+                f"{method.scale_search}; drop the option or choose another method"
+            )
+        if self.weights == WeightQuantizer.GPTQ:
+            from duquant.formats import QuantSpec
+            from duquant.gptq import check_gptq_options
+
+            gptq = {"act_order": self.act_order, "act_order_scope": "group", "static_groups": False}
+            gptq |= {"scale_search": str(self.gptq_scale_search or "none")}
+            gptq |= method.gptq_overrides()
+            spec = QuantSpec(str(self.format), self.resolved_rules()[0], str(self.rounding))
+            try:
+                check_gptq_options(spec, **gptq)
+            except ValueError as exc:
+                raise ConfigError(f"--method {method.name}: {exc}") from None
 
     def _check_stream(self) -> None:
         """A streamed run reads a local safetensors folder (its export, if any: `export.check`)."""
@@ -414,7 +491,8 @@ def _enum_type(f) -> type[StrEnum] | None:
     """The StrEnum a field's annotation names, if any."""
     base = str(f.type).split("|")[0].strip()
     return {
-        e.__name__: e for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer)
+        e.__name__: e
+        for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer, ScaleSearch)
     }.get(base)
 
 

@@ -26,6 +26,13 @@ Design choices (reference behaviour: design/reference-implementations.md §2.3 a
   comes from its own columns only, and un-permuting gives groups contiguous in the original column
   order, so the weight packs like any other. (MR-GPTQ instead orders single columns globally, which
   only works with static scales.)
+* `act_order_scope="column"` is MR-GPTQ's (FP-Quant) order: single columns by descending diag(H)
+  over the whole weight, each rounded on the static scale of its original group (needs
+  `static_groups`, since a group's columns are no longer visited together).
+* `scale_search` (MXFP4): `"hessian"` (ours) chooses, when a group's scale is fixed, between the two
+  E8M0 exponents every power-of-two rule picks from (the `ocp` exponent e and e + 1) by the GPTQ loss
+  of the group's own columns (`_hessian_pick`); `"fpquant-mse"` is FP-Quant's MSE weight observer
+  (`fpquant_mse_scales`), static scales computed once from the weight.
 * Dead columns (diag(H) == 0, inputs always zero) get H_ii = 1 and W[:, i] = 0 before anything else,
   so they neither enter the scales nor the NVFP4 tensor scale.
 * Precision: H, its damping, inverse and Cholesky factor are float64 (ill-conditioned Hessians fail
@@ -51,6 +58,13 @@ from duquant.formats.e2m1 import encode_e2m1, pack_nibbles
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 3  # extra Cholesky attempts, each with 10x the previous damping, before RTN
+ACT_ORDER_SCOPES = ("group", "column")
+SCALE_SEARCHES = ("none", "hessian", "fpquant-mse")
+# scale rules whose scale is one of the two E8M0 powers of two the Hessian search compares
+HESSIAN_SEARCH_RULES = ("ocp", "ceil", "ct-round", "mse")
+# FP-Quant's MSE observer (src/quantization/quantizer.py `get_quantization_params`): 100 shrink
+# factors 1 - i * 0.8 / 100 of amax / 6, error sum |x - q|^2.4, E8M0 cast after the choice
+FPQUANT_MSE_STEPS, FPQUANT_MSE_SHRINK, FPQUANT_MSE_NORM = 100, 0.8, 2.4
 
 
 @dataclass
@@ -98,6 +112,77 @@ def act_order_permutation(diag: Tensor, group_size: int) -> Tensor:
     return (starts + within)[group_order].reshape(-1)
 
 
+def column_act_order(diag: Tensor) -> Tensor:
+    """MR-GPTQ's column order: every column by descending diag(H), groups ignored."""
+    return torch.argsort(diag, descending=True, stable=True)
+
+
+def fpquant_mse_scales(w: Tensor, spec: QuantSpec) -> Tensor:
+    """FP-Quant's MSE observer on float32 `w` [out, in]: per group, the shrink f of the float scale
+    f * amax / 6 with the smallest sum |x - q|^2.4 (first on ties), then the rule's E8M0 scale of
+    f * amax (for `fpquant`, FP-Quant's own cast). The error is that of the float scale, before the
+    power-of-two cast, as FP-Quant computes it."""
+    from duquant.formats import mxfp4
+    from duquant.formats.e2m1 import E2M1_MAX, round_to_e2m1
+
+    g = w.float().reshape(w.shape[0], -1, spec.group_size)
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    base = amax / E2M1_MAX
+    safe = torch.where(base > 0, base, torch.ones_like(base))
+    best = torch.full_like(amax, math.inf)
+    best_f = torch.ones_like(amax)
+    for i in range(FPQUANT_MSE_STEPS):
+        f = 1.0 - i * FPQUANT_MSE_SHRINK / FPQUANT_MSE_STEPS
+        s = safe * f
+        err = (g - round_to_e2m1(g / s, spec.rounding) * s).abs().pow(FPQUANT_MSE_NORM)
+        err = err.sum(dim=-1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+    e = mxfp4.shared_exponent((best_f * amax).squeeze(-1), spec.scale_rule)
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
+
+
+def check_gptq_options(
+    spec: QuantSpec, act_order: bool, act_order_scope: str, static_groups: bool, scale_search: str
+) -> None:
+    """Reject GPTQ option combinations that have no meaning, saying which and why."""
+    if act_order_scope not in ACT_ORDER_SCOPES:
+        raise ValueError(
+            f"act_order_scope must be one of {ACT_ORDER_SCOPES}, got {act_order_scope!r}"
+        )
+    if scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {scale_search!r}")
+    if act_order and act_order_scope == "column" and not static_groups:
+        raise ValueError("column act order (MR-GPTQ) needs static group scales (static_groups)")
+    if scale_search == "none":
+        return
+    if spec.format != "mxfp4":
+        raise ValueError(
+            f"scale search {scale_search} applies to MXFP4 E8M0 scales, not {spec.format}"
+        )
+    if scale_search == "fpquant-mse":
+        from duquant.formats.mxfp4 import AMAX_RULES
+
+        if not static_groups:
+            raise ValueError(
+                "scale search fpquant-mse is a static observer: it needs static_groups"
+            )
+        if spec.scale_rule not in AMAX_RULES:
+            raise ValueError(
+                f"scale search fpquant-mse casts a shrunk group maximum with the scale rule; "
+                f"{spec.scale_rule} is not one of {AMAX_RULES}"
+            )
+    if scale_search == "hessian":
+        if spec.scale_rule not in HESSIAN_SEARCH_RULES:
+            raise ValueError(
+                f"scale search hessian chooses between the ocp exponent and the next; scale rule "
+                f"{spec.scale_rule} is not one of {HESSIAN_SEARCH_RULES}"
+            )
+        if act_order and act_order_scope == "column":
+            raise ValueError("scale search hessian needs whole groups: use act_order_scope group")
+
+
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
@@ -107,6 +192,8 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     compute_dtype: torch.dtype = torch.float64,
+    act_order_scope: str = "group",
+    scale_search: str = "none",
     clip: Tensor | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in].
@@ -116,6 +203,9 @@ def gptq_quantize(
     """
     start = time.perf_counter()
     _check_inputs(weight, hessian, spec, blocksize, percdamp)
+    check_gptq_options(spec, act_order, act_order_scope, static_groups, scale_search)
+    if clip is not None and scale_search != "none":
+        raise ValueError("learned weight clipping fixes the scales: use scale_search none")
     gs = spec.group_size
     w = weight.detach().to(compute_dtype).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
@@ -125,13 +215,31 @@ def gptq_quantize(
     w32 = w.float()
     ts = spec.weight_tensor_scale(w32)
     clip = None if clip is None else clip.detach().float().reshape(-1, 1).to(w.device)
-    static = grid_scales(_clipped(w32, clip), spec, ts) if static_groups else None
+    static = None
+    if static_groups:
+        static = (
+            fpquant_mse_scales(w32, spec)
+            if scale_search == "fpquant-mse"
+            else grid_scales(_clipped(w32, clip), spec, ts)
+        )
+    # the weight each group's Hessian-search candidates come from: static -> the original one
+    search_ref = w32 if scale_search == "hessian" and static_groups else None
 
-    perm = act_order_permutation(torch.diagonal(h), gs) if act_order else None
+    columns = act_order and act_order_scope == "column"
+    perm = None
+    if act_order:
+        diag = torch.diagonal(h)
+        perm = column_act_order(diag) if columns else act_order_permutation(diag, gs)
+    col_group = None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-        if static is not None:
-            static = static[:, perm[::gs] // gs]
+        if columns:
+            col_group = perm // gs  # each permuted column keeps its original group's static scale
+        else:
+            if static is not None:
+                static = static[:, perm[::gs] // gs]
+            if search_ref is not None:
+                search_ref = search_ref[:, perm]
 
     u, rel, damp = _inverse_cholesky(h, percdamp)
     if u is None:
@@ -154,10 +262,14 @@ def gptq_quantize(
             seconds=time.perf_counter() - start,
         )
 
-    q, grid, scales, loss = _column_loop(w, u, spec, ts, blocksize, static, clip)
+    search = scale_search == "hessian"
+    q, grid, scales, loss = _column_loop(
+        w, u, spec, ts, blocksize, static, col_group, search, search_ref, clip
+    )
     if perm is not None:
         q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
-        scales = scales[:, torch.argsort(perm[::gs] // gs)]
+        if col_group is None:
+            scales = scales[:, torch.argsort(perm[::gs] // gs)]
     seconds = time.perf_counter() - start
     logger.debug(
         "GPTQ %s on %s: percdamp %.3g, %d dead columns, loss %.4g, %.2fs",
@@ -221,6 +333,45 @@ def _inverse_cholesky(h: Tensor, percdamp: float) -> tuple[Tensor | None, float,
     return None, rel, damp
 
 
+def hessian_candidates(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(the rule's scale, the other candidate) per group of float32 `x` [rows, K]: the candidates
+    are the `ocp` power of two 2^e (amax / s in [4, 8)) and 2^(e + 1) ([2, 4)), the pair every
+    power-of-two rule of HESSIAN_SEARCH_RULES picks from; 2^(e + 1) only where 6 * 2^(e + 1)
+    stays finite in float32."""
+    from duquant.formats import mxfp4
+
+    rule = grid_scales(x, spec)
+    lo = mxfp4.group_scales(x, "ocp")
+    hi = torch.where(lo <= 2.0**124, lo * 2.0, lo)
+    return rule, torch.where(rule == lo, hi, lo)
+
+
+def _hessian_pick(
+    x: Tensor, u: Tensor, rule: Tensor, other: Tensor, spec: QuantSpec, ts: Tensor | None
+) -> Tensor:
+    """Per row, the scale (`rule` or `other`, [rows]) with the smaller GPTQ loss of the group `x`
+    [rows, g] (current weights of its columns) swept with `u` (its block of the upper Cholesky
+    factor of H^-1); a tie keeps `rule`.
+
+    Why this criterion: Σ_j ((x_j - q_j) / U_jj)² over the group's columns, with the in-group error
+    feedback, is exactly the increase of the layer objective tr(ΔW H ΔWᵀ) that fixing this group
+    costs when the columns before it are fixed and those after it still compensate (the Schur
+    complement GPTQ's own loss accumulates). A diag(H)-weighted MSE would ignore that compensation,
+    which is what GPTQ exists for; the exact form costs one extra sweep of the group's 32 columns.
+    """
+    rows = x.shape[0]
+    xs = torch.cat([x, x]).clone()
+    s = torch.cat([rule, other])
+    loss = torch.zeros(2 * rows, dtype=x.dtype, device=x.device)
+    for j in range(x.shape[1]):
+        col = xs[:, j]
+        qx = spec.decode(spec.encode(col.float(), s, ts), s, ts).to(x.dtype)
+        e = (col - qx) / u[j, j]
+        xs[:, j + 1 :].addr_(e, u[j, j + 1 :], alpha=-1.0)
+        loss += e.square()
+    return torch.where(loss[rows:] < loss[:rows], other, rule)
+
+
 def _column_loop(
     w: Tensor,
     u: Tensor,
@@ -228,15 +379,26 @@ def _column_loop(
     ts: Tensor | None,
     blocksize: int,
     static: Tensor | None,
+    col_group: Tensor | None = None,
+    search: bool = False,
+    search_ref: Tensor | None = None,
     clip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
-    """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, grid values, scales, loss)."""
+    """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, grid values, scales, loss).
+
+    `col_group` (column act order) gives each column's original group, whose `static` scale it
+    uses; `search` picks each group's scale by `_hessian_pick`, from candidates of the group's
+    current weights, or of `search_ref` (the original weight, permuted like `w`) with static scales.
+    """
     rows, cols = w.shape
     gs = spec.group_size
     u = u.to(w.dtype)
     q = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
     grid = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
-    scales = torch.empty(rows, cols // gs, dtype=torch.float32, device=w.device)
+    if col_group is not None:
+        scales = static.clone()
+    else:
+        scales = torch.empty(rows, cols // gs, dtype=torch.float32, device=w.device)
     loss = torch.zeros((), dtype=w.dtype, device=w.device)
     scale = scales[:, 0]
     for b0 in range(0, cols, blocksize):
@@ -246,9 +408,22 @@ def _column_loop(
         err1 = torch.empty_like(w1)
         for i in range(b1 - b0):
             col = b0 + i
-            if col % gs == 0:  # entering a group; blocks start on group boundaries
+            if col_group is not None:
+                scale = scales[:, col_group[col]]
+            elif col % gs == 0:  # entering a group; blocks start on group boundaries
                 g = col // gs
-                if static is None:
+                if search:
+                    ref = w1[:, i : i + gs] if search_ref is None else search_ref[:, col : col + gs]
+                    rule, other = hessian_candidates(ref.float(), spec)
+                    scales[:, g] = _hessian_pick(
+                        w1[:, i : i + gs],
+                        u1[i : i + gs, i : i + gs],
+                        rule[:, 0],
+                        other[:, 0],
+                        spec,
+                        ts,
+                    )
+                elif static is None:
                     # w1 already holds every update so far, intra-block ones included
                     cur = _clipped(w1[:, i : i + gs].float(), clip)
                     scales[:, g] = grid_scales(cur, spec, ts)[:, 0]
@@ -357,6 +532,10 @@ __all__ = [
     "as_quantized_weight",
     "HessianAccumulator",
     "act_order_permutation",
+    "check_gptq_options",
+    "column_act_order",
+    "fpquant_mse_scales",
+    "hessian_candidates",
     "gptq_quantize",
     "grid_scales",
     "hessian_from_inputs",

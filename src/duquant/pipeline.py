@@ -23,10 +23,12 @@ from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import (
     HessianAccumulator,
     as_quantized_weight,
+    check_gptq_options,
     energy_ratio,
     gptq_quantize,
     hessian_row_energy,
 )
+from duquant.learn import learn_block
 from duquant.methods import MethodConfig
 from duquant.methods.build import GroupPlan, HeadShape, plan_group
 from duquant.models.adapters import Adapter, InputGroup
@@ -56,6 +58,8 @@ class GPTQConfig:
     percdamp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
+    act_order_scope: str = "group"  # group: MX groups kept whole; column: MR-GPTQ (needs static)
+    scale_search: str = "none"  # none, hessian (ours), fpquant-mse (FP-Quant's observer)
     # `quantized`: each group's Hessian from what it sees at inference (transformed, fake-quantized,
     # earlier groups of the block already GPTQ'd), one partial block pass per group. `fp`: from the
     # raw inputs of the statistics pass, transformed exactly (Tᵀ H T), no activation quantization,
@@ -80,6 +84,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.weights not in ("rtn", "gptq"):
             raise ValueError(f"weights must be 'rtn' or 'gptq', got {self.weights!r}")
+        if self.weights == "gptq" and self.weight is not None:
+            g = self.gptq
+            check_gptq_options(
+                self.weight, g.act_order, g.act_order_scope, g.static_groups, g.scale_search
+            )
 
 
 @dataclass
@@ -88,7 +97,7 @@ class QuantizeReport:
 
     plans: list[dict[str, GroupPlan]] = field(default_factory=list)
     layer_errors: list[dict] = field(default_factory=list)  # per linear, RTN vs GPTQ output error
-    learn: list[dict] = field(default_factory=list)  # per block, the learned transforms' losses
+    learn: list[dict] = field(default_factory=list)  # per block, the learned transforms' MSE
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -165,26 +174,29 @@ def quantize_model(
                 seed=seed + i,
                 moments=fp_hessians,
             )
-        fp_outputs = None
-        if method.learn != "none":
-            plans, info = _learned_plans(
-                block, groups, method, quant, stats, inputs, heads, seed, i
+        plans = {
+            g.name: plan_group(
+                block,
+                g,
+                _group_method(method, stats, g, i),
+                quant,
+                stats.get(g.name) if stats and method.needs_calibration else None,
+                heads,
+                seed=seed * 1000 + i * 10 + j,
             )
-            fp_outputs = info.pop("fp_outputs")
-            report.learn.append({"layer": i, **info})
-        else:
-            plans = {
-                g.name: plan_group(
-                    block,
-                    g,
-                    _group_method(method, stats, g, i),
-                    quant,
-                    stats.get(g.name) if stats and method.needs_calibration else None,
-                    heads,
-                    seed=seed * 1000 + i * 10 + j,
-                )
-                for j, g in enumerate(groups)
-            }
+            for j, g in enumerate(groups)
+        }
+        if method.learn != "none":
+            plans, info = learn_block(
+                block, groups, inputs, plans, stats, method, quant, heads, seed=seed * 1000 + i
+            )
+            report.learn.append(info)
+            log.info(
+                "layer %d learned: block MSE %.4g -> %.4g",
+                i,
+                info["loss_before"],
+                info["loss_after"],
+            )
         for name, online in global_online.items():
             if name in plans:
                 plans[name] = GroupPlan(weight_transform=online, online=online)
@@ -209,57 +221,11 @@ def quantize_model(
             )
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
-            # learned methods train every block on the full-precision model's hidden states
-            nxt = fp_outputs if fp_outputs is not None else run_block(block, inputs)
-            inputs = inputs.next(nxt, i + 1)
+            inputs = inputs.next(run_block(block, inputs), i + 1)
         store.release(i)
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
-
-
-def _learned_plans(
-    block: nn.Module,
-    groups: tuple[InputGroup, ...],
-    method: MethodConfig,
-    quant: QuantConfig,
-    stats: dict | None,
-    inputs: BlockInputs,
-    heads: HeadShape,
-    seed: int,
-    layer: int,
-) -> tuple[dict[str, GroupPlan], dict]:
-    """Train the block's learned transforms (FlatQuant) and turn them into plans with their clips."""
-    from duquant.learn.flatquant import FlatQuantGroup, learned_plans, train_block
-
-    if method.learn != "flatquant":
-        raise ValueError(f"unknown learned transform {method.learn!r}")
-    learned = {}
-    for j, g in enumerate(groups):
-        st = (stats or {}).get(g.name)
-        learned[g.name] = FlatQuantGroup(
-            g,
-            {n: block.get_submodule(n).weight.detach().float() for n in g.linears},
-            None if st is None else st.absmax,
-            heads,
-            torch.Generator().manual_seed(seed * 1000 + layer * 10 + j),
-            alpha=method.flat_alpha,
-            clip_init=method.clip_init,
-            fold=method.fold,
-        )
-    info = train_block(
-        block,
-        groups,
-        inputs,
-        learned,
-        quant,
-        epochs=method.learn_epochs,
-        lr=method.learn_lr,
-        batch=method.learn_batch,
-        seed=seed * 1000 + layer,
-        heads=heads,
-    )
-    return learned_plans(learned, groups, heads, method.fold), info
 
 
 def _group_method(
@@ -366,6 +332,8 @@ def _gptq_block(
                 act_order=quant.gptq.act_order,
                 static_groups=quant.gptq.static_groups,
                 clip=_stacked_clip([clips.get(g.linears[i]) for i in idxs], w_fps, idxs),
+                act_order_scope=quant.gptq.act_order_scope,
+                scale_search=quant.gptq.scale_search,
             )
             rows = [w_fps[i].shape[0] for i in idxs]
             qw = as_quantized_weight(res, quant.weight)

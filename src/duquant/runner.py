@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,22 +24,27 @@ log = logging.getLogger(__name__)
 
 
 def quant_config(cfg: RunConfig) -> QuantConfig:
-    """The weight and activation specs of a run."""
+    """The weight and activation specs of a run, and its weight quantizer with the GPTQ options
+    the command line gives, overridden by those the method fixes (MethodConfig.gptq_overrides)."""
     w_rule, a_rule = cfg.resolved_rules()
     fmt, rounding = str(cfg.format), str(cfg.rounding)
+    method = get_method(cfg.method)
+    gptq = GPTQConfig(
+        act_order=cfg.act_order,
+        hessian=str(cfg.gptq_hessian),
+        scale_search=str(cfg.gptq_scale_search or "none"),
+    )
     return QuantConfig(
         QuantSpec(fmt, w_rule, rounding),
         QuantSpec(fmt, a_rule, rounding),
-        weights=str(cfg.weights),
-        gptq=GPTQConfig(act_order=cfg.act_order, hessian=str(cfg.gptq_hessian)),
+        weights=str(method.weights or cfg.weights),
+        gptq=replace(gptq, **method.gptq_overrides()),
     )
 
 
 def _plan(cfg: RunConfig, source: str) -> tuple:
     """(method, quant config, the result's config record) of a run."""
-    method = get_method(
-        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
+    method = get_method(cfg.method, **cfg.method_overrides())
     quant = quant_config(cfg)
     config: dict = {
         "run": cfg.to_dict(),

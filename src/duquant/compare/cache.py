@@ -40,9 +40,11 @@ def result_key(
         "dtype": str(cfg.dtype),
         "device": cfg.device,
         # an unquantized method is its name: fields added to MethodConfig later cannot change it
-        "method": asdict(method) if method.quantize else {"name": method.name, "quantize": False},
+        "method": _method_key(method)
+        if method.quantize
+        else {"name": method.name, "quantize": False},
         "weights": job.weights,
-        "quant": asdict(quant) if method.quantize else None,
+        "quant": _quant_key(quant) if method.quantize else None,
         "seed": cfg.seed,
         "calibration": None,
         "eval": EVALUATIONS[name].settings(cfg),
@@ -57,6 +59,24 @@ def result_key(
             "source": calib_source or calibration_source(),
         }
     return key
+
+
+# GPTQ options added after results were cached, at the values those results were computed with:
+# left out of the key at these values so that adding them kept every cached hash
+_LATE_GPTQ_DEFAULTS = {"act_order_scope": "group", "scale_search": "none"}
+
+
+def _method_key(method) -> dict:
+    """A method's fields for the key; those left None (fields added later: the command line's
+    value, which the quant config records) are left out, so adding them kept old hashes."""
+    return {k: v for k, v in asdict(method).items() if v is not None}
+
+
+def _quant_key(quant) -> dict:
+    """The quant config for the key, less GPTQ options at their late-added defaults."""
+    d = asdict(quant)
+    d["gptq"] = {k: v for k, v in d["gptq"].items() if _LATE_GPTQ_DEFAULTS.get(k, object()) != v}
+    return d
 
 
 def key_hash(key: dict) -> str:

@@ -113,9 +113,7 @@ def resolve(cfg: CompareConfig, job: Job) -> tuple[MethodConfig, Any, RunConfig]
     from duquant.runner import quant_config
 
     rc = run_config(cfg, job)
-    method = get_method(
-        job.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
+    method = get_method(job.method, **cfg.method_overrides())
     return method, quant_config(rc), rc
 
 
@@ -128,6 +126,8 @@ def jobs_of(cfg: CompareConfig) -> list[Job]:
             jobs.append(Job(m.removesuffix(GPTQ_MARK), "gptq"))
         elif not get_method(m).quantize:
             jobs.append(Job(m, None))
+        elif get_method(m).weights is not None:  # the method fixes its weight quantizer
+            jobs.append(Job(m, get_method(m).weights))
         else:
             jobs.extend(Job(m, w) for w in cfg.weights)
     return list(dict.fromkeys(jobs))

@@ -1,1 +1,134 @@
-"""Learned input transforms, trained block by block on the quantized block's output error."""
+"""Learned input transforms: trained block by block on the quantized block-output error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from duquant.calibrate import BlockInputs, InputStats
+from duquant.methods import MethodConfig
+from duquant.methods.build import GroupPlan, HeadShape, fed_by_heads, plan_from_steps
+from duquant.models.adapters import InputGroup
+from duquant.transforms.base import BlockRotation, ChannelScale, Sequence
+
+from .rotation import LearnedRotation
+from .trainer import LearnedGroup, ste_fake_quant, train_block
+
+log = logging.getLogger(__name__)
+
+# builds the trainable transform of one group from its searched plan and statistics (None: leave
+# the group as planned)
+Learner = Callable[..., LearnedGroup | None]
+
+
+def rotation_learner(
+    block: nn.Module,
+    group: InputGroup,
+    plan: GroupPlan,
+    stats: InputStats | None,
+    method: MethodConfig,
+    heads: HeadShape | None,
+    seed: int = 0,
+) -> LearnedGroup | None:
+    """Ours: start from the plan's smoothing and single block rotation and refine both."""
+    steps = list(plan.weight_transform.steps) if isinstance(plan.weight_transform, Sequence) else []
+    scale = next((s.scale for s in steps if isinstance(s, ChannelScale)), None)
+    rot = [s for s in steps if isinstance(s, BlockRotation)]
+    if len(rot) != 1 or len(steps) != len(rot) + (scale is not None):
+        return None  # not smoothing + one block rotation (e.g. DuQuant v1): nothing to refine
+    dim = block.get_submodule(group.linears[0]).in_features
+    return LearnedRotation(
+        scale,
+        rot[0].rotation,
+        learn_scale=not fed_by_heads(group, heads),
+        per_block=method.per_block,
+        dim=dim,
+    )
+
+
+def flatquant_learner(
+    block: nn.Module,
+    group: InputGroup,
+    plan: GroupPlan,
+    stats: InputStats | None,
+    method: MethodConfig,
+    heads: HeadShape | None,
+    seed: int = 0,
+) -> LearnedGroup:
+    """FlatQuant: Kronecker transform, channel scale and clipping, from FlatQuant's start (its
+    random orthogonal factors seeded by `seed`)."""
+    from .flatquant import FlatQuantGroup
+
+    return FlatQuantGroup(
+        group,
+        {n: block.get_submodule(n).weight.detach().float() for n in group.linears},
+        None if stats is None else stats.absmax,
+        heads,
+        torch.Generator().manual_seed(seed),
+        alpha=method.flat_alpha,
+        clip_init=method.clip_init,
+        fold=method.fold,
+    )
+
+
+LEARNERS: dict[str, Learner] = {"rotation": rotation_learner, "flatquant": flatquant_learner}
+
+
+def learn_block(
+    block: nn.Module,
+    groups: tuple[InputGroup, ...],
+    inputs: BlockInputs,
+    plans: dict[str, GroupPlan],
+    stats: dict[str, InputStats] | None,
+    method: MethodConfig,
+    quant,
+    heads: HeadShape | None,
+    seed: int,
+) -> tuple[dict[str, GroupPlan], dict]:
+    """Train the method's learnable transforms of one block; the plans that apply what was learned."""
+    learner = LEARNERS.get(method.learn)
+    if learner is None:
+        raise ValueError(f"unknown learn mode {method.learn!r}; choose one of {sorted(LEARNERS)}")
+    learned = {}
+    for j, g in enumerate(groups):
+        st = (stats or {}).get(g.name)
+        lg = learner(block, g, plans[g.name], st, method, heads, seed=seed * 10 + j)
+        if lg is not None:
+            learned[g.name] = lg
+    info = train_block(
+        block,
+        groups,
+        inputs,
+        learned,
+        quant,
+        epochs=method.learn_epochs,
+        lr=method.learn_lr,
+        batch=method.learn_batch,
+        seed=seed,
+        heads=heads,
+        normalize_loss=method.learn_normalized_loss,
+    )
+    out = dict(plans)
+    for name, lg in learned.items():
+        act_clip, weight_clip = lg.clips()
+        out[name] = plan_from_steps(
+            lg.steps(),
+            _group(groups, name),
+            heads,
+            method.fold,
+            {**plans[name].info, "learned": True},
+            act_clip=act_clip,
+            weight_clip=weight_clip,
+        )
+    return out, info
+
+
+def _group(groups: tuple[InputGroup, ...], name: str) -> InputGroup:
+    """The group called `name`."""
+    return next(g for g in groups if g.name == name)
+
+
+__all__ = ["LEARNERS", "LearnedGroup", "learn_block", "ste_fake_quant", "train_block"]

@@ -24,43 +24,37 @@ d log(ratio·amax)), so the clip ratio and the group maximum receive gradient al
 two they select is piecewise constant. The value computed is `QuantSpec.fake_quant_clipped` exactly,
 which the online input quantizer and the weight quantizer compute at inference.
 
-Training (FlatQuant's defaults): AdamW (torch defaults, weight decay 0.01), lr 5e-3 for the
-transforms and scales and 10x for the clip logits, cosine decay to lr·1e-3 over all steps, 15 epochs,
-batches of 4 windows, loss MSE / its own detached value; each block sees the full-precision model's
-hidden states (the previous block's FP outputs), as FlatQuant does. Float32 throughout (FlatQuant
-trains under fp16/bf16 autocast on GPU).
+Training: the shared block trainer (`duquant.learn.trainer`) with FlatQuant's defaults where they
+are settings: 15 epochs, lr 5e-3 for transforms and scales and 10x for the clip logits, batches of 4
+windows, AdamW, cosine decay (`flatquant` method; the quick CPU setting is --learn-epochs 2). Where
+the shared trainer differs from FlatQuant's code: weight decay 0 (torch's default 0.01 there), decay
+to 0 (to lr·1e-3 there), float32 (fp16/bf16 autocast there), and each block trains on the previous
+blocks' quantized outputs (the pipeline's chain; FlatQuant feeds the FP model's states). The loss is
+FlatQuant's: MSE divided by its detached value (`learn_normalized_loss`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from duquant.calibrate import BlockInputs
 from duquant.formats import QuantSpec
 from duquant.formats.e2m1 import E2M1_MAX
 from duquant.formats.mxfp4 import AMAX_RULES, global_factor
-from duquant.methods.build import (
-    GroupPlan,
-    HeadShape,
-    folds_into_producer,
-    plan_from_steps,
-    producer_rows,
-)
+from duquant.methods.build import HeadShape, folds_into_producer
 from duquant.models.adapters import InputGroup
 from duquant.transforms.base import ChannelScale, Transform
 from duquant.transforms.kronecker import Kronecker, kron_rows
 
+from .trainer import LearnedGroup
+
 log = logging.getLogger(__name__)
 
 CLIP_INIT = 4.0  # FlatQuant's clip logit start: sigmoid(4) = 0.982
+CLIP_LR_SCALE = 10.0  # FlatQuant trains the clip logits at 10x the transforms' learning rate
 
 
 def check_quant(quant) -> None:
@@ -147,34 +141,6 @@ def ste_clipped_quant(x: Tensor, ratio: Tensor, spec: QuantSpec) -> Tensor:
     return q + (sur - sur.detach()).to(x.dtype)
 
 
-class LearnedGroup(nn.Module):
-    """A trainable transform of one input group (the lead's `learn.trainer` contract)."""
-
-    def online(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Differentiable activation map x -> x·A (what stays online)."""
-        raise NotImplementedError
-
-    def weight(self, w: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Differentiable weight map W -> W·A⁻ᵀ (rows of W are outputs)."""
-        raise NotImplementedError
-
-    def producer(self, y: Tensor) -> Tensor:
-        """Differentiable map of the producer's output (columns) that folds there; identity here."""
-        return y
-
-    def quant_act(self, x: Tensor, spec: QuantSpec | None) -> Tensor:
-        """Fake-quantized activations, straight-through."""
-        return x if spec is None else x + (spec.fake_quant(x.detach()).to(x.dtype) - x).detach()
-
-    def quant_weight(self, w: Tensor, spec: QuantSpec | None, linear: str) -> Tensor:
-        """Fake-quantized weight of `linear`, straight-through."""
-        return w if spec is None else w + (spec.fake_quant(w.detach()).to(w.dtype) - w).detach()
-
-    def steps(self) -> list[Transform]:  # pragma: no cover - abstract
-        """Frozen duquant Transforms equal to the learned map (producer part first)."""
-        raise NotImplementedError
-
-
 def _key(linear: str) -> str:
     """A ParameterDict key for a linear's dotted name."""
     return linear.replace(".", "__")
@@ -217,7 +183,7 @@ class FlatQuantGroup(LearnedGroup):
         )
         lead = self._frozen()[0]
         # the leading step moves into v_proj / up_proj rows at inference: train it there too
-        self.split = fold and folds_into_producer(group, lead, heads)
+        self.trains_producer = fold and folds_into_producer(group, lead, heads)
 
     # -- the map ---------------------------------------------------------------------------
     def _scale(self) -> Tensor | None:
@@ -241,10 +207,10 @@ class FlatQuantGroup(LearnedGroup):
         return kron_rows(x, lit, rit) if inv_t else kron_rows(x, lp, rp)
 
     def online(self, x: Tensor) -> Tensor:
-        return self._rest(x if self.split else self._lead(x))
+        return self._rest(x if self.trains_producer else self._lead(x))
 
     def producer(self, y: Tensor) -> Tensor:
-        return self._lead(y) if self.split else y
+        return self._lead(y) if self.trains_producer else y
 
     def weight(self, w: Tensor) -> Tensor:
         return self._rest(self._lead(w, inv_t=True), inv_t=True)
@@ -264,9 +230,12 @@ class FlatQuantGroup(LearnedGroup):
     def quant_weight(self, w: Tensor, spec: QuantSpec | None, linear: str) -> Tensor:
         return w if spec is None else ste_clipped_quant(w, self.weight_clip(linear), spec)
 
-    def clip_parameters(self) -> list[nn.Parameter]:
-        """The clip logits (FlatQuant trains them at 10x the transforms' learning rate)."""
-        return [self.act_logit, *self.weight_logits.values()]
+    def param_groups(self, lr: float) -> list[dict]:
+        """Transforms and scales at `lr`, clip logits at 10x (FlatQuant's learning rates)."""
+        clips = [self.act_logit, *self.weight_logits.values()]
+        ids = {id(p) for p in clips}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": rest, "lr": lr}, {"params": clips, "lr": lr * CLIP_LR_SCALE}]
 
     # -- frozen ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -287,198 +256,3 @@ class FlatQuantGroup(LearnedGroup):
             k.replace("__", "."): torch.sigmoid(v).clone() for k, v in self.weight_logits.items()
         }
         return float(self.act_clip()), weight
-
-
-# ------------------------------------------------------------------------------ training
-class _SharedInput(nn.Module):
-    """The online map and activation quantization of one group, computed once per input tensor."""
-
-    def __init__(self, lg: LearnedGroup, spec: QuantSpec | None):
-        super().__init__()
-        self.lg, self.spec = lg, spec
-        self._last: tuple[Tensor, Tensor] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._last is not None and self._last[0] is x:
-            return self._last[1]
-        y = self.lg.quant_act(self.lg.online(x), self.spec)
-        self._last = (x, y)
-        return y
-
-
-class _TrainLinear(nn.Module):
-    """A linear during training: W through producer folds and the group's weight map, quantized."""
-
-    def __init__(self, linear: nn.Linear, name: str, lg, shared, spec, folds):
-        super().__init__()
-        self.linear, self.name, self.lg, self.shared, self.spec = linear, name, lg, shared, spec
-        self.folds = folds  # [(consumer LearnedGroup, rows of this linear's output it produces)]
-
-    def effective_weight(self) -> tuple[Tensor, Tensor | None]:
-        """(quantized weight, bias) as the pipeline builds them: folds, then the weight map."""
-        w = self.linear.weight.float()
-        b = None if self.linear.bias is None else self.linear.bias.float()
-        for lg, rows in self.folds:  # W[rows] <- producer(W[rows]ᵀ)ᵀ, b[rows] <- producer(b[rows])
-            w = torch.cat([w[: rows.start], lg.producer(w[rows].T).T, w[rows.stop :]])
-            if b is not None:
-                b = torch.cat([b[: rows.start], lg.producer(b[rows]), b[rows.stop :]])
-        return self.lg.quant_weight(self.lg.weight(w), self.spec, self.name), b
-
-    def forward(self, x: Tensor) -> Tensor:
-        w, b = self.effective_weight()
-        return F.linear(self.shared(x), w.to(x.dtype), None if b is None else b.to(x.dtype))
-
-
-def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at `name` in `block`; return what was there."""
-    parent, _, attr = name.rpartition(".")
-    owner = block.get_submodule(parent) if parent else block
-    old = getattr(owner, attr)
-    setattr(owner, attr, module)
-    return old
-
-
-def _block_out(block: nn.Module, h: Tensor, kwargs: dict) -> Tensor:
-    """The block's hidden-state output."""
-    out = block(h, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@contextmanager
-def _quantized_linears(block, groups, learned, quant, heads):
-    """The block with its groups' linears swapped for training-time quantized wrappers, restored
-    on exit; yields the wrappers by linear name."""
-    wrappers: dict[str, _TrainLinear] = {}
-    for g in groups:
-        shared = _SharedInput(learned[g.name], quant.act)
-        for name in g.linears:
-            wrappers[name] = _TrainLinear(
-                block.get_submodule(name), name, learned[g.name], shared, quant.weight, []
-            )
-    for g in groups:  # a consumer's producer-side step goes into its producer's rows
-        lg = learned[g.name]
-        if getattr(lg, "split", False):
-            prod = wrappers[g.producer]
-            prod.folds.append((lg, producer_rows(g, prod.linear.weight.shape[0], heads)))
-    originals = {name: _swap(block, name, w) for name, w in wrappers.items()}
-    try:
-        yield wrappers
-    finally:
-        for name, lin in originals.items():
-            _swap(block, name, lin)
-
-
-def _forget(wrappers: dict) -> None:
-    """Drop the cached quantized inputs (and the graph they hold)."""
-    for w in wrappers.values():
-        w.shared._last = None
-
-
-def train_block(
-    block: nn.Module,
-    groups: tuple[InputGroup, ...],
-    inputs: BlockInputs,
-    learned: dict[str, LearnedGroup],
-    quant,
-    *,
-    epochs: int,
-    lr: float,
-    batch: int,
-    seed: int,
-    heads: HeadShape | None = None,
-    clip_lr_scale: float = 10.0,
-) -> dict:
-    """Train `learned` so the quantized block matches its full-precision output on `inputs`.
-
-    Returns the loss per epoch, the seconds taken and `fp_outputs` (the block's full-precision
-    outputs, FlatQuant's inputs for the next block). The block's linears are restored afterwards.
-    """
-    start = time.perf_counter()
-    with torch.no_grad():
-        targets = [_block_out(block, h, inputs.kwargs) for h in inputs.hidden]
-    main, clips = [], []
-    for lg in learned.values():
-        ids = {id(p) for p in getattr(lg, "clip_parameters", list)()}
-        clips += [p for p in lg.parameters() if id(p) in ids]
-        main += [p for p in lg.parameters() if id(p) not in ids]
-    n = len(inputs.hidden)
-    per_epoch = max(1, n // batch)
-    opt = torch.optim.AdamW(
-        [{"params": main, "lr": lr}, {"params": clips, "lr": lr * clip_lr_scale}]
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=epochs * per_epoch, eta_min=lr * 1e-3
-    )
-    losses: list[float] = []
-    first = None
-    gen = torch.Generator().manual_seed(seed)
-    for p in main + clips:
-        p.requires_grad_(True)
-    try:
-        with (
-            _quantized_linears(block, groups, learned, quant, heads) as wrappers,
-            torch.enable_grad(),
-        ):
-            for _ in tqdm(range(epochs), desc="flatquant epochs", leave=False):
-                order = torch.randperm(n, generator=gen).tolist()
-                total = 0.0
-                for j in range(per_epoch):
-                    idx = order[j * batch : (j + 1) * batch]
-                    out = _block_out(
-                        block, torch.cat([inputs.hidden[k] for k in idx]), inputs.kwargs
-                    )
-                    loss = F.mse_loss(out.float(), torch.cat([targets[k] for k in idx]).float())
-                    first = loss.item() if first is None else first
-                    opt.zero_grad(set_to_none=True)
-                    if loss.item() > 0:  # nothing to learn from an exact match (0 / 0 below)
-                        (loss / loss.detach()).backward()  # FlatQuant's normalised loss
-                        opt.step()
-                    sched.step()
-                    _forget(wrappers)
-                    total += loss.item()
-                losses.append(total / per_epoch)
-    finally:
-        for p in main + clips:
-            p.requires_grad_(False)
-    return {
-        "loss_first_step": first,
-        "loss_per_epoch": losses,
-        "seconds": time.perf_counter() - start,
-        "fp_outputs": targets,
-    }
-
-
-@torch.no_grad()
-def quantized_block_loss(
-    block: nn.Module,
-    groups: tuple[InputGroup, ...],
-    inputs: BlockInputs,
-    learned: dict[str, LearnedGroup],
-    quant,
-    heads: HeadShape | None = None,
-) -> tuple[float, list[Tensor]]:
-    """(MSE to the FP outputs, outputs) of the block under the training-time quantized forward."""
-    targets = [_block_out(block, h, inputs.kwargs) for h in inputs.hidden]
-    outs = []
-    with _quantized_linears(block, groups, learned, quant, heads) as wrappers:
-        for h in inputs.hidden:
-            outs.append(_block_out(block, h, inputs.kwargs))
-            _forget(wrappers)
-    mse = sum(F.mse_loss(o, t).item() for o, t in zip(outs, targets, strict=True)) / len(outs)
-    return mse, outs
-
-
-def learned_plans(
-    learned: dict[str, FlatQuantGroup],
-    groups: tuple[InputGroup, ...],
-    heads: HeadShape | None,
-    fold: bool = True,
-) -> dict[str, GroupPlan]:
-    """The pipeline's plan of every group from its trained map: frozen steps and clip ratios."""
-    plans = {}
-    for g in groups:
-        act_clip, weight_clip = learned[g.name].clips()
-        plans[g.name] = plan_from_steps(
-            learned[g.name].steps(), g, heads, fold, act_clip=act_clip, weight_clip=weight_clip
-        )
-    return plans

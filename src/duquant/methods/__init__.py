@@ -30,13 +30,27 @@ class MethodConfig:
     start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
-    # learned transforms trained block by block (duquant.learn): none, or flatquant
+    # block-wise training of the transform on the quantized block-output error (duquant.learn):
+    # none, rotation (ours: refine the smoothing and block rotation found above), flatquant
+    # (FlatQuant's Kronecker transforms, channel scales and clipping: duquant.learn.flatquant)
     learn: str = "none"
-    learn_epochs: int = 15  # FlatQuant's default
-    learn_lr: float = 5e-3  # FlatQuant's scripts (--flat_lr 5e-3); clip logits at 10x
-    learn_batch: int = 4  # windows a step (FlatQuant's --cali_bsz)
+    learn_epochs: int = 2
+    learn_lr: float = 1e-3
+    learn_batch: int = 4
+    learn_normalized_loss: bool = False  # step on MSE / its detached value (FlatQuant)
     flat_alpha: float = 0.3  # FlatQuant's per-channel scale start: SmoothQuant-style, α = 0.3
     clip_init: float = 4.0  # FlatQuant's clip logit start: ratio sigmoid(4) = 0.982
+    # the weight quantizer and GPTQ options a method fixes (None: the command line's)
+    weights: str | None = None  # rtn or gptq
+    act_order: bool | None = None
+    act_order_scope: str | None = None  # group or column (duquant.gptq.ACT_ORDER_SCOPES)
+    static_groups: bool | None = None
+    scale_search: str | None = None  # none, hessian or fpquant-mse (duquant.gptq.SCALE_SEARCHES)
+
+    def gptq_overrides(self) -> dict:
+        """The GPTQConfig fields this method fixes."""
+        names = ("act_order", "act_order_scope", "static_groups", "scale_search")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def needs_calibration(self) -> bool:
@@ -53,8 +67,6 @@ _DQPP_MX = MethodConfig(
     start_candidates=16,
     max_steps=0,
 )
-
-_FLATQUANT = MethodConfig("flatquant", learn="flatquant")
 
 METHODS: dict[str, MethodConfig] = {
     m.name: m
@@ -75,15 +87,36 @@ METHODS: dict[str, MethodConfig] = {
         # error of the calibration activations and the rotated weights (docs/results.md has the
         # measurement against smooth+hadamard); same online cost as duquant++ (one 32 x 32 block)
         _DQPP_MX,
+        # ours, learned: duquant++mx's smoothing and rotation refined block by block on the
+        # quantized block-output error (duquant.learn.rotation); same online cost and export
+        replace(_DQPP_MX, name="duquant++learn", learn="rotation"),
+        # MR-GPTQ (FP-Quant, Egiazarian et al. 2025): block-32 randomized Hadamard, then GPTQ with
+        # static group scales from FP-Quant's MSE observer and single columns in descending
+        # diag(H) order (FP-Quant's --quantization_order activation --w_observer mse)
+        MethodConfig(
+            "mr-gptq",
+            rotation="random-hadamard",
+            weights="gptq",
+            act_order=True,
+            act_order_scope="column",
+            static_groups=True,
+            scale_search="fpquant-mse",
+        ),
+        # FlatQuant (Sun et al., 2024) as published, on the MX grid: learned Kronecker transforms,
+        # channel scales and clipping, trained block by block with FlatQuant's defaults (15 epochs,
+        # lr 5e-3, 4 windows a step); the quick CPU setting is --learn-epochs 2
+        MethodConfig(
+            "flatquant",
+            learn="flatquant",
+            learn_epochs=15,
+            learn_lr=5e-3,
+            learn_batch=4,
+            learn_normalized_loss=True,
+        ),
         # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
         replace(_DQPP_MX, name="dqpp-best-had"),
         replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
         replace(_DQPP_MX, name="dqpp-best-had-mx", max_steps=16),
-        # FlatQuant (Sun et al., 2024) as published, on the MX grid: learned Kronecker transforms,
-        # channel scales and clipping, 15 epochs a block (duquant.learn.flatquant)
-        _FLATQUANT,
-        # the same with 2 epochs: the CPU-sized setting of the quick protocol
-        replace(_FLATQUANT, name="flatquant-quick", learn_epochs=2),
     )
 }
 

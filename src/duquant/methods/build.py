@@ -105,14 +105,14 @@ def producer_rows(group: InputGroup, out_features: int, heads: HeadShape | None)
     raise ValueError(f"unknown producer rows {group.producer_rows!r} of group {group.name}")
 
 
-def _fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
+def fed_by_heads(group: InputGroup, heads: HeadShape | None) -> bool:
     """Whether the group's input is attention-head output (the o_proj input)."""
     return group.heads and heads is not None
 
 
 def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) -> Transform:
     """The same map expressed on the producer's output width (KV heads for v_proj under GQA)."""
-    if not _fed_by_heads(group, heads) or heads.n_kv_heads == heads.n_heads:
+    if not fed_by_heads(group, heads) or heads.n_kv_heads == heads.n_heads:
         return step
     rep = heads.n_heads // heads.n_kv_heads
     if isinstance(step, ChannelScale):
@@ -125,14 +125,14 @@ def _to_producer(step: Transform, group: InputGroup, heads: HeadShape | None) ->
 def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bool:
     """Whether `step` can move into the norm / producer exactly."""
     if isinstance(step, ChannelScale):
-        if _fed_by_heads(group, heads):
+        if fed_by_heads(group, heads):
             rep = heads.n_heads // heads.n_kv_heads
             s = step.scale.reshape(heads.n_kv_heads, rep, heads.head_dim)
             return bool((s == s[:, :1]).all())
         return group.norm is not None or group.producer is not None
-    if isinstance(step, BlockRotation) and _fed_by_heads(group, heads):
+    if isinstance(step, BlockRotation) and fed_by_heads(group, heads):
         return step.rotation.shape[0] == 1 and heads.head_dim % step.block_size == 0
-    if isinstance(step, Kronecker) and _fed_by_heads(group, heads):
+    if isinstance(step, Kronecker) and fed_by_heads(group, heads):
         # the same map inside every head (no left factor): v_proj's rows take it, whatever the GQA
         return step.left is None and heads.head_dim % step.right.shape[0] == 0
     return False
@@ -213,15 +213,14 @@ def plan_group(
     x = None if stats is None else stats.sample.float()
     if method.smooth:
         scale = smoothing_scale(stats.absmax, weights, method.alpha)
-        if _fed_by_heads(group, heads):
+        if fed_by_heads(group, heads):
             scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
         steps.append(ChannelScale(scale))
         x = x / scale
         w_cat = w_cat * scale
     rot, rinfo = _rotation_steps(method, x, w_cat, quant, gen)
-    steps += rot
     info.update(rinfo)
-    return plan_from_steps(steps, group, heads, method.fold, info=info)
+    return plan_from_steps(steps + rot, group, heads, method.fold, info)
 
 
 def plan_from_steps(
@@ -229,12 +228,17 @@ def plan_from_steps(
     group: InputGroup,
     heads: HeadShape | None,
     fold: bool = True,
-    **extra,
+    info: dict | None = None,
+    act_clip: float | None = None,
+    weight_clip: dict[str, Tensor] | None = None,
 ) -> GroupPlan:
-    """The plan of a group whose transform is `steps`: its leading run of exactly foldable steps
-    folds (when `fold`), the rest runs online; `extra` are further GroupPlan fields."""
+    """The plan that applies `steps` to the group: weights get all of them, the leading exactly
+    foldable run moves into the norm / producer (when `fold`), the rest runs online; learned clip
+    ratios, when given, go with it."""
+    info = {} if info is None else info
+    clips = {"act_clip": act_clip, "weight_clip": weight_clip or {}}
     if not steps:
-        return GroupPlan(**extra)
+        return GroupPlan(info=info, **clips)
     n_fold = 0
     while fold and n_fold < len(steps) and _foldable(steps[n_fold], group, heads):
         n_fold += 1
@@ -243,7 +247,8 @@ def plan_from_steps(
         weight_transform=Sequence(steps),
         online=Sequence(online) if online else None,
         folded=steps[:n_fold],
-        **extra,
+        info=info,
+        **clips,
     )
 
 

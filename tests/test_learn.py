@@ -1,0 +1,134 @@
+"""Learned transforms (duquant.learn): the orthogonal parametrisation, the straight-through quantizer,
+block training, and that what was learned folds into an exactly equivalent full-precision model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from duquant.calibrate import capture_block_inputs, collect_input_stats
+from duquant.formats import QuantSpec
+from duquant.learn import learn_block, ste_fake_quant
+from duquant.learn.rotation import LearnedRotation, cayley, nearest_orthogonal
+from duquant.methods import get_method
+from duquant.methods.build import HeadShape, plan_group
+from duquant.models import adapter_for
+from duquant.pipeline import QuantConfig, _swap_linears, quantize_model
+
+MX = QuantSpec("mxfp4", "ct-round")
+
+
+def test_cayley_is_orthogonal_and_identity_at_zero():
+    """cayley(A) is orthogonal for any A (its skew part is used), and the identity at A = 0."""
+    a = torch.randn(3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q = cayley(a)
+    eye = torch.eye(32, dtype=torch.float64)
+    assert torch.allclose(q @ q.transpose(-1, -2), eye.expand(3, 32, 32), atol=1e-12)
+    assert torch.equal(cayley(torch.zeros(32, 32, dtype=torch.float64)), eye)
+
+
+def test_nearest_orthogonal_recovers_a_perturbed_rotation():
+    """The polar factor of a slightly perturbed rotation is orthogonal and close to it."""
+    gen = torch.Generator().manual_seed(1)
+    r = cayley(torch.randn(32, 32, dtype=torch.float64, generator=gen))
+    noisy = r + 1e-4 * torch.randn(32, 32, dtype=torch.float64, generator=gen)
+    p = nearest_orthogonal(noisy)
+    assert torch.allclose(p @ p.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    assert (p - r).abs().max() < 1e-3
+
+
+def test_ste_quantizes_forward_and_passes_gradients_through():
+    """Forward: the format's fake quantization bit for bit; backward: the identity."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y = ste_fake_quant(x, MX)
+    assert torch.equal(y.detach(), MX.fake_quant(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_learned_rotation_starts_at_the_searched_plan():
+    """At initialisation the learned group is the plan it was built from (online and weight map)."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.rand(64, generator=gen) + 0.5
+    r = cayley(torch.randn(32, 32, generator=gen))
+    lg = LearnedRotation(s, r, learn_scale=True, per_block=True, dim=64)
+    x, w = torch.randn(5, 64, generator=gen), torch.randn(7, 64, generator=gen)
+    xb = (x / s).reshape(5, 2, 32) @ r
+    wb = (w * s).reshape(7, 2, 32) @ r
+    assert torch.allclose(lg.online(x), xb.reshape(5, 64), atol=1e-5)
+    assert torch.allclose(lg.weight(w), wb.reshape(7, 64), atol=1e-5)
+    # a pure rotation: activations and weights rotate alike, so the product is unchanged
+    assert torch.allclose(lg.online(x) @ lg.weight(w).T, x @ w.T, atol=1e-4)
+
+
+def _first_block_setup(seed: int = 0):
+    """A tiny Llama, its first block's groups, captured inputs, statistics and duquant++mx plans."""
+    model = make_tiny_llama(seed)
+    adapter = adapter_for(model)
+    ids = torch.randint(
+        0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(4)
+    )
+    quant = QuantConfig(weight=MX, act=MX)
+    method = get_method("duquant++learn", learn_epochs=4, learn_lr=1e-2, learn_batch=2)
+    block = adapter.blocks(model)[0]
+    groups = adapter.block_groups(block)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, adapter, ids)
+        stats = collect_input_stats(block, groups, inputs, sample_rows=256, seed=0)
+    heads = HeadShape.of(model.config)
+    plans = {
+        g.name: plan_group(block, g, method, quant, stats[g.name], heads, seed=j)
+        for j, g in enumerate(groups)
+    }
+    return model, adapter, block, groups, inputs, stats, plans, method, quant, heads
+
+
+def test_training_lowers_the_quantized_block_error_and_restores_the_block():
+    """The block-output MSE after training is below the searched start; the block is untouched."""
+    _, _, block, groups, inputs, stats, plans, method, quant, heads = _first_block_setup()
+    before = copy.deepcopy(block.state_dict())
+    new_plans, info = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
+    assert info["steps"] == method.learn_epochs * 4
+    assert info["loss_after"] < info["loss_before"]
+    after = block.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.info.get("learned") for p in new_plans.values())
+
+
+def test_learned_plans_are_exact_in_full_precision():
+    """Folding and applying the learned transforms with quantization off leaves the block's output
+    unchanged: what training found is an exact reparametrisation, like every other plan."""
+    model, adapter, block, groups, inputs, stats, plans, method, quant, heads = _first_block_setup()
+    h = inputs.hidden[0]
+    with torch.no_grad():
+        ref = block(h, **inputs.kwargs)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+    new_plans, _ = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
+    for g in groups:
+        new_plans[g.name].fold(block, g, heads, adapter.norm_offset)
+    for g in groups:
+        _swap_linears(block, g, new_plans[g.name], QuantConfig(None, None), layer=0)
+    with torch.no_grad():
+        out = block(h, **inputs.kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_learned_method_runs_end_to_end_on_a_tiny_model(weights):
+    """duquant++learn quantizes a tiny model (RTN or GPTQ weights) and reports per-block losses."""
+    model = make_tiny_llama(1)
+    ids = torch.randint(
+        0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(5)
+    )
+    quant = QuantConfig(weight=MX, act=MX, weights=weights)
+    rep = quantize_model(
+        model, adapter_for(model), get_method("duquant++learn", learn_epochs=1), quant, ids
+    )
+    assert len(rep.learn) == model.config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
