@@ -71,6 +71,9 @@ def invoke(argv: list[str]) -> int:
         (["--seed", "-1"], "--seed -1"),
         (["--format", "mxfp5"], "--format"),
         (["--w-scale-rule", "e4m3"], "--w-scale-rule e4m3"),
+        (["--method", "flatquant", "--format", "nvfp4"], "--method flatquant"),
+        (["--method", "flatquant", "--a-scale-rule", "mse"], "--method flatquant"),
+        (["--method", "flatquant", "--save", "x"], "not exportable"),
     ],
 )
 def test_run_rejects_out_of_range_options(argv, needle, tmp_path, capsys):

@@ -379,6 +379,14 @@ class RunConfig(QuantSettings):
             ) from None
         self._resolve_method_weights(method)
         check_block_size(method, self.block_size)
+        if method.learn == "flatquant":  # its clipping is defined on MXFP4 group-maximum scales
+            from duquant.learn.flatquant import check_quant
+            from duquant.runner import quant_config
+
+            try:
+                check_quant(quant_config(self))
+            except ValueError as exc:
+                raise ConfigError(f"--method {self.method}: {exc}") from None
         if not self.evals:
             raise ConfigError("--eval: name at least one evaluation ('wikitext2' or a text file)")
         for name in self.evals:

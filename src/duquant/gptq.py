@@ -194,11 +194,18 @@ def gptq_quantize(
     compute_dtype: torch.dtype = torch.float64,
     act_order_scope: str = "group",
     scale_search: str = "none",
+    clip: Tensor | None = None,
 ) -> GPTQResult:
-    """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in]."""
+    """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in].
+
+    `clip` [out, 1] (learned weight clipping, FlatQuant): each group scale is chosen for the row's
+    ratio times the group's maximum, as `QuantSpec.fake_quant_clipped` does.
+    """
     start = time.perf_counter()
     _check_inputs(weight, hessian, spec, blocksize, percdamp)
     check_gptq_options(spec, act_order, act_order_scope, static_groups, scale_search)
+    if clip is not None and scale_search != "none":
+        raise ValueError("learned weight clipping fixes the scales: use scale_search none")
     gs = spec.group_size
     w = weight.detach().to(compute_dtype).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
@@ -207,12 +214,13 @@ def gptq_quantize(
     w[:, dead] = 0.0
     w32 = w.float()
     ts = spec.weight_tensor_scale(w32)
+    clip = None if clip is None else clip.detach().float().reshape(-1, 1).to(w.device)
     static = None
     if static_groups:
         static = (
             fpquant_mse_scales(w32, spec)
             if scale_search == "fpquant-mse"
-            else grid_scales(w32, spec, ts)
+            else grid_scales(_clipped(w32, clip), spec, ts)
         )
     # the weight each group's Hessian-search candidates come from: static -> the original one
     search_ref = w32 if scale_search == "hessian" and static_groups else None
@@ -240,7 +248,7 @@ def gptq_quantize(
             rel,
             tuple(weight.shape),
         )
-        rtn = spec.quantize_weight(weight.detach().float())
+        rtn = spec.quantize_weight(weight.detach().float(), clip=clip)
         return GPTQResult(
             weight=rtn.dequantize(),
             scales=rtn.scales,
@@ -256,7 +264,7 @@ def gptq_quantize(
 
     search = scale_search == "hessian"
     q, grid, scales, loss = _column_loop(
-        w, u, spec, ts, blocksize, static, col_group, search, search_ref
+        w, u, spec, ts, blocksize, static, col_group, search, search_ref, clip
     )
     if perm is not None:
         q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
@@ -274,6 +282,11 @@ def gptq_quantize(
     )
     codes = pack_nibbles(encode_e2m1(grid))
     return GPTQResult(q, scales, codes, ts, rel, damp, False, int(dead.numel()), loss, seconds)
+
+
+def _clipped(w: Tensor, clip: Tensor | None) -> Tensor:
+    """`w` with each row scaled by its clip ratio (what the scale rule sees), or `w` itself."""
+    return w if clip is None else w * clip
 
 
 def _check_inputs(
@@ -369,6 +382,7 @@ def _column_loop(
     col_group: Tensor | None = None,
     search: bool = False,
     search_ref: Tensor | None = None,
+    clip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """The GPTQ sweep over (permuted) columns with lazy block updates: (weight, grid values, scales, loss).
 
@@ -411,7 +425,8 @@ def _column_loop(
                     )
                 elif static is None:
                     # w1 already holds every update so far, intra-block ones included
-                    scales[:, g] = grid_scales(w1[:, i : i + gs].float(), spec, ts)[:, 0]
+                    cur = _clipped(w1[:, i : i + gs].float(), clip)
+                    scales[:, g] = grid_scales(cur, spec, ts)[:, 0]
                 else:
                     scales[:, g] = static[:, g]
                 scale = scales[:, g]

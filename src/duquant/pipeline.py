@@ -130,6 +130,10 @@ def quantize_model(
         isinstance(m, QuantLinear) or hasattr(m, "quantization_scheme") for m in model.modules()
     ):
         raise ValueError("the model is already quantized; evaluate it with method fp")
+    if method.learn == "flatquant":
+        from duquant.learn.flatquant import check_quant
+
+        check_quant(quant)
     gptq = quant.weights == "gptq" and quant.weight is not None
     needs_inputs = method.needs_calibration or gptq
     if needs_inputs and calib_windows is None:
@@ -223,7 +227,10 @@ def quantize_model(
                     )
                     for g in groups
                 }
-            report.layer_errors += _gptq_block(block, groups, inputs, quant, layer=i, given=given)
+            clips = {n: c for g in groups for n, c in plans[g.name].weight_clip.items()}
+            report.layer_errors += _gptq_block(
+                block, groups, inputs, quant, layer=i, given=given, clips=clips
+            )
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
             inputs = inputs.next(run_block(block, inputs), i + 1)
@@ -287,13 +294,16 @@ def _gptq_block(
     quant: QuantConfig,
     layer: int,
     given: dict[str, Tensor] | None = None,
+    clips: dict[str, Tensor] | None = None,
 ) -> list[dict]:
     """GPTQ the block's linears group by group, each on inputs through the groups already done.
 
     The Hessian of a group is built from what its linears really see: the transformed, quantized
     activations (the shared InputQuantizer's output), with every earlier group already quantized;
-    `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes.
+    `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes; `clips` are
+    learned per-row weight clip ratios by linear name (FlatQuant), honoured by every scale choice.
     """
+    clips = clips or {}
     errors = []
     for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
@@ -316,7 +326,9 @@ def _gptq_block(
             h = hs[idxs[0]]
             if h is None:  # an expert no calibration token reached: nothing to weigh errors by
                 for i in idxs:
-                    w = quantize_weight(w_fps[i], quant.weight, g.linears[i])
+                    w = quantize_weight(
+                        w_fps[i], quant.weight, g.linears[i], clips.get(g.linears[i])
+                    )
                     linears[i].weight.data = w.to(linears[i].weight.dtype)
                     errors.append({"layer": layer, "linear": g.linears[i], "fallback": "rtn"})
                 log.warning("layer %d %s: no calibration tokens, RTN weights", layer, g.name)
@@ -333,6 +345,7 @@ def _gptq_block(
                 percdamp=quant.gptq.percdamp,
                 act_order=quant.gptq.act_order,
                 static_groups=quant.gptq.static_groups,
+                clip=_stacked_clip([clips.get(g.linears[i]) for i in idxs], w_fps, idxs),
                 act_order_scope=quant.gptq.act_order_scope,
                 scale_search=quant.gptq.scale_search,
             )
@@ -341,7 +354,7 @@ def _gptq_block(
             starts = [sum(rows[:k]) for k in range(len(rows))]
             for k, (i, w_q) in enumerate(zip(idxs, res.weight.split(rows), strict=True)):
                 name, w_fp = g.linears[i], w_fps[i]
-                w_rtn = quantize_weight(w_fp, quant.weight, name)
+                w_rtn = quantize_weight(w_fp, quant.weight, name, clips.get(name))
                 den = hessian_row_energy(h32, w_fp).sum().item()
                 errors.append(
                     {
@@ -361,6 +374,20 @@ def _gptq_block(
                 # the weight decoded from the codes and scales it keeps: w_q bit for bit (tested)
                 linears[i].set_quantized(qw.rows(starts[k], starts[k] + rows[k]))
     return errors
+
+
+def _stacked_clip(
+    parts: list[Tensor | None], w_fps: list[Tensor], idxs: list[int]
+) -> Tensor | None:
+    """The per-row clip ratios of linears solved as one stacked matrix (1 where one has none)."""
+    if all(p is None for p in parts):
+        return None
+    return torch.cat(
+        [
+            p.reshape(-1, 1).float() if p is not None else torch.ones(w_fps[i].shape[0], 1)
+            for p, i in zip(parts, idxs, strict=True)
+        ]
+    )
 
 
 def _routed_hessians(
@@ -402,7 +429,9 @@ def _swap_linears(
 
     With `rtn=False` the weights stay transformed but unquantized, for GPTQ to quantize next.
     """
-    iq = InputQuantizer(plan.online, quant.act, name=f"layers.{layer}.{group.name} input")
+    iq = InputQuantizer(
+        plan.online, quant.act, name=f"layers.{layer}.{group.name} input", clip=plan.act_clip
+    )
     for lname in group.linears:
         linear = block.get_submodule(lname)
         qlin = make_quant_linear(
@@ -411,6 +440,7 @@ def _swap_linears(
             iq,
             quant.weight if rtn else None,
             name=f"layers.{layer}.{lname}.weight",
+            clip=plan.weight_clip.get(lname),
         )
         parent, _, attr = lname.rpartition(".")
         setattr(block.get_submodule(parent) if parent else block, attr, qlin)

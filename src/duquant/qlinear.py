@@ -30,19 +30,32 @@ class InputQuantizer(nn.Module):
     the same tensor comes again, and the online work is done once per position, not once per linear.
     """
 
-    def __init__(self, online: Transform | None, spec: QuantSpec | None, name: str = "input"):
+    def __init__(
+        self,
+        online: Transform | None,
+        spec: QuantSpec | None,
+        name: str = "input",
+        clip: float | None = None,
+    ):
         super().__init__()
         self.online = online
         self.spec = spec
         self.name = name
+        self.clip = (
+            clip  # learned clip ratio of every group's maximum (FlatQuant); None: no clipping
+        )
         self._last_input: weakref.ref | None = None
         self._last_output: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self._last_input is not None and self._last_input() is x:
             return self._last_output
-        y = _fused(x, self.online, self.spec)
-        if y is None:
+        y = None if self.clip is not None else _fused(x, self.online, self.spec)
+        if y is None and self.clip is not None:
+            y = self.online.apply_online(x) if self.online is not None else x
+            if self.spec is not None:
+                y = self.spec.fake_quant_clipped(y, self.clip).to(y.dtype)
+        elif y is None:
             y = self.online.apply_online(x) if self.online is not None else x
             if self.spec is not None:
                 # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
@@ -126,8 +139,9 @@ class QuantLinear(nn.Module):
         self.weight.data = qweight.dequantize().to(self.weight.dtype)
 
     def extra_repr(self) -> str:
-        spec = self.input_quantizer.spec
-        return f"in={self.in_features}, out={self.out_features}, act={spec}"
+        iq = self.input_quantizer
+        clip = "" if iq.clip is None else f", act_clip={iq.clip:.4f}"
+        return f"in={self.in_features}, out={self.out_features}, act={iq.spec}{clip}"
 
 
 def reset_caches_after_forward(module: nn.Module) -> torch.utils.hooks.RemovableHandle | None:
@@ -147,10 +161,15 @@ def reset_caches_after_forward(module: nn.Module) -> torch.utils.hooks.Removable
     return module.register_forward_hook(hook)
 
 
-def quantize_weight(w: Tensor, spec: QuantSpec | None, name: str) -> Tensor:
-    """RTN weight quantization along the input dim (no-op when `spec` is None)."""
+def quantize_weight(
+    w: Tensor, spec: QuantSpec | None, name: str, clip: Tensor | None = None
+) -> Tensor:
+    """RTN weight quantization along the input dim (no-op when `spec` is None), with a per-row
+    clip ratio [out, 1] when given."""
     if spec is None:
         return w
+    if clip is not None:
+        return spec.fake_quant_clipped(w.float(), clip).to(w.dtype)
     return spec.fake_quant(w.float(), name=name).to(w.dtype)
 
 
@@ -162,8 +181,10 @@ def make_quant_linear(
     weight_spec: QuantSpec | None,
     name: str,
     weight: Tensor | None = None,
+    clip: Tensor | None = None,
 ) -> QuantLinear:
-    """Transform `linear`'s weight offline, quantize it (RTN unless `weight` is given) and wrap it."""
+    """Transform `linear`'s weight offline, quantize it (RTN unless `weight` is given) and wrap it;
+    `clip` [out, 1] scales each row's group maxima before the scale rule (learned clipping)."""
     qweight = None
     if weight is None:
         w = linear.weight.float()
@@ -171,6 +192,6 @@ def make_quant_linear(
             w = transform.weight(w)
         weight = w
         if weight_spec is not None:
-            qweight = weight_spec.quantize_weight(w, name)
+            qweight = weight_spec.quantize_weight(w, name, clip=clip)
             weight = qweight.dequantize()  # spec.fake_quant(w) bit for bit (tested)
     return QuantLinear(weight.to(linear.weight.dtype), linear.bias, input_quantizer, qweight)

@@ -53,6 +53,11 @@ def check_request(method, quant) -> None:
             f"method {method.name} is not exportable: its online zigzag permutation moves channels "
             "across 32-channel blocks, which a compressed-tensors block transform cannot express"
         )
+    if method.learn != "none":
+        raise ExportError(
+            f"method {method.name} is not exportable: its learned Kronecker transforms and clip "
+            "ratios have no compressed-tensors form; evaluate it in process (drop --save)"
+        )
     if method.per_block and method.rotation != "none":
         raise ExportError(
             f"method {method.name} with one rotation per block is not exportable: a "

@@ -46,6 +46,17 @@ class QuantSpec:
             x, self.scale_rule, self.rounding, name=name
         )
 
+    def fake_quant_clipped(self, x: Tensor, ratio: Tensor | float) -> Tensor:
+        """Quantize-dequantize `x` with each group's scale chosen for `ratio` times its maximum.
+
+        `ratio` (<= 1: learned clipping, FlatQuant) broadcasts against `x`'s rows (a number, or one
+        per row as [rows, 1]); the scale rule sees ratio * amax and values beyond the grid's largest
+        element saturate there. `ratio` 1 is `fake_quant` bit for bit (max(r|x|) = r max|x|).
+        """
+        ts = self.weight_tensor_scale(x)
+        scales = _per_element(self.group_scales(x.float() * ratio, ts), self.group_size)
+        return self.decode(self.encode(x.float(), scales, ts), scales, ts)
+
     # the format interface, one module a format (mxfp4, nvfp4): GPTQ, QuantLinear and the
     # exporters go through these instead of testing the format's name
     @property
@@ -74,10 +85,13 @@ class QuantSpec:
         """Grid values `q` back to float32 on their scales, as `fake_quant` computes them."""
         return self.codec.decode_with_scale(q, scale, self.scale_rule, tensor_scale)
 
-    def quantize_weight(self, w: Tensor, name: str = "weight") -> QuantizedWeight:
-        """Round-to-nearest a weight [out, in]: codes and scales, `fake_quant(w)` when decoded."""
+    def quantize_weight(
+        self, w: Tensor, name: str = "weight", clip: Tensor | None = None
+    ) -> QuantizedWeight:
+        """Round-to-nearest a weight [out, in]: codes and scales, `fake_quant(w)` when decoded
+        (`fake_quant_clipped(w, clip)` with a per-row clip ratio `clip` [out, 1])."""
         ts = self.weight_tensor_scale(w)
-        scales = self.group_scales(w, ts)
+        scales = self.group_scales(w if clip is None else w.float() * clip, ts)
         q = self.encode(w, _per_element(scales, self.group_size), ts)
         return QuantizedWeight(self, pack_nibbles(encode_e2m1(q)), scales, ts)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from duquant.calibrate import BlockInputs, InputStats
@@ -30,6 +31,7 @@ def rotation_learner(
     stats: InputStats | None,
     method: MethodConfig,
     heads: HeadShape | None,
+    seed: int = 0,
 ) -> LearnedGroup | None:
     """Ours: start from the plan's smoothing and single block rotation and refine both."""
     steps = list(plan.weight_transform.steps) if isinstance(plan.weight_transform, Sequence) else []
@@ -47,7 +49,32 @@ def rotation_learner(
     )
 
 
-LEARNERS: dict[str, Learner] = {"rotation": rotation_learner}
+def flatquant_learner(
+    block: nn.Module,
+    group: InputGroup,
+    plan: GroupPlan,
+    stats: InputStats | None,
+    method: MethodConfig,
+    heads: HeadShape | None,
+    seed: int = 0,
+) -> LearnedGroup:
+    """FlatQuant: Kronecker transform, channel scale and clipping, from FlatQuant's start (its
+    random orthogonal factors seeded by `seed`)."""
+    from .flatquant import FlatQuantGroup
+
+    return FlatQuantGroup(
+        group,
+        {n: block.get_submodule(n).weight.detach().float() for n in group.linears},
+        None if stats is None else stats.absmax,
+        heads,
+        torch.Generator().manual_seed(seed),
+        alpha=method.flat_alpha,
+        clip_init=method.clip_init,
+        fold=method.fold,
+    )
+
+
+LEARNERS: dict[str, Learner] = {"rotation": rotation_learner, "flatquant": flatquant_learner}
 
 
 def learn_block(
@@ -67,8 +94,9 @@ def learn_block(
     if learner is None:
         raise ValueError(f"unknown learn mode {method.learn!r}; choose one of {sorted(LEARNERS)}")
     learned = {}
-    for g in groups:
-        lg = learner(block, g, plans[g.name], (stats or {}).get(g.name), method, heads)
+    for j, g in enumerate(groups):
+        st = (stats or {}).get(g.name)
+        lg = learner(block, g, plans[g.name], st, method, heads, seed=seed * 10 + j)
         if lg is not None:
             learned[g.name] = lg
     info = train_block(
@@ -82,15 +110,20 @@ def learn_block(
         batch=method.learn_batch,
         seed=seed,
         targets=targets,
+        heads=heads,
+        normalize_loss=method.learn_normalized_loss,
     )
     out = dict(plans)
     for name, lg in learned.items():
+        act_clip, weight_clip = lg.clips()
         out[name] = plan_from_steps(
             lg.steps(),
             _group(groups, name),
             heads,
             method.fold,
             {**plans[name].info, "learned": True},
+            act_clip=act_clip,
+            weight_clip=weight_clip,
         )
     return out, info
 

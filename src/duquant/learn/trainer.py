@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from duquant.calibrate import BlockInputs
 from duquant.formats import QuantSpec
+from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import InputGroup
 from duquant.transforms.base import Transform
 
@@ -34,7 +37,15 @@ def ste_fake_quant(x: Tensor, spec: QuantSpec | None) -> Tensor:
 
 
 class LearnedGroup(nn.Module):
-    """Trainable transform of one input group: an online activation map and its weight map."""
+    """Trainable transform of one input group: an online activation map and its weight map.
+
+    A group whose leading step folds into its producer's rows at inference (FlatQuant's channel
+    scale into up_proj, its per-head factor into v_proj) sets `trains_producer`: the trainer then
+    applies `producer` to the producer's output rows and `online` leaves that step out, so what is
+    trained is what the folded, quantized model computes.
+    """
+
+    trains_producer: bool = False
 
     def online(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Differentiable x -> x·A."""
@@ -56,6 +67,18 @@ class LearnedGroup(nn.Module):
         """The learned map as frozen duquant Transforms."""
         raise NotImplementedError
 
+    def producer(self, y: Tensor) -> Tensor:
+        """Differentiable map of the producer's output (columns) that folds there (identity)."""
+        return y
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups (one learning rate unless a learner says otherwise)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def clips(self) -> tuple[float | None, dict[str, Tensor]]:
+        """Learned clip ratios for the plan: (activation, per-linear weight rows); none here."""
+        return None, {}
+
 
 class _TrainLinear(nn.Module):
     """A linear of a group during training: Q_a(online(x)) · Q_w(weight(W))ᵀ + b."""
@@ -73,6 +96,18 @@ class _TrainLinear(nn.Module):
         self.linear, self.learned, self.name = linear, learned, name
         self.act, self.wspec, self.cache = act, weight, cache
         self.register_buffer("w", linear.weight.detach().float(), persistent=False)
+        self.folds: list[tuple[LearnedGroup, slice]] = []  # consumers folding into our rows
+
+    def _folded(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) after the consumers' producer-side steps, as the pipeline folds them:
+        W[rows] <- producer(W[rows]ᵀ)ᵀ and b[rows] <- producer(b[rows])."""
+        w = self.w
+        b = None if self.linear.bias is None else self.linear.bias.float()
+        for lg, rows in self.folds:
+            w = torch.cat([w[: rows.start], lg.producer(w[rows].T).T, w[rows.stop :]])
+            if b is not None:
+                b = torch.cat([b[: rows.start], lg.producer(b[rows]), b[rows.stop :]])
+        return w, b
 
     def forward(self, x: Tensor) -> Tensor:
         # the group's linears receive the same tensor: transform and quantize it once per forward
@@ -82,8 +117,8 @@ class _TrainLinear(nn.Module):
         else:
             xa = self.learned.quant_act(self.learned.online(x.float()), self.act)
             self.cache["input"], self.cache["output"] = weakref.ref(x), xa
-        wq = self.learned.quant_weight(self.learned.weight(self.w), self.wspec, self.name)
-        bias = None if self.linear.bias is None else self.linear.bias.float()
+        w, bias = self._folded()
+        wq = self.learned.quant_weight(self.learned.weight(w), self.wspec, self.name)
         return F.linear(xa, wq, bias).to(x.dtype)
 
 
@@ -102,32 +137,16 @@ def _outputs(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def train_block(
+@contextmanager
+def quantized_wrappers(
     block: nn.Module,
     groups: tuple[InputGroup, ...],
-    inputs: BlockInputs,
     learned: dict[str, LearnedGroup],
     quant,
-    *,
-    epochs: int,
-    lr: float,
-    batch: int,
-    seed: int,
-    targets: list[Tensor] | None = None,
-) -> dict:
-    """Fit `learned` (per group name) to the full-precision outputs of `block` on `inputs`, or to
-    `targets` (e.g. the full-precision model's own outputs of this block, whose inputs did not pass
-    through quantized blocks: then training also corrects the error accumulated before).
-
-    The block's own weights stay as they are; on return its linears are back in place and the
-    learned groups hold the trained parameters. Returns the loss before and after training (on the first `batch` windows).
-    """
-    hidden = [h.detach() for h in inputs.hidden]
-    if targets is None:
-        with torch.no_grad():
-            targets = [_outputs(block, h, inputs.kwargs).detach().float() for h in hidden]
-    targets = [t.float() for t in targets]
-    params = [p for g in learned.values() for p in g.parameters() if p.requires_grad]
+    heads: HeadShape | None = None,
+) -> Iterator[list[dict]]:
+    """The block with its learned groups' linears swapped for training-time quantized wrappers
+    (restored on exit, the block's own parameters frozen meanwhile); yields the input caches."""
     swapped: dict[str, nn.Module] = {}
     caches: list[dict] = []
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -143,6 +162,73 @@ def train_block(
                     block.get_submodule(name), learned[g.name], name, quant.act, quant.weight, cache
                 )
                 swapped[name] = _swap(block, name, wrapper)
+        for g in groups:  # producer-side steps train in the producer's rows (`trains_producer`)
+            lg = learned.get(g.name)
+            if lg is not None and lg.trains_producer:
+                prod = block.get_submodule(g.producer)
+                if not isinstance(prod, _TrainLinear):
+                    raise ValueError(f"{g.name}: its producer {g.producer} has no learned group")
+                prod.folds.append((lg, producer_rows(g, prod.w.shape[0], heads)))
+        yield caches
+    finally:
+        for name, original in swapped.items():
+            _swap(block, name, original)
+        _clear(caches)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def quantized_outputs(
+    block: nn.Module,
+    groups: tuple[InputGroup, ...],
+    inputs: BlockInputs,
+    learned: dict[str, LearnedGroup],
+    quant,
+    heads: HeadShape | None = None,
+) -> list[Tensor]:
+    """The block's outputs under the training-time quantized forward, one per input window."""
+    outs = []
+    with quantized_wrappers(block, groups, learned, quant, heads) as caches:
+        for h in inputs.hidden:
+            outs.append(_outputs(block, h, inputs.kwargs))
+            _clear(caches)
+    return outs
+
+
+def train_block(
+    block: nn.Module,
+    groups: tuple[InputGroup, ...],
+    inputs: BlockInputs,
+    learned: dict[str, LearnedGroup],
+    quant,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    heads: HeadShape | None = None,
+    normalize_loss: bool = False,
+    targets: list[Tensor] | None = None,
+) -> dict:
+    """Fit `learned` (per group name) to the full-precision outputs of `block` on `inputs`, or to
+    `targets` (e.g. the full-precision model's own outputs of this block, whose inputs did not pass
+    through quantized blocks: then training also corrects the error accumulated before).
+
+    `normalize_loss` steps on MSE / its detached value (FlatQuant): the gradient's direction,
+    whatever the block's error size, where Adam's epsilon would damp a tiny loss's steps.
+
+    The block's own weights stay as they are; on return its linears are back in place and the
+    learned groups hold the trained parameters. Returns the loss before and after training (on the first `batch` windows).
+    """
+    hidden = [h.detach() for h in inputs.hidden]
+    if targets is None:
+        with torch.no_grad():
+            targets = [_outputs(block, h, inputs.kwargs).detach().float() for h in hidden]
+    targets = [t.float() for t in targets]
+    param_groups = [pg for g in learned.values() for pg in g.param_groups(lr)]
+    params = [p for pg in param_groups for p in pg["params"]]
+    with quantized_wrappers(block, groups, learned, quant, heads) as caches:
         # the reported losses: on the first windows only (a full pass costs an epoch's forwards)
         probe = slice(0, batch)
         loss0 = _mean_loss(block, hidden[probe], targets[probe], inputs.kwargs, caches)
@@ -150,7 +236,7 @@ def train_block(
         if not params or epochs <= 0:
             info["loss_after"] = loss0
             return info
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
         n_batches = math.ceil(len(hidden) / batch)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
         gen = torch.Generator().manual_seed(seed)
@@ -163,6 +249,8 @@ def train_block(
                 with torch.enable_grad():  # the pipeline runs under no_grad
                     loss = F.mse_loss(_outputs(block, h, inputs.kwargs).float(), t)
                     opt.zero_grad(set_to_none=True)
+                    if normalize_loss and loss.item() > 0:
+                        loss = loss / loss.detach()
                     loss.backward()
                 opt.step()
                 sched.step()
@@ -170,12 +258,6 @@ def train_block(
                 info["steps"] += 1
         info["loss_after"] = _mean_loss(block, hidden[probe], targets[probe], inputs.kwargs, caches)
         return info
-    finally:
-        for name, original in swapped.items():
-            _swap(block, name, original)
-        _clear(caches)
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 def _clear(caches: list[dict]) -> None:

@@ -31,7 +31,8 @@ class MethodConfig:
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
     search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
     # block-wise training of the transform on the quantized block-output error (duquant.learn):
-    # none, rotation (ours: refine the smoothing and block rotation found above)
+    # none, rotation (ours: refine the smoothing and block rotation found above), flatquant
+    # (FlatQuant's Kronecker transforms, channel scales and clipping: duquant.learn.flatquant)
     learn: str = "none"
     learn_epochs: int = 2
     learn_lr: float = 1e-3
@@ -40,6 +41,9 @@ class MethodConfig:
     # (quantized-stream) inputs, `block`, or the full-precision model's output of this block,
     # `model` (also corrects the error accumulated in earlier blocks)
     learn_target: str = "block"
+    learn_normalized_loss: bool = False  # step on MSE / its detached value (FlatQuant)
+    flat_alpha: float = 0.3  # FlatQuant's per-channel scale start: SmoothQuant-style, α = 0.3
+    clip_init: float = 4.0  # FlatQuant's clip logit start: ratio sigmoid(4) = 0.982
     # the weight quantizer and GPTQ options a method fixes (None: the command line's)
     weights: str | None = None  # rtn or gptq
     act_order: bool | None = None
@@ -105,6 +109,17 @@ METHODS: dict[str, MethodConfig] = {
             act_order_scope="column",
             static_groups=True,
             scale_search="fpquant-mse",
+        ),
+        # FlatQuant (Sun et al., 2024) as published, on the MX grid: learned Kronecker transforms,
+        # channel scales and clipping, trained block by block with FlatQuant's defaults (15 epochs,
+        # lr 5e-3, 4 windows a step); the quick CPU setting is --learn-epochs 2
+        MethodConfig(
+            "flatquant",
+            learn="flatquant",
+            learn_epochs=15,
+            learn_lr=5e-3,
+            learn_batch=4,
+            learn_normalized_loss=True,
         ),
         # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
         replace(_DQPP_MX, name="dqpp-best-had"),

@@ -27,6 +27,7 @@ from duquant.transforms.base import (
     transform_output_rows,
 )
 from duquant.transforms.hadamard import block_hadamard, random_signs
+from duquant.transforms.kronecker import Kronecker
 from duquant.transforms.permutation import zigzag_permutation
 from duquant.transforms.rotation import best_start, greedy_rotation, per_block_greedy
 from duquant.transforms.smooth import share_over_heads, smoothing_scale
@@ -59,6 +60,10 @@ class GroupPlan:
     online: Transform | None = None
     folded: list[Transform] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    # learned clipping (FlatQuant): the ratio applied to each activation group's maximum before the
+    # scale rule (one for the input), and per linear one ratio per output row [out, 1] for its weight
+    act_clip: float | None = None
+    weight_clip: dict[str, Tensor] = field(default_factory=dict)
 
     def fold(
         self,
@@ -127,6 +132,9 @@ def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bo
         return group.norm is not None or group.producer is not None
     if isinstance(step, BlockRotation) and fed_by_heads(group, heads):
         return step.rotation.shape[0] == 1 and heads.head_dim % step.block_size == 0
+    if isinstance(step, Kronecker) and fed_by_heads(group, heads):
+        # the same map inside every head (no left factor): v_proj's rows take it, whatever the GQA
+        return step.left is None and heads.head_dim % step.right.shape[0] == 0
     return False
 
 
@@ -221,12 +229,16 @@ def plan_from_steps(
     heads: HeadShape | None,
     fold: bool = True,
     info: dict | None = None,
+    act_clip: float | None = None,
+    weight_clip: dict[str, Tensor] | None = None,
 ) -> GroupPlan:
     """The plan that applies `steps` to the group: weights get all of them, the leading exactly
-    foldable run moves into the norm / producer (when `fold`), the rest runs online."""
+    foldable run moves into the norm / producer (when `fold`), the rest runs online; learned clip
+    ratios, when given, go with it."""
     info = {} if info is None else info
+    clips = {"act_clip": act_clip, "weight_clip": weight_clip or {}}
     if not steps:
-        return GroupPlan(info=info)
+        return GroupPlan(info=info, **clips)
     n_fold = 0
     while fold and n_fold < len(steps) and _foldable(steps[n_fold], group, heads):
         n_fold += 1
@@ -236,4 +248,10 @@ def plan_from_steps(
         online=Sequence(online) if online else None,
         folded=steps[:n_fold],
         info=info,
+        **clips,
     )
+
+
+def folds_into_producer(group: InputGroup, step: Transform, heads: HeadShape | None) -> bool:
+    """Whether `step`, leading the group's transform, folds into the producer's rows (not a norm)."""
+    return group.norm is None and group.producer is not None and _foldable(step, group, heads)
