@@ -298,6 +298,12 @@ def second_text_path(args: argparse.Namespace) -> str | None:
         fail(f"--second-text {choice}: unknown text; choose from {', '.join(SECOND_TEXTS)}")
     if choice == "none":
         return None
+    # the count first: a pure argument check, whatever the data directory holds
+    if args.second_windows < 1:
+        fail(
+            f"--second-windows {args.second_windows}: give a positive integer, "
+            "or --second-text none for no second text"
+        )
     path = find_lambada()
     if path is None and choice is None:
         return None
@@ -309,11 +315,6 @@ def second_text_path(args: argparse.Namespace) -> str | None:
         fail(
             f"--second-text lambada: {where}/lambada_openai/lambada_test.jsonl not found; set "
             "DUQUANT_DATA_DIR to a folder holding it (shared/data/MANIFEST.md) or give --second-text none"
-        )
-    if args.second_windows < 1:
-        fail(
-            f"--second-windows {args.second_windows}: give a positive integer, "
-            "or --second-text none for no second text"
         )
     return str(path)
 
