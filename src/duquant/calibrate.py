@@ -99,14 +99,16 @@ def _input_device(model: nn.Module, adapter: Adapter) -> torch.device:
     return model.get_submodule(adapter.embed).weight.device
 
 
+def block_output(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    """The hidden-state output of one call of `block` (families return a tuple or a tensor)."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
     """Outputs of `block` for every captured input."""
-    outs = []
     with torch.no_grad():
-        for h in inputs.hidden:
-            out = block(h, **inputs.kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+        return [block_output(block, h, inputs.kwargs) for h in inputs.hidden]
 
 
 def feed_block_until(block: nn.Module, inputs: BlockInputs, module: nn.Module, fn) -> None:

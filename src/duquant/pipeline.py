@@ -43,6 +43,7 @@ from duquant.qlinear import (
 )
 from duquant.transforms.base import Transform
 from duquant.transforms.quarot import apply_quarot
+from duquant.utils import replace_submodule
 
 log = logging.getLogger(__name__)
 
@@ -442,5 +443,4 @@ def _swap_linears(
             name=f"layers.{layer}.{lname}.weight",
             clip=plan.weight_clip.get(lname),
         )
-        parent, _, attr = lname.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, attr, qlin)
+        replace_submodule(block, lname, qlin)

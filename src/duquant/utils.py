@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -18,3 +19,12 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` at dotted path `name` under `root`; return what was there."""
+    parent, _, attr = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, attr)
+    setattr(owner, attr, module)
+    return old

@@ -114,23 +114,21 @@ def learn_block(
         normalize_loss=method.learn_normalized_loss,
     )
     out = dict(plans)
-    for name, lg in learned.items():
+    for g in groups:
+        lg = learned.get(g.name)
+        if lg is None:
+            continue
         act_clip, weight_clip = lg.clips()
-        out[name] = plan_from_steps(
+        out[g.name] = plan_from_steps(
             lg.steps(),
-            _group(groups, name),
+            g,
             heads,
             method.fold,
-            {**plans[name].info, "learned": True},
+            {**plans[g.name].info, "learned": True},
             act_clip=act_clip,
             weight_clip=weight_clip,
         )
     return out, info
-
-
-def _group(groups: tuple[InputGroup, ...], name: str) -> InputGroup:
-    """The group called `name`."""
-    return next(g for g in groups if g.name == name)
 
 
 __all__ = ["LEARNERS", "LearnedGroup", "learn_block", "ste_fake_quant", "train_block"]

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from duquant.calibrate import BlockInputs
+from duquant.calibrate import BlockInputs, block_output
 from duquant.formats import QuantSpec
 from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import InputGroup
 from duquant.transforms.base import Transform
+from duquant.utils import replace_submodule
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +123,6 @@ class _TrainLinear(nn.Module):
         return F.linear(xa, wq, bias).to(x.dtype)
 
 
-def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put `module` at `name` in `block`; return what was there."""
-    parent, _, attr = name.rpartition(".")
-    owner = block.get_submodule(parent) if parent else block
-    old = getattr(owner, attr)
-    setattr(owner, attr, module)
-    return old
-
-
-def _outputs(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
-    """The block's hidden-state output."""
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @contextmanager
 def quantized_wrappers(
     block: nn.Module,
@@ -161,7 +147,7 @@ def quantized_wrappers(
                 wrapper = _TrainLinear(
                     block.get_submodule(name), learned[g.name], name, quant.act, quant.weight, cache
                 )
-                swapped[name] = _swap(block, name, wrapper)
+                swapped[name] = replace_submodule(block, name, wrapper)
         for g in groups:  # producer-side steps train in the producer's rows (`trains_producer`)
             lg = learned.get(g.name)
             if lg is not None and lg.trains_producer:
@@ -172,7 +158,7 @@ def quantized_wrappers(
         yield caches
     finally:
         for name, original in swapped.items():
-            _swap(block, name, original)
+            replace_submodule(block, name, original)
         _clear(caches)
         for p in frozen:
             p.requires_grad_(True)
@@ -191,7 +177,7 @@ def quantized_outputs(
     outs = []
     with quantized_wrappers(block, groups, learned, quant, heads) as caches:
         for h in inputs.hidden:
-            outs.append(_outputs(block, h, inputs.kwargs))
+            outs.append(block_output(block, h, inputs.kwargs))
             _clear(caches)
     return outs
 
@@ -224,7 +210,7 @@ def train_block(
     hidden = [h.detach() for h in inputs.hidden]
     if targets is None:
         with torch.no_grad():
-            targets = [_outputs(block, h, inputs.kwargs).detach().float() for h in hidden]
+            targets = [block_output(block, h, inputs.kwargs).detach().float() for h in hidden]
     targets = [t.float() for t in targets]
     param_groups = [pg for g in learned.values() for pg in g.param_groups(lr)]
     params = [p for pg in param_groups for p in pg["params"]]
@@ -247,7 +233,7 @@ def train_block(
                 h = torch.cat([hidden[i] for i in idx])
                 t = torch.cat([targets[i] for i in idx])
                 with torch.enable_grad():  # the pipeline runs under no_grad
-                    loss = F.mse_loss(_outputs(block, h, inputs.kwargs).float(), t)
+                    loss = F.mse_loss(block_output(block, h, inputs.kwargs).float(), t)
                     opt.zero_grad(set_to_none=True)
                     if normalize_loss and loss.item() > 0:
                         loss = loss / loss.detach()
@@ -273,6 +259,6 @@ def _mean_loss(
     """Mean MSE of the (wrapped) block against the targets over all windows."""
     total = 0.0
     for h, t in zip(hidden, targets, strict=True):
-        total += F.mse_loss(_outputs(block, h, kwargs).float(), t).item()
+        total += F.mse_loss(block_output(block, h, kwargs).float(), t).item()
         _clear(caches)
     return total / max(1, len(hidden))

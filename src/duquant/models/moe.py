@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from duquant.models.adapters import Adapter
+from duquant.utils import replace_submodule
 
 
 class _Expert(nn.Module):
@@ -68,9 +69,7 @@ def unfuse_block(block: nn.Module, adapter: Adapter) -> bool:
         _Expert(fused.gate_up_proj.data[e].clone(), fused.down_proj.data[e].clone())
         for e in range(fused.gate_up_proj.shape[0])
     ]
-    parent_name, _, attr = adapter.experts.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, attr, ExpertLinears(experts, fused.act_fn))
+    replace_submodule(block, adapter.experts, ExpertLinears(experts, fused.act_fn))
     return True
 
 
