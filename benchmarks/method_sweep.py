@@ -2,6 +2,7 @@
 
 Each SPEC is `method:key=value,...`; keys are MethodConfig fields (e.g. learn_epochs, learn_lr,
 learn_batch, learn_target) plus `seed`, `weights` (default gptq), `gss` (--gptq-scale-search),
+`gt` (--gptq-target), `only` (w: weights only, a: activations only),
 `ns` / `cl` (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024
 tokens, default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
 
@@ -19,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -68,15 +69,21 @@ def run_spec(base, spec: str) -> dict:
         seqlen=SEQLEN,
         max_windows=nw,
         gptq_scale_search=kw.pop("gss", None),
+        gptq_target=kw.pop("gt", "quantized"),
+    )
+    only = kw.pop("only", "wa")  # w: weights quantized only (A16), a: activations only (W16)
+    quant = quant_config(cfg)
+    quant = replace(
+        quant,
+        weight=quant.weight if "w" in only else None,
+        act=quant.act if "a" in only else None,
     )
     method = get_method(name, **method_overrides(kw))
     torch.manual_seed(seed)
     model = copy.deepcopy(base.model)
     windows, _ = calibration_windows(base.tokenizer, ns, cl, seed)
     start = time.perf_counter()
-    report = quantize_model(
-        model, adapter_for(model), method, quant_config(cfg), windows, seed=seed
-    )
+    report = quantize_model(model, adapter_for(model), method, quant, windows, seed=seed)
     seconds = time.perf_counter() - start
     rows = model.get_input_embeddings().num_embeddings
     ids, _ = eval_tokens("wikitext2", base.tokenizer, cfg, rows)

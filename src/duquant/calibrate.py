@@ -111,15 +111,21 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
         return [block_output(block, h, inputs.kwargs) for h in inputs.hidden]
 
 
-def feed_block_until(block: nn.Module, inputs: BlockInputs, module: nn.Module, fn) -> None:
-    """Call `fn(output of module)` for every captured input, skipping the rest of the block.
+def feed_block_until(
+    block: nn.Module, inputs: BlockInputs, module: nn.Module, fn, with_input: bool = False
+) -> None:
+    """Call `fn(output of module)` (`fn(input, output)` `with_input`) for every captured input,
+    skipping the rest of the block.
 
     GPTQ needs only the input of the group it quantizes next; stopping there saves the
     attention and MLP that follow (most of the block for q/k/v).
     """
 
-    def hook(_m, _args, out):
-        fn(out)
+    def hook(_m, args, out):
+        if with_input:
+            fn(args[0], out)
+        else:
+            fn(out)
         raise _StopForward
 
     handle = module.register_forward_hook(hook)
@@ -132,6 +138,30 @@ def feed_block_until(block: nn.Module, inputs: BlockInputs, module: nn.Module, f
                     pass
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def run_block_recording(
+    block: nn.Module, groups: tuple[InputGroup, ...], inputs: BlockInputs
+) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+    """Outputs of `block` for every captured input, and each group's observed input per window."""
+    seen: dict[str, list[Tensor]] = {g.name: [] for g in groups}
+
+    def make_hook(gname: str):
+        def hook(_module, args):
+            seen[gname].append(args[0].detach())
+
+        return hook
+
+    handles = [
+        block.get_submodule(g.observed).register_forward_pre_hook(make_hook(g.name)) for g in groups
+    ]
+    try:
+        outputs = run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, seen
 
 
 @dataclass

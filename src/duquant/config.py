@@ -69,6 +69,14 @@ class HessianSource(StrEnum):
     FP = "fp"  # the statistics pass's full-precision inputs (one calibration pass per block)
 
 
+class GPTQTarget(StrEnum):
+    """Whose outputs GPTQ matches (see duquant.pipeline.GPTQConfig.target)."""
+
+    QUANTIZED = "quantized"  # classic: the layer's own (quantized) inputs through the FP weight
+    UNQUANTIZED = "unquantized"  # the same inputs before activation quantization
+    MODEL = "model"  # the unquantized model's inputs at that position (GPTAQ)
+
+
 class DType(StrEnum):
     """Model dtypes."""
 
@@ -239,6 +247,15 @@ class QuantSettings:
         "GPTQ Hessians from the transformed, quantized inputs each group sees (one partial block "
         "pass per group), or from the statistics pass's FP inputs (faster)",
     )
+    gptq_target: GPTQTarget = opt(
+        GPTQTarget.QUANTIZED,
+        "what GPTQ matches: the layer's output on its own quantized inputs (quantized), on those "
+        "inputs before activation quantization (unquantized), or the unquantized model's (model)",
+    )
+    gptq_target_damp: float = opt(
+        1.0,
+        "ridge of the asymmetric GPTQ target's weight correction, relative to mean diag(H), > 0",
+    )
     alpha: float | None = opt(None, "smoothing strength α in [0, 1] (default: the method's)")
     block_size: int | None = opt(
         None, "rotation block size B, a power of two (default: 32)", minimum=1
@@ -269,6 +286,15 @@ class QuantSettings:
         self.format = _enum(Format, "format", self.format)
         self.rounding = _enum(Rounding, "rounding", self.rounding)
         self.gptq_hessian = _enum(HessianSource, "gptq_hessian", self.gptq_hessian)
+        self.gptq_target = _enum(GPTQTarget, "gptq_target", self.gptq_target)
+        if (
+            self.gptq_target != GPTQTarget.QUANTIZED
+            and self.gptq_hessian != HessianSource.QUANTIZED
+        ):
+            raise ConfigError(
+                f"--gptq-target {self.gptq_target} needs --gptq-hessian quantized (it weighs "
+                "errors by the inputs each layer really sees)"
+            )
         if self.gptq_scale_search is not None:
             self.gptq_scale_search = _enum(ScaleSearch, "gptq_scale_search", self.gptq_scale_search)
         self.dtype = _enum(DType, "dtype", self.dtype)
@@ -289,6 +315,14 @@ class QuantSettings:
             and 0 <= self.alpha <= 1
         ):
             raise ConfigError(f"--alpha {self.alpha}: must be a number in [0, 1]")
+        if not (
+            isinstance(self.gptq_target_damp, (int, float))
+            and math.isfinite(self.gptq_target_damp)
+            and self.gptq_target_damp > 0
+        ):
+            raise ConfigError(
+                f"--gptq-target-damp {self.gptq_target_damp}: must be a positive number"
+            )
         if self.learn_lr is not None and not (
             isinstance(self.learn_lr, (int, float))
             and math.isfinite(self.learn_lr)
@@ -492,7 +526,16 @@ def _enum_type(f) -> type[StrEnum] | None:
     base = str(f.type).split("|")[0].strip()
     return {
         e.__name__: e
-        for e in (Format, ScaleRule, Rounding, HessianSource, DType, WeightQuantizer, ScaleSearch)
+        for e in (
+            Format,
+            ScaleRule,
+            Rounding,
+            HessianSource,
+            GPTQTarget,
+            DType,
+            WeightQuantizer,
+            ScaleSearch,
+        )
     }.get(base)
 
 

@@ -478,6 +478,48 @@ class HessianAccumulator:
         return self._sum * (2.0 / self.count)
 
 
+class CrossAccumulator:
+    """Running D = 2/N Σ (x_ref − x)ᵀ x over token rows: how the inputs a layer sees (x) miss
+    the inputs it should answer to (x_ref), weighted by x, for GPTQ's asymmetric target."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum: Tensor | None = None
+
+    def add(self, x_ref: Tensor, x: Tensor) -> None:
+        """Accumulate the aligned tokens of `x_ref` and `x` [..., in]."""
+        r = x_ref.detach().reshape(-1, x_ref.shape[-1]).float()
+        q = x.detach().reshape(-1, x.shape[-1]).float()
+        if r.shape != q.shape:
+            raise ValueError(
+                f"reference inputs {tuple(r.shape)} do not match inputs {tuple(q.shape)}"
+            )
+        if self._sum is None:
+            self._sum = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=q.device)
+        self._sum.add_(((r - q).T @ q).double())
+        self.count += q.shape[0]
+
+    def finalize(self) -> Tensor:
+        """D = 2/N Σ (x_ref − x)ᵀ x, on the scale of HessianAccumulator's H."""
+        if self._sum is None or self.count == 0:
+            raise ValueError("no inputs were added to the cross accumulator")
+        return self._sum * (2.0 / self.count)
+
+
+def asymmetric_target(weight: Tensor, hessian: Tensor, cross: Tensor, percdamp: float) -> Tensor:
+    """W* = W + W·D·(H + λI)⁻¹, the least-squares weight for inputs x given reference inputs x_ref.
+
+    ‖x_ref Wᵀ − x Ŵᵀ‖² = ‖x (W* − Ŵ)ᵀ‖² + const, so GPTQ of W* on H minimises the error against
+    the reference outputs (GPTAQ's asymmetric calibration) with GPTQ's own column loop; the ridge
+    λ = percdamp·mean diag(H) shrinks the correction, not W (D = 0 gives W back exactly).
+    """
+    h = hessian.detach().double().clone()
+    h.diagonal().add_(percdamp * torch.diagonal(h).mean().item())
+    w = weight.detach().double()
+    corr = torch.linalg.solve(h, (w @ cross.double()).T).T  # W·D·H⁻¹ (H symmetric)
+    return (w + corr).to(weight.dtype)
+
+
 def hessian_from_inputs(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """H = 2/N Σ x xᵀ of `x` [..., in] in one go."""
     acc = HessianAccumulator(dtype)

@@ -17,12 +17,15 @@ from duquant.calibrate import (
     collect_input_stats,
     feed_block_until,
     run_block,
+    run_block_recording,
 )
 from duquant.config import HessianSource
 from duquant.formats import QuantSpec, spec_for
 from duquant.gptq import (
+    CrossAccumulator,
     HessianAccumulator,
     as_quantized_weight,
+    asymmetric_target,
     check_gptq_options,
     energy_ratio,
     gptq_quantize,
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 
 
 HESSIAN_SOURCES = tuple(h.value for h in HessianSource)  # where GPTQConfig.hessian comes from
+GPTQ_TARGETS = ("quantized", "unquantized", "model")
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,23 @@ class GPTQConfig:
     # raw inputs of the statistics pass, transformed exactly (Tᵀ H T), no activation quantization,
     # as llm-compressor and non-true-sequential GPTQ do: no extra pass at all
     hessian: str = "quantized"
+    # what the quantized layer's outputs are matched to: `quantized` (classic GPTQ) its own inputs
+    # through the unquantized weight; `unquantized` the same inputs before activation quantization;
+    # `model` the unquantized model's inputs at that position (GPTAQ: also undoes earlier drift)
+    target: str = "quantized"
+    # ridge of that correction, relative to mean diag(H): GPTQ's 0.01 lets a few outlier tokens
+    # of 16k rewrite the weights (SmolLM2 PPL 66.8 vs 41.1); 1.0 measured best (docs/results.md §11)
+    target_damp: float = 1.0
 
     def __post_init__(self) -> None:
         if self.hessian not in HESSIAN_SOURCES:
             raise ValueError(f"gptq hessian must be one of {HESSIAN_SOURCES}, got {self.hessian!r}")
+        if self.target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq target must be one of {GPTQ_TARGETS}, got {self.target!r}")
+        if not self.target_damp > 0:
+            raise ValueError(f"gptq target_damp must be > 0, got {self.target_damp}")
+        if self.target != "quantized" and self.hessian != "quantized":
+            raise ValueError("an asymmetric gptq target needs the quantized Hessians")
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,11 @@ def quantize_model(
         raise ValueError(
             f"method {method.name} with {quant.weights} weights needs calibration windows"
         )
+    if gptq and quant.gptq.target != "quantized" and adapter.experts is not None:
+        raise ValueError(
+            f"--gptq-target {quant.gptq.target} is not supported for the {adapter.name} family "
+            "(routed experts see their own tokens); use --gptq-target quantized"
+        )
     if gptq and quant.gptq.hessian == "fp" and adapter.experts is not None:
         raise ValueError(
             f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
@@ -161,13 +183,18 @@ def quantize_model(
         with store.embedding(model):
             inputs = capture_block_inputs(model, adapter, calib_windows)
     fp_hessians = gptq and quant.gptq.hessian == "fp"
-    # the full-precision model's block inputs, for learning towards the unquantized model
-    fp_stream = inputs if method.learn != "none" and method.learn_target == "model" else None
+    target = quant.gptq.target if gptq else "quantized"
+    learn_to_model = method.learn != "none" and method.learn_target == "model"
+    # the full-precision model's block inputs, for learning or GPTQ towards the unquantized model
+    fp_stream = inputs if learn_to_model or target == "model" else None
     for i in tqdm(range(len(blocks)), desc=f"quantize {method.name}", leave=False):
         block = store.load(i)
         unfuse_block(block, adapter)
         groups = adapter.block_groups(block)
-        fp_out = run_block(block, fp_stream) if fp_stream is not None else None
+        fp_out, fp_seen = None, None
+        if fp_stream is not None:
+            fp_out, fp_seen = run_block_recording(block, groups, fp_stream)
+            fp_seen = fp_seen if target == "model" else None
         stats = None
         if method.needs_calibration or fp_hessians:
             stats = collect_input_stats(
@@ -201,7 +228,7 @@ def quantize_model(
                 quant,
                 heads,
                 seed=seed * 1000 + i,
-                targets=fp_out,
+                targets=fp_out if learn_to_model else None,
             )
             report.learn.append(info)
             log.info(
@@ -229,8 +256,11 @@ def quantize_model(
                     for g in groups
                 }
             clips = {n: c for g in groups for n, c in plans[g.name].weight_clip.items()}
+            refs = None
+            if fp_seen is not None:  # the FP model's inputs, in the transformed coordinates
+                refs = {g.name: _transformed(fp_seen[g.name], plans[g.name]) for g in groups}
             report.layer_errors += _gptq_block(
-                block, groups, inputs, quant, layer=i, given=given, clips=clips
+                block, groups, inputs, quant, layer=i, given=given, clips=clips, refs=refs
             )
         report.plans.append(plans)
         if inputs is not None and i + 1 < len(blocks):
@@ -288,6 +318,12 @@ def transformed_hessian(h: Tensor, transform: Transform | None) -> Tensor:
     return t.T @ h @ t
 
 
+def _transformed(xs: list[Tensor], plan: GroupPlan) -> list[Tensor]:
+    """Raw inputs of a group mapped to what its transformed weights read (x·T, nothing quantized)."""
+    t = plan.weight_transform
+    return xs if t is None else [t(x.float()) for x in xs]
+
+
 def _gptq_block(
     block: nn.Module,
     groups: tuple[InputGroup, ...],
@@ -296,6 +332,7 @@ def _gptq_block(
     layer: int,
     given: dict[str, Tensor] | None = None,
     clips: dict[str, Tensor] | None = None,
+    refs: dict[str, list[Tensor]] | None = None,
 ) -> list[dict]:
     """GPTQ the block's linears group by group, each on inputs through the groups already done.
 
@@ -303,12 +340,17 @@ def _gptq_block(
     activations (the shared InputQuantizer's output), with every earlier group already quantized;
     `given` Hessians per group (GPTQConfig.hessian == "fp") replace those passes; `clips` are
     learned per-row weight clip ratios by linear name (FlatQuant), honoured by every scale choice.
+    With an asymmetric `GPTQConfig.target` the weight GPTQ rounds is first moved to the least-squares
+    answer to the reference inputs (`refs` per group and window for `model`; the same inputs before
+    activation quantization for `unquantized`).
     """
     clips = clips or {}
+    target = quant.gptq.target
     errors = []
     for g in groups:
         linears = [block.get_submodule(n) for n in g.linears]
         routed = g.observe is not None  # MoE experts: each linear sees its own tokens
+        crosses = None
         if given is not None:
             hs = [given[g.name]] * len(linears)
         elif routed:
@@ -316,11 +358,22 @@ def _gptq_block(
         else:
             acc = HessianAccumulator(product_dtype=torch.float32)
             iq = linears[0].input_quantizer
+            cross = CrossAccumulator() if target != "quantized" else None
+            window = iter(refs[g.name]) if target == "model" else None
+
+            def add(x: Tensor, y: Tensor, acc=acc, iq=iq, cross=cross, window=window) -> None:
+                acc.add(y)
+                if window is not None:
+                    cross.add(next(window), y)
+                elif cross is not None:
+                    cross.add(iq.online.apply_online(x) if iq.online is not None else x, y)
+
             try:
-                feed_block_until(block, inputs, iq, acc.add)
+                feed_block_until(block, inputs, iq, add, with_input=True)
             finally:
                 iq.reset()
             hs = [acc.finalize() if acc.count else None] * len(linears)
+            crosses = cross.finalize() if cross is not None and cross.count else None
         w_fps = [lin.weight.data.float() for lin in linears]
         solves = [[i] for i in range(len(linears))] if routed else None
         for idxs in solves or _shared_solves(quant.weight, len(linears)):
@@ -338,8 +391,11 @@ def _gptq_block(
             # GPTQ is independent per output row given H (MX scales are per row and group), so the
             # linears reading one input (q/k/v, gate/up) are solved as one stacked matrix: the
             # same weights, one Cholesky and one column sweep instead of several
+            w_stack = torch.cat([w_fps[i] for i in idxs])
+            if not routed and crosses is not None:
+                w_stack = asymmetric_target(w_stack, h, crosses, quant.gptq.target_damp)
             res = gptq_quantize(
-                torch.cat([w_fps[i] for i in idxs]),
+                w_stack,
                 h,
                 quant.weight,
                 blocksize=quant.gptq.blocksize,

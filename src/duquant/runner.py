@@ -32,6 +32,8 @@ def quant_config(cfg: RunConfig) -> QuantConfig:
     gptq = GPTQConfig(
         act_order=cfg.act_order,
         hessian=str(cfg.gptq_hessian),
+        target=str(cfg.gptq_target),
+        target_damp=cfg.gptq_target_damp,
         scale_search=str(cfg.gptq_scale_search or "none"),
     )
     return QuantConfig(
