@@ -2,7 +2,7 @@
 
 Each SPEC is `method:key=value,...`; keys are MethodConfig fields (e.g. learn_epochs, learn_lr,
 learn_batch, learn_target) plus `seed`, `weights` (default gptq), `gss` (--gptq-scale-search),
-`gt` (--gptq-target), `only` (w: weights only, a: activations only),
+`gt` (--gptq-target), `gtd` (--gptq-target-damp), `only` (w: weights only, a: activations only),
 `ns` / `cl` (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024
 tokens, default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
 
@@ -70,6 +70,7 @@ def run_spec(base, spec: str) -> dict:
         max_windows=nw,
         gptq_scale_search=kw.pop("gss", None),
         gptq_target=kw.pop("gt", "quantized"),
+        gptq_target_damp=float(kw.pop("gtd", 1.0)),
     )
     only = kw.pop("only", "wa")  # w: weights quantized only (A16), a: activations only (W16)
     quant = quant_config(cfg)
