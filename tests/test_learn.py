@@ -109,27 +109,11 @@ def test_training_lowers_the_quantized_block_error_and_restores_the_block():
     before = copy.deepcopy(block.state_dict())
     new_plans, info = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
     assert info["steps"] == method.learn_epochs * 4
-    assert not info["reverted"]
     assert info["loss_after"] < 0.97 * info["loss_before"]
     after = block.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.info.get("learned") for p in new_plans.values())
-
-
-def test_training_that_raises_the_error_keeps_the_searched_start():
-    """Straight-through steps can end above the start (here a far too large step size): then the
-    start's parameters come back, the reported loss is the start's, and the plans equal the searched
-    ones."""
-    _, _, block, groups, inputs, stats, plans, method, quant, heads = _first_block_setup()
-    method = dataclasses.replace(method, learn_lr=1.0)
-    new_plans, info = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
-    assert info["reverted"]
-    assert info["loss_trained"] > info["loss_before"] == info["loss_after"]
-    for name, plan in plans.items():
-        ref = [s for s in plan.weight_transform.steps if isinstance(s, BlockRotation)][0]
-        got = [s for s in new_plans[name].weight_transform.steps if isinstance(s, BlockRotation)]
-        assert len(got) == 1 and torch.allclose(got[0].rotation, ref.rotation, atol=1e-5)
 
 
 def test_learned_plans_are_exact_in_full_precision():

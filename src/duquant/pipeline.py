@@ -232,13 +232,10 @@ def quantize_model(
             )
             report.learn.append(info)
             log.info(
-                "layer %d learned: block MSE %.4g -> %.4g%s",
+                "layer %d learned: block MSE %.4g -> %.4g",
                 i,
                 info["loss_before"],
                 info["loss_after"],
-                f" (training raised it to {info['loss_trained']:.4g}: start kept)"
-                if info.get("reverted")
-                else "",
             )
         for name, online in global_online.items():
             if name in plans:

@@ -205,8 +205,7 @@ def train_block(
     whatever the block's error size, where Adam's epsilon would damp a tiny loss's steps.
 
     The block's own weights stay as they are; on return its linears are back in place and the
-    learned groups hold the trained parameters, or their start where training raised the loss
-    (`reverted`). Returns the loss before and after training (on the first `batch` windows).
+    learned groups hold the trained parameters. Returns the loss before and after training (on the first `batch` windows).
     """
     hidden = [h.detach() for h in inputs.hidden]
     if targets is None:
@@ -223,7 +222,6 @@ def train_block(
         if not params or epochs <= 0:
             info["loss_after"] = loss0
             return info
-        start = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
         n_batches = math.ceil(len(hidden) / batch)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
@@ -245,14 +243,6 @@ def train_block(
                 _clear(caches)
                 info["steps"] += 1
         info["loss_after"] = _mean_loss(block, hidden[probe], targets[probe], inputs.kwargs, caches)
-        # straight-through gradients are not the quantized loss's: training can end worse than it
-        # started, and then the searched start is kept
-        info["reverted"] = info["loss_after"] > loss0
-        if info["reverted"]:
-            with torch.no_grad():
-                for p, p0 in zip(params, start, strict=True):
-                    p.copy_(p0)
-            info["loss_trained"], info["loss_after"] = info["loss_after"], loss0
         return info
 
 
