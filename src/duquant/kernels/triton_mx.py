@@ -130,7 +130,10 @@ def _kernel_source():
                 idx.to(tl.float32) * 0.5,
                 tl.where(idx == 4, 2.0, tl.where(idx == 5, 3.0, tl.where(idx == 6, 4.0, 6.0))),
             )
-            q = tl.where(neg, -mag, mag)
+            # the sign as a bit, so that a negative input that rounds to zero gives -0.0 like the
+            # torch codec (some Triton versions' interpreters fold -0.0 into 0.0)
+            sign = neg.to(tl.uint32) << 31
+            q = (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
             # 2^e, with 2^-127 the one subnormal (as mxfp4._pow2)
             pow2 = tl.where(e > -127, (e + 127) << 23, 0x00400000).to(tl.float32, bitcast=True)
             out = q * pow2[:, None]
