@@ -131,7 +131,7 @@ METHODS: dict[str, MethodConfig] = {
 
 # `--method best`: the most accurate registered method, with the weight quantizer it was measured
 # with (docs/results.md §11 has the measurement); results record the resolved name
-ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++learn", {"weights": "gptq"})}
+ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++mx", {"weights": "gptq"})}
 
 
 def method_names() -> list[str]:
