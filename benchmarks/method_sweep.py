@@ -54,6 +54,19 @@ def method_overrides(kv: dict[str, str]) -> dict:
     return out
 
 
+# sweep keys for RunConfig's GPTQ options; a key not given keeps RunConfig's default
+GPTQ_KEYS = {
+    "gss": ("gptq_scale_search", str),
+    "gt": ("gptq_target", str),
+    "gtd": ("gptq_target_damp", float),
+}
+
+
+def gptq_options(kw: dict[str, str]) -> dict:
+    """The GPTQ options named in `kw` (popped from it), typed for RunConfig."""
+    return {field: kind(kw.pop(key)) for key, (field, kind) in GPTQ_KEYS.items() if key in kw}
+
+
 def run_spec(base, spec: str) -> dict:
     """Quantize a copy of the loaded model as `spec` says and evaluate it."""
     name, _, kv = spec.partition(":")
@@ -68,9 +81,7 @@ def run_spec(base, spec: str) -> dict:
         calib_seqlen=cl,
         seqlen=SEQLEN,
         max_windows=nw,
-        gptq_scale_search=kw.pop("gss", None),
-        gptq_target=kw.pop("gt", "quantized"),
-        gptq_target_damp=float(kw.pop("gtd", 1.0)),
+        **gptq_options(kw),
     )
     only = kw.pop("only", "wa")  # w: weights quantized only (A16), a: activations only (W16)
     quant = quant_config(cfg)
