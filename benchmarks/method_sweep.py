@@ -3,6 +3,7 @@
 Each SPEC is `method:key=value,...`; keys are MethodConfig fields (e.g. learn_epochs, learn_lr,
 learn_batch, learn_target) plus `seed`, `weights` (default gptq), `gss` (--gptq-scale-search),
 `gt` (--gptq-target), `gtd` (--gptq-target-damp), `only` (w: weights only, a: activations only),
+`apos` (activations quantized only at these input groups of the adapter, `+`-separated, e.g. qkv+down),
 `ns` / `cl` (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024
 tokens, default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
 
@@ -30,6 +31,7 @@ from duquant.eval import perplexity
 from duquant.methods import MethodConfig, get_method
 from duquant.models import adapter_for, load_model
 from duquant.pipeline import quantize_model
+from duquant.qlinear import InputQuantizer
 from duquant.runner import eval_tokens, quant_config
 
 SEQLEN = 1024
@@ -67,6 +69,22 @@ def gptq_options(kw: dict[str, str]) -> dict:
     return {field: kind(kw.pop(key)) for key, (field, kind) in GPTQ_KEYS.items() if key in kw}
 
 
+def keep_activation_quantizers(model: torch.nn.Module, groups: list[str]) -> None:
+    """Turn activation quantization off at every input position whose adapter group is not in
+    `groups` (an InputQuantizer is named `layers.L.GROUP input`)."""
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, InputQuantizer):
+            group = m.name.split()[0].rsplit(".", 1)[-1]
+            seen.add(group)
+            if group not in groups:
+                m.spec = None
+    if not set(groups) <= seen:
+        raise SystemExit(
+            f"apos: unknown input group(s) {sorted(set(groups) - seen)}; known {sorted(seen)}"
+        )
+
+
 def run_spec(base, spec: str) -> dict:
     """Quantize a copy of the loaded model as `spec` says and evaluate it."""
     name, _, kv = spec.partition(":")
@@ -83,6 +101,7 @@ def run_spec(base, spec: str) -> dict:
         max_windows=nw,
         **gptq_options(kw),
     )
+    apos = kw.pop("apos", "")
     only = kw.pop("only", "wa")  # w: weights quantized only (A16), a: activations only (W16)
     quant = quant_config(cfg)
     quant = replace(
@@ -97,6 +116,8 @@ def run_spec(base, spec: str) -> dict:
     start = time.perf_counter()
     report = quantize_model(model, adapter_for(model), method, quant, windows, seed=seed)
     seconds = time.perf_counter() - start
+    if apos:
+        keep_activation_quantizers(model, apos.split("+"))
     rows = model.get_input_embeddings().num_embeddings
     ids, _ = eval_tokens("wikitext2", base.tokenizer, cfg, rows)
     res = perplexity(model, ids, SEQLEN, nw)
