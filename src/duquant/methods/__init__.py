@@ -23,9 +23,6 @@ class MethodConfig:
     block_size: int = 32
     max_steps: int = 128
     per_block: bool = False  # one rotation per block instead of one shared matrix
-    # channel order before the rotation (applied online; measured, not registered: results §11):
-    # none, sort (by smoothed absmax), sort-rms, zigzag (DuQuant v1's balanced order)
-    permute: str = "none"
     objective: str = "range"  # greedy search objective: range (paper) or mx (MX quantization error)
     swap_index: str = "column"  # column (paper) or row_mod_b (released code)
     refine_from: str = "identity"  # greedy start: identity (paper) or random-hadamard

@@ -195,18 +195,6 @@ def _rotation_steps(
     raise ValueError(f"unknown rotation {method.rotation!r}")
 
 
-def _channel_order(kind: str, x: Tensor, block_size: int) -> Tensor:
-    """The channel permutation `kind` of the (smoothed) activation rows `x`."""
-    amax = x.abs().amax(dim=0)
-    if kind == "sort":
-        return torch.argsort(amax, descending=True)
-    if kind == "sort-rms":
-        return torch.argsort(x.pow(2).mean(dim=0), descending=True)
-    if kind == "zigzag":
-        return zigzag_permutation(amax, block_size)
-    raise ValueError(f"unknown permute {kind!r}")
-
-
 def plan_group(
     block: nn.Module,
     group: InputGroup,
@@ -230,10 +218,6 @@ def plan_group(
         steps.append(ChannelScale(scale))
         x = x / scale
         w_cat = w_cat * scale
-    if method.permute != "none":
-        perm = _channel_order(method.permute, x, method.block_size)
-        steps.append(Permutation(perm))
-        x, w_cat = x[:, perm], w_cat[:, perm]
     rot, rinfo = _rotation_steps(method, x, w_cat, quant, gen)
     info.update(rinfo)
     return plan_from_steps(steps + rot, group, heads, method.fold, info)
