@@ -18,9 +18,6 @@ class MethodConfig:
     quantize: bool = True
     smooth: bool = False
     alpha: float = 0.6
-    # the activation statistic of the smoothing: max (the paper), qP (P-quantile of |x| over the
-    # sampled calibration rows, e.g. q0.99), rms
-    smooth_stat: str = "max"
     rotation: str = "none"
     global_rotation: bool = False
     block_size: int = 32

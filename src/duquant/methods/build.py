@@ -195,18 +195,6 @@ def _rotation_steps(
     raise ValueError(f"unknown rotation {method.rotation!r}")
 
 
-def _act_stat(kind: str, stats: InputStats) -> Tensor:
-    """The per-channel activation statistic the smoothing divides by: max, a quantile or the RMS."""
-    if kind == "max":
-        return stats.absmax
-    x = stats.sample.float()
-    if kind == "rms":
-        return x.pow(2).mean(dim=0).sqrt()
-    if kind.startswith("q"):
-        return torch.quantile(x.abs(), float(kind[1:]), dim=0)
-    raise ValueError(f"unknown smoothing statistic {kind!r}")
-
-
 def plan_group(
     block: nn.Module,
     group: InputGroup,
@@ -224,7 +212,7 @@ def plan_group(
     info: dict = {}
     x = None if stats is None else stats.sample.float()
     if method.smooth:
-        scale = smoothing_scale(_act_stat(method.smooth_stat, stats), weights, method.alpha)
+        scale = smoothing_scale(stats.absmax, weights, method.alpha)
         if fed_by_heads(group, heads):
             scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
         steps.append(ChannelScale(scale))
