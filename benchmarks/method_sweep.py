@@ -3,7 +3,8 @@
 Each SPEC is `method:key=value,...`; keys are MethodConfig fields (e.g. learn_epochs, learn_lr,
 learn_batch, learn_target) plus `seed`, `weights` (default gptq), `gss` (--gptq-scale-search),
 `gt` (--gptq-target), `gtd` (--gptq-target-damp), `only` (w: weights only, a: activations only),
-`apos` (activations quantized only at these input groups of the adapter, `+`-separated, e.g. qkv+down),
+`apos` (activations quantized only at these input groups of the adapter, `+`-separated, e.g. qkv+down;
+turned off after quantization, so use it with only=a: GPTQ saw every position quantized),
 `ns` / `cl` (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024
 tokens, default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
 
@@ -31,7 +32,6 @@ from duquant.eval import perplexity
 from duquant.methods import MethodConfig, get_method
 from duquant.models import adapter_for, load_model
 from duquant.pipeline import quantize_model
-from duquant.qlinear import InputQuantizer
 from duquant.runner import eval_tokens, quant_config
 
 SEQLEN = 1024
@@ -71,14 +71,14 @@ def gptq_options(kw: dict[str, str]) -> dict:
 
 def keep_activation_quantizers(model: torch.nn.Module, groups: list[str]) -> None:
     """Turn activation quantization off at every input position whose adapter group is not in
-    `groups` (an InputQuantizer is named `layers.L.GROUP input`)."""
-    seen = set()
-    for m in model.modules():
-        if isinstance(m, InputQuantizer):
-            group = m.name.split()[0].rsplit(".", 1)[-1]
-            seen.add(group)
-            if group not in groups:
-                m.spec = None
+    `groups` (the adapter says which linears read each group's input)."""
+    adapter, seen = adapter_for(model), set()
+    for block in adapter.blocks(model):
+        for group in adapter.block_groups(block):
+            seen.add(group.name)
+            if group.name not in groups:
+                for name in group.linears:
+                    block.get_submodule(name).input_quantizer.spec = None
     if not set(groups) <= seen:
         raise SystemExit(
             f"apos: unknown input group(s) {sorted(set(groups) - seen)}; known {sorted(seen)}"
