@@ -126,6 +126,7 @@ def run_spec(base, spec: str) -> dict:
         "ppl": res["ppl"],
         "quantize_s": seconds,
         "learn": [(d["loss_before"], d["loss_after"]) for d in report.learn],
+        "norm_kl_per_epoch": report.norm_tuning.get("kl_per_epoch"),
     }
 
 

@@ -35,6 +35,8 @@ EXPORTABLE = (
     "duquant++",
     "duquant++mx",
     "duquant++learn",
+    "duquant++e2e",
+    "duquant++nt",
     "mr-gptq",
 )
 

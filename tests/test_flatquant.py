@@ -137,6 +137,9 @@ def test_flatquant_refuses_save():
     for name in ("flatquant",):
         with pytest.raises(ExportError, match="not exportable"):
             check_request(get_method(name), QuantConfig())
+    # the learned block rotations are one smoothing and one 32 x 32 rotation: exportable
+    for name in ("duquant++learn", "duquant++e2e"):
+        check_request(get_method(name), QuantConfig())
 
 
 def _one_block(model, ids, fold=True):

@@ -175,3 +175,74 @@ def test_method_best_resolves_to_a_registered_method_with_gptq():
     assert method.name in METHODS and method.name == ALIASES["best"][0]
     assert quant.weights == "gptq" and record["weight_quantizer"] == "gptq"
     assert record["method"]["name"] == method.name and record["run"]["method"] == "best"
+
+
+def test_end_to_end_learning_lowers_the_kl_and_keeps_an_exact_plan():
+    """duquant++e2e: joint training lowers the quantized model's KL from the full-precision model
+    on the calibration windows, leaves the teacher untouched, and what it learned is still one
+    smoothing and one orthogonal block rotation per input (exact with quantization off)."""
+    from duquant.learn.e2e import kl_from_teacher, learn_end_to_end
+
+    model = make_tiny_llama(3)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(7))
+    before = copy.deepcopy(model.state_dict())
+    method = get_method("duquant++e2e", learn_epochs=6, learn_lr=2e-2)
+    quant = QuantConfig(weight=MX, act=MX)
+    plans, info = learn_end_to_end(model, adapter_for(model), method, quant, ids, seed=0)
+    assert info["steps"] == 6 * 4
+    assert info["loss_after"] < 0.97 * info["loss_before"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for plan in (p for block in plans for p in block.values()):
+        assert plan.info.get("learned")
+        rot = [s for s in plan.weight_transform.steps if isinstance(s, BlockRotation)]
+        r = rot[0].rotation.double()
+        eye = torch.eye(r.shape[-1], dtype=torch.float64)
+        assert torch.allclose(r @ r.transpose(-1, -2), eye.expand_as(r), atol=1e-5)
+    # with quantization off the learned plans reproduce the full-precision model
+    fp = copy.deepcopy(model)
+    adapter = adapter_for(fp)
+    heads = HeadShape.of(fp.config)
+    for block, block_plans in zip(adapter.blocks(fp), plans, strict=True):
+        groups = adapter.block_groups(block)
+        for g in groups:
+            block_plans[g.name].fold(block, g, heads, adapter.norm_offset)
+        for g in groups:
+            _swap_linears(block, g, block_plans[g.name], QuantConfig(None, None), layer=0)
+    with torch.no_grad():
+        assert kl_from_teacher(fp(ids).logits, model(ids).logits) < 1e-6
+
+
+def test_kl_from_teacher_matches_torch():
+    """The distillation loss is torch's KL(teacher || student) averaged over tokens."""
+    gen = torch.Generator().manual_seed(8)
+    s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    from duquant.learn.e2e import kl_from_teacher
+
+    ref = torch.nn.functional.kl_div(
+        s.log_softmax(-1).reshape(-1, 11),
+        t.log_softmax(-1).reshape(-1, 11),
+        log_target=True,
+        reduction="batchmean",
+    )
+    torch.testing.assert_close(kl_from_teacher(s, t), ref)
+
+
+def test_end_to_end_method_refuses_streaming():
+    """Joint training needs every block at once: a streamed quantization is refused up front."""
+    from duquant.models.streaming import InMemoryBlocks
+
+    class _Streamed(InMemoryBlocks):
+        whole_model = False
+
+    model = make_tiny_llama(1)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    adapter = adapter_for(model)
+    with pytest.raises(ValueError, match="load the model in memory"):
+        quantize_model(
+            model,
+            adapter,
+            get_method("duquant++e2e"),
+            QuantConfig(),
+            ids,
+            store=_Streamed(adapter.blocks(model)),
+        )

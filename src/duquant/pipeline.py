@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -116,6 +117,7 @@ class QuantizeReport:
     plans: list[dict[str, GroupPlan]] = field(default_factory=list)
     layer_errors: list[dict] = field(default_factory=list)  # per linear, RTN vs GPTQ output error
     learn: list[dict] = field(default_factory=list)  # per block, the learned transforms' MSE
+    norm_tuning: dict = field(default_factory=dict)  # norm tweaking's KL per epoch
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -168,6 +170,11 @@ def quantize_model(
             f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
             "pass sees every token, an expert only its routed ones; use --gptq-hessian quantized"
         )
+    if (method.learn == "e2e" or method.norm_epochs) and not store.whole_model:
+        raise ValueError(
+            f"method {method.name} trains through the whole model at once; streaming "
+            "quantization holds one block at a time: load the model in memory"
+        )
     if method.global_rotation and not store.whole_model:
         raise ValueError(
             f"method {method.name} rotates the whole model at once (embeddings, every block, the "
@@ -176,6 +183,16 @@ def quantize_model(
     blocks = adapter.blocks(model)
     heads = HeadShape.of(model.config)
     inputs: BlockInputs | None = None
+    e2e_plans = None
+    # the full-precision model, the teacher of norm tweaking after quantization (with nothing
+    # quantized there is nothing to tune: the model stays exactly the full-precision one)
+    tune = method.norm_epochs > 0 and (quant.weight is not None or quant.act is not None)
+    teacher = copy.deepcopy(model).requires_grad_(False) if tune else None
+    if method.learn == "e2e":  # before anything changes the model: it is the teacher
+        from duquant.learn.e2e import learn_end_to_end
+
+        e2e_plans, info = learn_end_to_end(model, adapter, method, quant, calib_windows, seed)
+        report.learn.append(info)
     if method.global_rotation:
         unfuse_experts(model, adapter)
     global_online = apply_quarot(model, adapter, seed) if method.global_rotation else {}
@@ -196,7 +213,7 @@ def quantize_model(
             fp_out, fp_seen = run_block_recording(block, groups, fp_stream)
             fp_seen = fp_seen if target == "model" else None
         stats = None
-        if method.needs_calibration or fp_hessians:
+        if (method.needs_calibration and e2e_plans is None) or fp_hessians:
             stats = collect_input_stats(
                 block,
                 groups,
@@ -205,19 +222,22 @@ def quantize_model(
                 seed=seed + i,
                 moments=fp_hessians,
             )
-        plans = {
-            g.name: plan_group(
-                block,
-                g,
-                _group_method(method, stats, g, i),
-                quant,
-                stats.get(g.name) if stats and method.needs_calibration else None,
-                heads,
-                seed=seed * 1000 + i * 10 + j,
-            )
-            for j, g in enumerate(groups)
-        }
-        if method.learn != "none":
+        if e2e_plans is not None:
+            plans = e2e_plans[i]
+        else:
+            plans = {
+                g.name: plan_group(
+                    block,
+                    g,
+                    _group_method(method, stats, g, i),
+                    quant,
+                    stats.get(g.name) if stats and method.needs_calibration else None,
+                    heads,
+                    seed=seed * 1000 + i * 10 + j,
+                )
+                for j, g in enumerate(groups)
+            }
+        if method.learn not in ("none", "e2e"):
             plans, info = learn_block(
                 block,
                 groups,
@@ -268,6 +288,19 @@ def quantize_model(
             if fp_stream is not None:
                 fp_stream = fp_stream.next(fp_out, i + 1)
         store.release(i)
+    if teacher is not None:
+        from duquant.learn.norms import tune_norms
+
+        report.norm_tuning = tune_norms(
+            model,
+            teacher,
+            adapter,
+            calib_windows,
+            epochs=method.norm_epochs,
+            lr=method.norm_lr,
+            seed=seed,
+        )
+        del teacher
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report

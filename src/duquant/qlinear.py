@@ -23,6 +23,14 @@ def _fresh(y: Tensor, x: Tensor) -> bool:
     return y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
+def ste_fake_quant(x: Tensor, spec: QuantSpec | None, name: str = "train") -> Tensor:
+    """Fake-quantize `x` in the forward pass; the identity in the backward (straight-through)."""
+    if spec is None:
+        return x
+    q = spec.fake_quant(x.detach().float(), name=name).to(x.dtype)
+    return x + (q - x).detach()
+
+
 class InputQuantizer(nn.Module):
     """Online part of one input position: transform then fake-quantize, shared by the linears reading it.
 
@@ -51,7 +59,11 @@ class InputQuantizer(nn.Module):
         if self._last_input is not None and self._last_input() is x:
             return self._last_output
         y = None if self.clip is not None else _fused(x, self.online, self.spec)
-        if y is None and self.clip is not None:
+        if y is None and self.clip is None and x.requires_grad and torch.is_grad_enabled():
+            # training through the quantized model (norm tweaking): straight-through quantization
+            y = self.online.apply_online(x) if self.online is not None else x
+            y = ste_fake_quant(y, self.spec, self.name)
+        elif y is None and self.clip is not None:
             y = self.online.apply_online(x) if self.online is not None else x
             if self.spec is not None:
                 y = self.spec.fake_quant_clipped(y, self.clip).to(y.dtype)

@@ -53,7 +53,7 @@ def check_request(method, quant) -> None:
             f"method {method.name} is not exportable: its online zigzag permutation moves channels "
             "across 32-channel blocks, which a compressed-tensors block transform cannot express"
         )
-    if method.learn != "none":
+    if method.learn == "flatquant":  # learned rotations (duquant++learn, ...) export as DuQuant++
         raise ExportError(
             f"method {method.name} is not exportable: its learned Kronecker transforms and clip "
             "ratios have no compressed-tensors form; evaluate it in process (drop --save)"

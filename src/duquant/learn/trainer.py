@@ -23,18 +23,11 @@ from duquant.calibrate import BlockInputs, block_output
 from duquant.formats import QuantSpec
 from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import InputGroup
+from duquant.qlinear import ste_fake_quant
 from duquant.transforms.base import Transform
 from duquant.utils import replace_submodule
 
 log = logging.getLogger(__name__)
-
-
-def ste_fake_quant(x: Tensor, spec: QuantSpec | None) -> Tensor:
-    """Fake-quantize `x` in the forward pass; the identity in the backward (straight-through)."""
-    if spec is None:
-        return x
-    q = spec.fake_quant(x.detach().float(), name="train").to(x.dtype)
-    return x + (q - x).detach()
 
 
 class LearnedGroup(nn.Module):

@@ -42,6 +42,10 @@ class MethodConfig:
     # `model` (also corrects the error accumulated in earlier blocks)
     learn_target: str = "block"
     learn_normalized_loss: bool = False  # step on MSE / its detached value (FlatQuant)
+    # norm tweaking after quantization (duquant.learn.norms): epochs of training the pre-norm
+    # weights through the whole quantized model on the KL from full precision (0: off)
+    norm_epochs: int = 0
+    norm_lr: float = 1e-2
     flat_alpha: float = 0.3  # FlatQuant's per-channel scale start: SmoothQuant-style, α = 0.3
     clip_init: float = 4.0  # FlatQuant's clip logit start: ratio sigmoid(4) = 0.982
     # the weight quantizer and GPTQ options a method fixes (None: the command line's)
@@ -57,6 +61,8 @@ class MethodConfig:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def __post_init__(self) -> None:
+        if self.norm_epochs < 0 or not self.norm_lr > 0:
+            raise ValueError("norm_epochs must be >= 0 and norm_lr > 0")
         if self.learn_target not in ("block", "model"):
             raise ValueError(f"learn_target must be 'block' or 'model', got {self.learn_target!r}")
 
@@ -98,6 +104,13 @@ METHODS: dict[str, MethodConfig] = {
         # ours, learned: duquant++mx's smoothing and rotation refined block by block on the
         # quantized block-output error (duquant.learn.rotation); same online cost and export
         replace(_DQPP_MX, name="duquant++learn", learn="rotation"),
+        # ours, learned end to end: every block's smoothing and rotation trained at once on the
+        # KL from the full-precision model through the quantized model (duquant.learn.e2e)
+        replace(_DQPP_MX, name="duquant++e2e", learn="e2e", learn_batch=1, learn_lr=3e-3),
+        # ours, norm-tweaked: duquant++mx, then (after GPTQ) the pre-norm weights, which hold the
+        # folded smoothing and stay in full precision, trained on the KL from the full-precision
+        # model through the quantized model (duquant.learn.norms); same online cost and export
+        replace(_DQPP_MX, name="duquant++nt", norm_epochs=2),
         # MR-GPTQ (FP-Quant, Egiazarian et al. 2025): block-32 randomized Hadamard, then GPTQ with
         # static group scales from FP-Quant's MSE observer and single columns in descending
         # diag(H) order (FP-Quant's --quantization_order activation --w_observer mse)
@@ -131,7 +144,7 @@ METHODS: dict[str, MethodConfig] = {
 
 # `--method best`: the most accurate registered method, with the weight quantizer it was measured
 # with (docs/results.md §11 has the measurement); results record the resolved name
-ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++mx", {"weights": "gptq"})}
+ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++nt", {"weights": "gptq"})}
 
 
 def method_names() -> list[str]:

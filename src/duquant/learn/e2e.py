@@ -1,0 +1,130 @@
+"""Ours, end to end: every block's smoothing and block rotation refined jointly on the model's loss.
+
+The block-wise learner (duquant.learn.rotation) fits each block to its own output; here every
+group's `LearnedRotation` of every block trains at once, through the whole quantized model
+(straight-through MX quantization of activations and weights), on the KL divergence from the
+full-precision model's next-token distribution over the calibration windows (SpinQuant's idea,
+on DuQuant++'s per-input block rotations instead of a residual-stream rotation). The starting
+point is duquant++mx's searched plans; the result is still one smoothing and one 32 x 32 block
+rotation per input, so the online cost and the export are DuQuant++'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from contextlib import ExitStack
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from duquant.methods import MethodConfig
+from duquant.methods.build import GroupPlan, HeadShape, plan_from_steps
+from duquant.models.adapters import Adapter
+from duquant.models.moe import unfuse_block
+
+from . import rotation_learner
+from .trainer import LearnedGroup, _clear, quantized_wrappers
+
+log = logging.getLogger(__name__)
+
+
+def kl_from_teacher(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over tokens of KL(p_teacher || p_student) from logits [..., vocab]."""
+    t = F.log_softmax(teacher.float(), dim=-1)
+    s = F.log_softmax(student.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _searched_plans(model, adapter, method, quant, windows, seed) -> list[dict[str, GroupPlan]]:
+    """duquant++mx's plans of every block (searched on a copy quantized with RTN weights)."""
+    from duquant.pipeline import quantize_model  # the pipeline imports this module
+
+    scratch = copy.deepcopy(model)
+    start = replace(method, learn="none")
+    rep = quantize_model(scratch, adapter, start, replace(quant, weights="rtn"), windows, seed)
+    del scratch
+    return rep.plans
+
+
+@torch.no_grad()
+def _mean_kl(student: nn.Module, teacher: nn.Module, windows: Tensor, caches) -> float:
+    """KL of the wrapped model from the teacher, averaged over the windows."""
+    total = 0.0
+    for w in windows:
+        total += kl_from_teacher(student(w[None]).logits, teacher(w[None]).logits).item()
+        _clear(caches)
+    return total / max(1, len(windows))
+
+
+def learn_end_to_end(
+    model: nn.Module,
+    adapter: Adapter,
+    method: MethodConfig,
+    quant,
+    windows: Tensor,
+    seed: int = 0,
+) -> tuple[list[dict[str, GroupPlan]], dict]:
+    """The plans of every block after joint training; `model` is left as it was."""
+    plans = _searched_plans(model, adapter, method, quant, windows, seed)
+    heads = HeadShape.of(model.config)
+    student = copy.deepcopy(model).requires_grad_(False)
+    learned: list[dict[str, LearnedGroup]] = []
+    with ExitStack() as stack:
+        caches = []
+        for i, block in enumerate(adapter.blocks(student)):
+            unfuse_block(block, adapter)
+            groups = adapter.block_groups(block)
+            lgs = {}
+            for g in groups:
+                lg = rotation_learner(block, g, plans[i][g.name], None, method, heads)
+                if lg is not None:
+                    lgs[g.name] = lg
+            learned.append(lgs)
+            caches += stack.enter_context(quantized_wrappers(block, groups, lgs, quant, heads))
+        params = [p for lgs in learned for lg in lgs.values() for p in lg.parameters()]
+        n_windows = len(windows)
+        probe = windows[: min(4, n_windows)]
+        info = {"loss_before": _mean_kl(student, model, probe, caches), "steps": 0, "loss": "kl"}
+        opt = torch.optim.AdamW(params, lr=method.learn_lr, weight_decay=0.0)
+        batch = max(1, method.learn_batch)
+        n_batches = math.ceil(n_windows / batch)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, method.learn_epochs * n_batches)
+        )
+        gen = torch.Generator().manual_seed(seed)
+        bar = tqdm(total=method.learn_epochs * n_batches, desc="learn e2e", leave=False)
+        for _ in range(method.learn_epochs):
+            order = torch.randperm(n_windows, generator=gen)
+            for b in range(n_batches):
+                idx = order[b * batch : (b + 1) * batch]
+                with torch.no_grad():
+                    target = model(windows[idx]).logits
+                with torch.enable_grad():  # the pipeline runs under no_grad
+                    loss = kl_from_teacher(student(windows[idx]).logits, target)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                sched.step()
+                _clear(caches)
+                info["steps"] += 1
+                bar.update(1)
+                bar.set_postfix(kl=f"{loss.item():.4f}")
+        bar.close()
+        info["loss_after"] = _mean_kl(student, model, probe, caches)
+    log.info("end-to-end: KL %.4g -> %.4g", info["loss_before"], info["loss_after"])
+    out = []
+    for i, block in enumerate(adapter.blocks(student)):
+        new = dict(plans[i])
+        for g in adapter.block_groups(block):
+            lg = learned[i].get(g.name)
+            if lg is not None:
+                new[g.name] = plan_from_steps(
+                    lg.steps(), g, heads, method.fold, {**plans[i][g.name].info, "learned": True}
+                )
+        out.append(new)
+    return out, info
