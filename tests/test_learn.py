@@ -225,24 +225,3 @@ def test_kl_from_teacher_matches_torch():
         reduction="batchmean",
     )
     torch.testing.assert_close(kl_from_teacher(s, t), ref)
-
-
-def test_end_to_end_method_refuses_streaming():
-    """Joint training needs every block at once: a streamed quantization is refused up front."""
-    from duquant.models.streaming import InMemoryBlocks
-
-    class _Streamed(InMemoryBlocks):
-        whole_model = False
-
-    model = make_tiny_llama(1)
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
-    adapter = adapter_for(model)
-    with pytest.raises(ValueError, match="load the model in memory"):
-        quantize_model(
-            model,
-            adapter,
-            get_method("duquant++e2e"),
-            QuantConfig(),
-            ids,
-            store=_Streamed(adapter.blocks(model)),
-        )

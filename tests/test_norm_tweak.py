@@ -85,8 +85,10 @@ def test_input_quantizer_is_straight_through_under_grad():
     torch.testing.assert_close(xg.grad, rot.inverse(g), atol=1e-5, rtol=1e-5)
 
 
-def test_norm_tweaking_is_refused_when_streaming():
-    """Norm tweaking trains through the whole model: a streamed quantization is refused up front."""
+@pytest.mark.parametrize("method", ["duquant++nt", "duquant++e2e"])
+def test_whole_model_training_is_refused_when_streaming(method):
+    """Norm tweaking and end-to-end training run through the whole model: a streamed quantization
+    is refused before anything changes."""
     from duquant.models.streaming import InMemoryBlocks
 
     class _Streamed(InMemoryBlocks):
@@ -99,7 +101,7 @@ def test_norm_tweaking_is_refused_when_streaming():
         quantize_model(
             model,
             adapter,
-            get_method("duquant++nt"),
+            get_method(method),
             QuantConfig(),
             ids,
             store=_Streamed(adapter.blocks(model)),

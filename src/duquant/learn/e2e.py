@@ -51,6 +51,19 @@ def _searched_plans(model, adapter, method, quant, windows, seed) -> list[dict[s
     return rep.plans
 
 
+def distill_step(student: nn.Module, teacher: nn.Module, batch: Tensor, opt, sched) -> float:
+    """One optimizer step of `student` on its KL from `teacher` over `batch`; the loss."""
+    with torch.no_grad():
+        target = teacher(batch).logits
+    with torch.enable_grad():  # quantize_model runs under no_grad
+        loss = kl_from_teacher(student(batch).logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 @torch.no_grad()
 def _mean_kl(student: nn.Module, teacher: nn.Module, windows: Tensor, caches) -> float:
     """KL of the wrapped model from the teacher, averaged over the windows."""
@@ -102,18 +115,11 @@ def learn_end_to_end(
             order = torch.randperm(n_windows, generator=gen)
             for b in range(n_batches):
                 idx = order[b * batch : (b + 1) * batch]
-                with torch.no_grad():
-                    target = model(windows[idx]).logits
-                with torch.enable_grad():  # the pipeline runs under no_grad
-                    loss = kl_from_teacher(student(windows[idx]).logits, target)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                sched.step()
+                loss = distill_step(student, model, windows[idx], opt, sched)
                 _clear(caches)
                 info["steps"] += 1
                 bar.update(1)
-                bar.set_postfix(kl=f"{loss.item():.4f}")
+                bar.set_postfix(kl=f"{loss:.4f}")
         bar.close()
         info["loss_after"] = _mean_kl(student, model, probe, caches)
     log.info("end-to-end: KL %.4g -> %.4g", info["loss_before"], info["loss_after"])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from duquant.models.adapters import Adapter
 from duquant.qlinear import InputQuantizer
 
-from .e2e import kl_from_teacher
+from .e2e import distill_step
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,8 @@ def tune_norms(
         for _ in tqdm(range(epochs), desc="tune norms", leave=False):
             total = 0.0
             for i in torch.randperm(len(batches), generator=gen).tolist():
-                with torch.no_grad():
-                    target = teacher(batches[i]).logits
-                with torch.enable_grad():  # quantize_model runs under no_grad
-                    loss = kl_from_teacher(model(batches[i]).logits, target)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                sched.step()
+                total += distill_step(model, teacher, batches[i], opt, sched)
                 _reset_quantizers(model)
-                total += loss.item()
                 info["steps"] += 1
             info["kl_per_epoch"].append(total / max(1, len(batches)))
     finally:
