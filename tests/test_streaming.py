@@ -193,9 +193,12 @@ def test_run_stream_equals_the_in_memory_run(tmp_path, capsys, monkeypatch):
             "--save with --stream: a nvfp4 export",
         ),
         (["--model", str(ckpt), "--work-dir", str(tmp_path / "w3")], "--stream runs only"),
-        (["--model", str(ckpt), "--stream", "--method", "quarot"], "changes every block at once"),
-        (["--model", str(ckpt), "--stream", "--method", "duquant++e2e"], "drop --stream"),
-        (["--model", str(ckpt), "--stream", "--method", "duquant++nt"], "norm tweaking"),
+        (["--model", str(ckpt), "--stream", "--method", "quarot"], "rotates the whole model"),
+        (
+            ["--model", str(ckpt), "--stream", "--method", "duquant++e2e"],
+            "trains through the whole",
+        ),
+        (["--model", str(ckpt), "--stream", "--method", "duquant++nt"], "drop --stream"),
     ):
         assert main(["run", *bad, "--output", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err

@@ -434,11 +434,10 @@ class RunConfig(QuantSettings):
             refuse_method(self.model, method)  # e.g. QuaRot on Gemma 3, before anything loads
         if self.stream:
             self._check_stream()
-            if method.global_rotation or method.learn == "e2e" or method.norm_epochs:
+            if method.whole_model_step:
                 raise ConfigError(
-                    f"--stream: method {method.name} changes every block at once (a global "
-                    "rotation, end-to-end training or norm tweaking); drop --stream to load the "
-                    "model in memory"
+                    f"--stream: method {method.name} {method.whole_model_step}; drop --stream to "
+                    "load the model in memory"
                 )
         elif self.work_dir is not None or self.max_activation_mb is not None:
             raise ConfigError("--work-dir and --max-activation-mb apply to --stream runs only")

@@ -170,15 +170,10 @@ def quantize_model(
             f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
             "pass sees every token, an expert only its routed ones; use --gptq-hessian quantized"
         )
-    if (method.learn == "e2e" or method.norm_epochs) and not store.whole_model:
+    if method.whole_model_step and not store.whole_model:
         raise ValueError(
-            f"method {method.name} trains through the whole model at once; streaming "
-            "quantization holds one block at a time: load the model in memory"
-        )
-    if method.global_rotation and not store.whole_model:
-        raise ValueError(
-            f"method {method.name} rotates the whole model at once (embeddings, every block, the "
-            "head); streaming quantization holds one block at a time: load the model in memory"
+            f"method {method.name} {method.whole_model_step}; streaming quantization holds one "
+            "block at a time: load the model in memory"
         )
     blocks = adapter.blocks(model)
     heads = HeadShape.of(model.config)

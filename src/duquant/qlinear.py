@@ -59,17 +59,16 @@ class InputQuantizer(nn.Module):
         if self._last_input is not None and self._last_input() is x:
             return self._last_output
         y = None if self.clip is not None else _fused(x, self.online, self.spec)
-        if y is None and self.clip is None and x.requires_grad and torch.is_grad_enabled():
-            # training through the quantized model (norm tweaking): straight-through quantization
+        if y is None:
             y = self.online.apply_online(x) if self.online is not None else x
-            y = ste_fake_quant(y, self.spec, self.name)
-        elif y is None and self.clip is not None:
-            y = self.online.apply_online(x) if self.online is not None else x
-            if self.spec is not None:
+            if self.spec is None:
+                pass
+            elif self.clip is not None:
                 y = self.spec.fake_quant_clipped(y, self.clip).to(y.dtype)
-        elif y is None:
-            y = self.online.apply_online(x) if self.online is not None else x
-            if self.spec is not None:
+            elif x.requires_grad and torch.is_grad_enabled():
+                # training through the quantized model (norm tweaking): straight-through
+                y = ste_fake_quant(y, self.spec, self.name)
+            else:
                 # `spec.fake_quant`, but quantizing the transform's fresh output in place: one
                 # activation-sized allocation (and its page faults) less per input position
                 y = self.spec.codec.quantize_dequantize(

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from duquant.models.adapters import Adapter
-from duquant.qlinear import InputQuantizer
 
 from .e2e import distill_step
 
@@ -44,12 +43,14 @@ class RelativeScale(nn.Module):
 
 def tuned_norms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     """The norms whose weights are tuned: every block's pre-norms of quantized inputs, the final norm."""
-    names = []
-    for block in adapter.blocks(model):
-        for g in adapter.block_groups(block):
-            if g.norm is not None:
-                names.append(block.get_submodule(g.norm))
-    return list({id(m): m for m in [*names, model.get_submodule(adapter.final_norm)]}.values())
+    norms = [
+        block.get_submodule(g.norm)
+        for block in adapter.blocks(model)
+        for g in adapter.block_groups(block)
+        if g.norm is not None
+    ]
+    norms.append(model.get_submodule(adapter.final_norm))
+    return list({id(m): m for m in norms}.values())  # q/k/v and a router may share a norm
 
 
 def tune_norms(
@@ -82,8 +83,9 @@ def tune_norms(
         for _ in tqdm(range(epochs), desc="tune norms", leave=False):
             total = 0.0
             for i in torch.randperm(len(batches), generator=gen).tolist():
+                # each block's InputQuantizers drop their cached activation (and its graph) when
+                # the block's forward ends (qlinear.reset_caches_after_forward)
                 total += distill_step(model, teacher, batches[i], opt, sched)
-                _reset_quantizers(model)
                 info["steps"] += 1
             info["kl_per_epoch"].append(total / max(1, len(batches)))
     finally:
@@ -92,18 +94,10 @@ def tune_norms(
             m.weight.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
-        _reset_quantizers(model)
     kls = info["kl_per_epoch"]
     if kls:
         log.info("norm tweaking: mean KL %.4g (first epoch) -> %.4g (last)", kls[0], kls[-1])
     return info
-
-
-def _reset_quantizers(model: nn.Module) -> None:
-    """Drop the activations the InputQuantizers cached (they hold autograd graphs in training)."""
-    for m in model.modules():
-        if isinstance(m, InputQuantizer):
-            m.reset()
 
 
 __all__ = ["RelativeScale", "tune_norms", "tuned_norms"]

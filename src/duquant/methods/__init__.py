@@ -67,6 +67,16 @@ class MethodConfig:
             raise ValueError(f"learn_target must be 'block' or 'model', got {self.learn_target!r}")
 
     @property
+    def whole_model_step(self) -> str | None:
+        """What this method does to the whole model at once (None: it works block by block), the
+        reason a streamed quantization, which holds one block at a time, cannot run it."""
+        if self.global_rotation:
+            return "rotates the whole model at once (embeddings, every block, the head)"
+        if self.learn == "e2e" or self.norm_epochs:
+            return "trains through the whole model at once (end-to-end training or norm tweaking)"
+        return None
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the method reads calibration activations."""
         return self.smooth or self.rotation in ("greedy", "duquant-v1") or self.learn != "none"
