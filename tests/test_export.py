@@ -303,12 +303,13 @@ def test_config_validates_with_compressed_tensors(tmp_path: Path) -> None:
 def _no_model_load(monkeypatch) -> None:
     """Make any model load fail the test: refusals must come before it."""
     import duquant.models
+    import duquant.runner  # imported first: importing it under the patch would bind `boom` for good
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the request was refused")
 
     monkeypatch.setattr(duquant.models, "load_model", boom)
-    monkeypatch.setattr("duquant.runner.load_model", boom)
+    monkeypatch.setattr(duquant.runner, "load_model", boom)
 
 
 def test_non_empty_directory_refused_before_loading(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -107,3 +107,24 @@ def test_whole_model_training_is_refused_when_streaming(method):
             store=_Streamed(adapter.blocks(model)),
         )
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_norm_epochs_from_the_command_line_override_the_method():
+    """--norm-epochs / --norm-lr reach the method (norm tweaking added to any method, or switched
+    off), and duquant++nt with 0 epochs is duquant++mx bit for bit."""
+    from duquant.config import RunConfig
+    from duquant.runner import _plan
+
+    cfg = RunConfig(method="duquant++mx", norm_epochs=3, norm_lr=0.05)
+    method, _, record = _plan(cfg, "tiny")
+    assert (method.norm_epochs, method.norm_lr) == (3, 0.05)
+    assert record["method"]["norm_epochs"] == 3
+    assert get_method("best", **RunConfig(method="best").method_overrides()).norm_epochs == 2
+    _, base, ids, _ = _quantized("duquant++mx")
+    _, off, _, rep = _quantized("duquant++nt", norm_epochs=0)
+    assert rep.norm_tuning == {}
+    sd_base, sd_off = base.state_dict(), off.state_dict()
+    assert sd_base.keys() == sd_off.keys()
+    assert all(torch.equal(sd_base[k], sd_off[k]) for k in sd_base)
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, off(ids).logits)

@@ -199,6 +199,10 @@ def test_run_stream_equals_the_in_memory_run(tmp_path, capsys, monkeypatch):
             "trains through the whole",
         ),
         (["--model", str(ckpt), "--stream", "--method", "duquant++nt"], "drop --stream"),
+        (  # norm tweaking asked for on a block-wise method
+            ["--model", str(ckpt), "--stream", "--method", "duquant++mx", "--norm-epochs", "1"],
+            "trains through the whole",
+        ),
     ):
         assert main(["run", *bad, "--output", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err

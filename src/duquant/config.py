@@ -274,6 +274,13 @@ class QuantSettings:
         "calibration windows per training step of a learned method (default: the method's)",
         minimum=1,
     )
+    norm_epochs: int | None = opt(
+        None,
+        "epochs of norm tweaking after quantization (the pre-norm weights trained on the KL from "
+        "full precision through the quantized model; 0: off) (default: the method's)",
+        minimum=0,
+    )
+    norm_lr: float | None = opt(None, "learning rate of norm tweaking, > 0 (default: the method's)")
     seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)
     max_windows: int | None = opt(None, "evaluate only the first N windows", minimum=1)
     nsamples: int = opt(128, "calibration windows", minimum=1)
@@ -323,12 +330,12 @@ class QuantSettings:
             raise ConfigError(
                 f"--gptq-target-damp {self.gptq_target_damp}: must be a positive number"
             )
-        if self.learn_lr is not None and not (
-            isinstance(self.learn_lr, (int, float))
-            and math.isfinite(self.learn_lr)
-            and self.learn_lr > 0
-        ):
-            raise ConfigError(f"--learn-lr {self.learn_lr}: must be a positive number")
+        for name in ("learn_lr", "norm_lr"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
+                raise ConfigError(f"{flag_of(name)} {value}: must be a positive number")
         check_ranges(self)
         check_device(self.device)
         if self.model is not None:
@@ -345,6 +352,8 @@ class QuantSettings:
             "learn_epochs": self.learn_epochs,
             "learn_lr": self.learn_lr,
             "learn_batch": self.learn_batch,
+            "norm_epochs": self.norm_epochs,
+            "norm_lr": self.norm_lr,
         }
 
     def resolved_rules(self) -> tuple[str, str]:
@@ -406,7 +415,7 @@ class RunConfig(QuantSettings):
         from duquant.methods import get_method
 
         try:
-            method = get_method(self.method)
+            method = get_method(self.method, **self.method_overrides())
         except ValueError:
             raise ConfigError(
                 f"--method {self.method}: unknown; choose one of {', '.join(_method_names())}"
