@@ -17,7 +17,7 @@ from duquant.models import (
     load_model,
     loading,
 )
-from duquant.models.loading import check_finite_weights
+from duquant.models.loading import ModelSourceError, check_finite_weights
 
 TINY = dict(TINY_CONFIG, max_position_embeddings=128)
 
@@ -170,6 +170,10 @@ def test_load_model_local_hf_dir(tmp_path, monkeypatch):
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)
     bf16 = load_model(str(tmp_path), dtype="bfloat16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    # a damaged weights file: one ModelSourceError naming it, not the reader's own exception
+    (tmp_path / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ModelSourceError, match="safetensors file is damaged"):
+        load_model(str(tmp_path))
 
 
 @pytest.mark.model

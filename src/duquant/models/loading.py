@@ -101,13 +101,10 @@ def load_model(
     source: str | None = None, dtype: str = "float32", device: str = "cpu"
 ) -> LoadedModel:
     """Load `source` (HF id, local HF dir or .gguf file; None = the default model) in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = source or default_model()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
     check_model_source(source)
-    kwargs: dict = {"dtype": DTYPES[dtype]}
     path = Path(source).expanduser()
     from duquant.export import find_loader
 
@@ -116,34 +113,74 @@ def load_model(
         model, tokenizer = exported.load(path, DTYPES[dtype], device)
         return LoadedModel(model, tokenizer, source)
     if path.suffix == ".gguf":
-        where, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
-        where = str(path)
+        tokenizer, model = _load_gguf(path, source, DTYPES[dtype], device)
     else:
-        where = source
-        _check_hub_for(source)
-    check_architecture(where)
-    log.info("loading %s (%s on %s)", source, dtype, device)
-    tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        where = str(path) if path.is_dir() else source
+        if not path.is_dir():
+            _check_hub_for(source)
+        check_architecture(where)
+        log.info("loading %s (%s on %s)", source, dtype, device)
+        tokenizer, model = _from_pretrained(where, source, DTYPES[dtype])
+    model.to(device).eval()
+    check_finite_weights(model)
+    check_vocabulary(model, tokenizer, source)
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_gguf(
+    path: Path, source: str, dtype: torch.dtype, device: str
+) -> tuple[object, nn.Module]:
+    """(tokenizer, model) of a GGUF file, through the converted-GGUF cache (models.gguf_cache)
+    when it is on: converted once at float32, then read from the cache folder at `dtype`."""
+    from duquant.models import gguf_cache
+
+    check_architecture(str(path.parent))
+    entry = gguf_cache.entry_for(path)
+    if entry is not None and entry.is_dir():
+        log.info("loading %s (%s on %s) from its converted copy %s", source, dtype, device, entry)
+        try:
+            return _from_pretrained(str(entry), source, dtype)
+        except ModelSourceError as exc:  # a damaged entry: ours to rebuild
+            gguf_cache.drop_entry(entry, str(exc))
+    log.info("loading %s (%s on %s): converting the GGUF", source, dtype, device)
+    gguf = {"gguf_file": path.name}
+    if entry is None:
+        return _from_pretrained(str(path.parent), source, dtype, gguf)
+    tokenizer, model = _from_pretrained(str(path.parent), source, torch.float32, gguf)
+    if not gguf_cache.write_entry(entry, model, tokenizer):
+        return tokenizer, model.to(dtype)
+    del model
+    return _from_pretrained(str(entry), source, dtype)
+
+
+def _from_pretrained(
+    where: str, source: str, dtype: torch.dtype, gguf: dict | None = None
+) -> tuple[object, nn.Module]:
+    """(tokenizer, model) through transformers, its load errors as one-line ModelSourceErrors."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf or {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **tok_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **gguf)
     except (struct.error, EOFError, IndexError) as exc:  # the GGUF reader on a cut-off file
         raise ModelSourceError(
             f"model {source}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
             "fetch it again"
         ) from None
+    except SafetensorError as exc:  # a damaged weights file in a folder
+        raise ModelSourceError(
+            f"model {source}: a safetensors file is damaged ({exc}); fetch or write it again"
+        ) from None
     except (ValueError, OSError) as exc:
-        if "gguf_file" in kwargs and not isinstance(exc, ModelSourceError):
+        if gguf and not isinstance(exc, ModelSourceError):
             raise ModelSourceError(
                 f"model {source}: the GGUF file could not be read ({str(exc).splitlines()[0]}); "
                 "it may be truncated or of an architecture transformers cannot load"
             ) from None
         raise ModelSourceError(f"model {source}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
-    check_finite_weights(model)
-    check_vocabulary(model, tokenizer, source)
-    return LoadedModel(model, tokenizer, source)
+    return tokenizer, model
 
 
 def _check_hub_for(source: str) -> None:
