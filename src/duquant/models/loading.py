@@ -115,8 +115,10 @@ def load_model(
     if path.suffix == ".gguf":
         tokenizer, model = _load_gguf(path, source, DTYPES[dtype], device)
     else:
-        where = str(path) if path.is_dir() else source
-        if not path.is_dir():
+        if path.is_dir():
+            where = str(path)
+        else:
+            where = source
             _check_hub_for(source)
         check_architecture(where)
         log.info("loading %s (%s on %s)", source, dtype, device)
