@@ -181,7 +181,8 @@ def test_end_to_end_learning_lowers_the_kl_and_keeps_an_exact_plan():
     """duquant++e2e: joint training lowers the quantized model's KL from the full-precision model
     on the calibration windows, leaves the teacher untouched, and what it learned is still one
     smoothing and one orthogonal block rotation per input (exact with quantization off)."""
-    from duquant.learn.e2e import kl_from_teacher, learn_end_to_end
+    from duquant.learn.distill import kl_from_teacher
+    from duquant.learn.e2e import learn_end_to_end
 
     model = make_tiny_llama(3)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(7))
@@ -216,7 +217,7 @@ def test_kl_from_teacher_matches_torch():
     """The distillation loss is torch's KL(teacher || student) averaged over tokens."""
     gen = torch.Generator().manual_seed(8)
     s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
-    from duquant.learn.e2e import kl_from_teacher
+    from duquant.learn.distill import kl_from_teacher
 
     ref = torch.nn.functional.kl_div(
         s.log_softmax(-1).reshape(-1, 11),

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 
 from duquant.formats import QuantSpec
-from duquant.learn.e2e import kl_from_teacher
+from duquant.learn.distill import kl_from_teacher
 from duquant.learn.norms import RelativeScale, tuned_norms
 from duquant.methods import get_method
 from duquant.models import adapter_for

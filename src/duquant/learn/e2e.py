@@ -18,7 +18,6 @@ from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -28,16 +27,10 @@ from duquant.models.adapters import Adapter
 from duquant.models.moe import unfuse_block
 
 from . import rotation_learner
+from .distill import distill_step, kl_from_teacher
 from .trainer import LearnedGroup, _clear, quantized_wrappers
 
 log = logging.getLogger(__name__)
-
-
-def kl_from_teacher(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean over tokens of KL(p_teacher || p_student) from logits [..., vocab]."""
-    t = F.log_softmax(teacher.float(), dim=-1)
-    s = F.log_softmax(student.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 def _searched_plans(model, adapter, method, quant, windows, seed) -> list[dict[str, GroupPlan]]:
@@ -49,19 +42,6 @@ def _searched_plans(model, adapter, method, quant, windows, seed) -> list[dict[s
     rep = quantize_model(scratch, adapter, start, replace(quant, weights="rtn"), windows, seed)
     del scratch
     return rep.plans
-
-
-def distill_step(student: nn.Module, teacher: nn.Module, batch: Tensor, opt, sched) -> float:
-    """One optimizer step of `student` on its KL from `teacher` over `batch`; the loss."""
-    with torch.no_grad():
-        target = teacher(batch).logits
-    with torch.enable_grad():  # quantize_model runs under no_grad
-        loss = kl_from_teacher(student(batch).logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
 
 
 @torch.no_grad()

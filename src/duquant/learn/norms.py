@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from duquant.models.adapters import Adapter
 
-from .e2e import distill_step
+from .distill import distill_step
 
 log = logging.getLogger(__name__)
 
