@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from duquant.models import load_model
+from duquant.models.gguf_cache import plain_config
 
 
 def main() -> None:
@@ -21,9 +22,7 @@ def main() -> None:
     p.add_argument("--max-shard-size", default="2GB")
     args = p.parse_args()
     loaded = load_model(args.gguf)
-    config = loaded.model.config
-    if hasattr(config, "quantization_config"):  # GGUF's marker: the weights are plain tensors now
-        delattr(config, "quantization_config")
+    config = plain_config(loaded.model.config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.load_state_dict(loaded.model.state_dict(), strict=True)
     ids = torch.arange(32).unsqueeze(0)

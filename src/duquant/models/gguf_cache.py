@@ -49,6 +49,14 @@ def entry_for(path: Path) -> Path | None:
     return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def plain_config(config):
+    """A copy of a GGUF-loaded model's config without the GGUF reader's quantization marker."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # the weights are plain float tensors now
+        del config.quantization_config
+    return config
+
+
 def write_entry(entry: Path, model: nn.Module, tokenizer) -> bool:
     """Save a float32 model converted from a GGUF and its tokenizer as a Hugging Face folder at
     `entry`, all or nothing (written aside, then renamed); False when it could not be written."""
@@ -60,10 +68,7 @@ def write_entry(entry: Path, model: nn.Module, tokenizer) -> bool:
         tmp.mkdir()
         # save_model writes a tied head once; the config's tie_word_embeddings ties it on reload
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):  # the GGUF reader's marker: weights are plain
-            del config.quantization_config
-        config.save_pretrained(tmp)
+        plain_config(model.config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(entry)
     except OSError as exc:
@@ -89,4 +94,4 @@ def drop_entry(entry: Path, why: str) -> None:
     shutil.rmtree(entry, ignore_errors=True)
 
 
-__all__ = ["cache_root", "drop_entry", "entry_for", "write_entry"]
+__all__ = ["cache_root", "drop_entry", "entry_for", "plain_config", "write_entry"]
