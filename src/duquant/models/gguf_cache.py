@@ -17,8 +17,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def entry_for(path: Path) -> Path | None:
     return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def plain_config(config):
+def plain_config(config: PretrainedConfig) -> PretrainedConfig:
     """A copy of a GGUF-loaded model's config without the GGUF reader's quantization marker."""
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):  # the weights are plain float tensors now
