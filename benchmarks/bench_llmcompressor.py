@@ -4,7 +4,7 @@ Every case quantizes the default model (SmolLM2-135M, loaded by `duquant.models.
 same calibration windows, `duquant.data.calibration_windows(tokenizer, --nsamples, --seqlen, seed)`
 (WikiText-2 train, else validation offline), and is evaluated on the same evaluation windows: the
 first --eval-windows x --eval-seqlen tokens of WikiText-2 test tokenized as `duquant run` does
-(`runner.eval_tokens`). Both tensors are drawn once here and handed to every case as saved
+(the evaluation registry's `wikitext2`, `duquant.eval.registry`). Both tensors are drawn once here and handed to every case as saved
 tensors; both sides compute perplexity with duquant's own `duquant.eval.perplexity.perplexity`
 (the llm-compressor side imports it from the source tree, like the loader): a plain forward over
 each window, summed next-token NLL over all windows / (windows x (seqlen - 1)), exp.
@@ -24,7 +24,7 @@ case runs in its own subprocess:
 
 * ours (`--ours-methods`, any registered method name; METHOD/fp uses `--gptq-hessian fp`): this
   script with the project's python (`--python`), the calls of `duquant run --method METHOD
-  --weights gptq` (`runner.quant_config`, `pipeline.quantize_model`), then the perplexity. Default:
+  --weights gptq` (`api.check`, `api.quantize_loaded`), then the perplexity. Default:
   `duquant++` (DuQuant++*) and `duquant++mx`;
 * llm-compressor (`--llmc-recipes`): this script with `--llmc-python` (default
   /work/.venv-llmc/bin/python, made as below), `oneshot(model, dataset, recipe)` on a
@@ -244,7 +244,8 @@ def first_windows(
 def text_windows(
     tok, text: str, n: int, seqlen: int, option: str = "--eval-windows"
 ) -> torch.Tensor:
-    """A whole text tokenized at once (the call of `runner.eval_tokens`), its first n x seqlen tokens."""
+    """A whole text tokenized at once (the call of duquant's evaluation registry for wikitext2),
+    its first n x seqlen tokens."""
     return first_windows(tok(text, return_tensors="pt").input_ids[0], n, seqlen, option)
 
 
@@ -323,6 +324,7 @@ def cases_of(args: argparse.Namespace) -> list[str]:
     """The cases to run, checked before anything loads: ours first (the first is the base), then
     llm-compressor's; exits with status 2 on an unknown name or a bad number."""
     use_src()
+    from duquant.api import check
     from duquant.config import ConfigError, RunConfig
 
     for name in ("nsamples", "seqlen", "eval_seqlen", "threads"):
@@ -339,7 +341,7 @@ def cases_of(args: argparse.Namespace) -> list[str]:
     for item in ours:
         method, _, hessian = item.partition("/")
         try:
-            RunConfig(method=method, weights="gptq", gptq_hessian=hessian or "quantized")
+            check(RunConfig(method=method, weights="gptq", gptq_hessian=hessian or "quantized"))
         except (ConfigError, ValueError) as exc:
             fail(f"--ours-methods {item}: {exc}")
     recipes = split_list(args.llmc_recipes)
@@ -373,12 +375,9 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, texts: dict) ->
     then duquant's perplexity on the evaluation windows."""
     from dataclasses import asdict
 
+    from duquant.api import check, quantize_loaded
     from duquant.config import RunConfig
-    from duquant.methods import get_method
-    from duquant.models import adapter_for
-    from duquant.pipeline import quantize_model
     from duquant.qlinear import QuantLinear
-    from duquant.runner import quant_config
 
     loaded, load_s = _load(args.model)
     method_name, _, hessian = args.method.partition("/")
@@ -391,8 +390,8 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, texts: dict) ->
         calib_seqlen=windows.shape[1],
         seed=args.seed,
     )
-    method = get_method(cfg.method)
-    quant = quant_config(cfg)
+    plan = check(cfg)
+    quant = plan.quant
     model = loaded.model
     out: dict = {"load_seconds": load_s}
     if args.fp_check:
@@ -400,7 +399,7 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, texts: dict) ->
     torch.manual_seed(cfg.seed)
     mem = start_quantize()
     start = time.perf_counter()
-    report = quantize_model(model, adapter_for(model), method, quant, windows, seed=cfg.seed)
+    report = quantize_loaded(plan, model, windows)
     seconds = time.perf_counter() - start
     mem = end_quantize(mem)
     out |= {
@@ -410,7 +409,7 @@ def worker_ours(args: argparse.Namespace, windows: torch.Tensor, texts: dict) ->
         "quantized_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
         "gptq_layers": len(report.layer_errors),
         "config": {
-            "method": asdict(method),
+            "method": plan.recipe.to_dict(),
             "weights": asdict(quant.weight),
             "activations": asdict(quant.act),
             "gptq": asdict(quant.gptq),
@@ -1057,7 +1056,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(str(source))
     eval_ids, eval_src = None, None
     if args.eval_windows:
-        # as runner.eval_tokens: the whole WikiText-2 test text tokenized at once
+        # as the evaluation registry's wikitext2: the whole WikiText-2 test text tokenized at once
         text, eval_src = eval_text("wikitext2")
         try:
             eval_ids = text_windows(tok, text, args.eval_windows, args.eval_seqlen)

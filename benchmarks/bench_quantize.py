@@ -19,6 +19,29 @@ from pathlib import Path
 from _common import machine, write_json
 
 
+def quantize_only(cfg) -> dict:
+    """`duquant.api.run(cfg)` less the evaluation: check, load, calibrate and quantize through the
+    same api calls; {'config': ..., 'metrics': ...} as `run` records them."""
+    import torch
+
+    from duquant import api
+
+    plan = api.check(cfg)
+    torch.manual_seed(cfg.seed)
+    loaded = api.load_model(cfg.model, str(cfg.dtype), cfg.device)
+    config = api.record(plan, loaded.source)
+    config["run"]["evals"] = []  # quantization only: nothing is evaluated
+    metrics: dict = {}
+    windows, calib, seconds = api.calibrate(plan, loaded.tokenizer)
+    if calib is not None:
+        config["calibration"] = calib
+        metrics["calibration_data_seconds"] = seconds
+    report = api.quantize_loaded(plan, loaded.model, windows)
+    metrics["quantize_seconds"] = report.seconds
+    metrics["quantize_peak_rss_mb"] = report.peak_rss_mb
+    return {"config": config, "metrics": metrics}
+
+
 def one(
     method: str,
     weights: str,
@@ -33,12 +56,10 @@ def one(
 
     torch.set_num_threads(threads)
     from duquant.config import RunConfig
-    from duquant.runner import run
 
     cfg = RunConfig(
         method=method,
         weights=weights,
-        evals=[],
         nsamples=nsamples,
         calib_seqlen=seqlen,
         w_scale_rule=rule,
@@ -46,7 +67,7 @@ def one(
         gptq_hessian=hessian,
     )
     t = time.perf_counter()
-    res = run(cfg)
+    res = quantize_only(cfg)
     m = res["metrics"]
     return {
         "method": method,

@@ -1,8 +1,8 @@
 """Export round trip on the real model: in-process logits and perplexity against the reloaded export.
 
 For each method: quantize, evaluate WikiText-2 in process, export (compressed-tensors), reload the
-directory through compressed-tensors' APIs (`load_model(DIR)`), evaluate it again, and compare the
-logits of every evaluated window bit for bit. Also records file sizes (export, the FP checkpoint
+directory through compressed-tensors' APIs (`duquant.api.load_model(DIR)`), evaluate it again, and
+compare the logits of every evaluated window bit for bit. Also records file sizes (export, the FP checkpoint
 written by transformers in the same dtype) and bits per quantized weight:
 
 OMP_NUM_THREADS=1 python benchmarks/export_roundtrip.py --methods rtn,duquant++,duquant++*,duquant++mx* \
@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from _common import machine, write_json
 
+from duquant.api import load_model, run
 from duquant.config import RunConfig
 from duquant.data import calibration_windows, eval_text
 from duquant.export import save
 from duquant.export.ct import nbytes_on_disk
-from duquant.models import load_model
-from duquant.runner import run
 
 
 @torch.no_grad()

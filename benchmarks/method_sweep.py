@@ -1,15 +1,25 @@
 """Quick accuracy sweep: several method settings on one loaded model, the same calibration and windows.
 
-Each SPEC is `method:key=value,...`; keys are MethodConfig fields (e.g. learn_epochs, learn_lr,
-learn_batch, learn_target) plus `seed`, `weights` (default gptq), `gss` (--gptq-scale-search),
-`gt` (--gptq-target), `gtd` (--gptq-target-damp), `only` (w: weights only, a: activations only),
-`apos` (activations quantized only at these input groups of the adapter, `+`-separated, e.g. qkv+down;
-turned off after quantization, so use it with only=a: GPTQ saw every position quantized),
-`ns` / `cl` (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024
-tokens, default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
+Each SPEC is `method:key=value,...`. Keys are
+* the run-level recipe overrides (duquant.config.METHOD_OVERRIDES: alpha, block_size, max_steps,
+  learn_epochs, learn_lr, learn_batch, norm_epochs, norm_lr; and fold, learn_target), each applied
+  to the stage that owns it as `duquant run --alpha ...` does (norm_epochs > 0 adds norm tweaking);
+* `stage.option` (e.g. greedy-rotation.max_steps=16, smooth.alpha=0.5, flatquant.clip_init=3):
+  that option of the recipe's stage of that kind (duquant.stages.STAGES), typed like its current
+  value; `gptq.option` also sets the run's GPTQ options, from which the pipeline takes every option
+  the recipe's GPTQ stage does not fix (so it applies with weights=gptq and no GPTQ stage too);
+* `seed`, `weights` (default gptq), `gss` (--gptq-scale-search), `gt` (--gptq-target), `gtd`
+  (--gptq-target-damp), `only` (w: weights only, a: activations only), `apos` (activations
+  quantized only at these input groups of the adapter, `+`-separated, e.g. qkv+down; turned off
+  after quantization, so use it with only=a: GPTQ saw every position quantized), `ns` / `cl`
+  (calibration windows / length, default 16 x 1024) and `nw` (evaluation windows of 1024 tokens,
+  default 8): the protocol of llm-compressor's comparison in docs/results.md §11.
+
+An unknown key, stage or option, or a bad value, exits with one line.
 
     OMP_NUM_THREADS=1 python benchmarks/method_sweep.py results/sweep.json \
-        "duquant++learn:learn_epochs=2" "duquant++mx:" "duquant++mx:gss=hessian"
+        "duquant++learn:learn_epochs=2" "duquant++mx:" "duquant++mx:gss=hessian" \
+        "duquant++mx:greedy-rotation.start_candidates=4,smooth.alpha=0.5"
 
 Writes one record per SPEC (PPL, quantize seconds, per-block training losses) after each run.
 """
@@ -26,34 +36,93 @@ from dataclasses import fields, replace
 
 import torch
 
-from duquant.config import RunConfig
+from duquant.api import check, quantize_loaded
+from duquant.config import METHOD_OVERRIDES, ConfigError, RunConfig
 from duquant.data import calibration_windows
-from duquant.eval import perplexity
-from duquant.methods import MethodConfig, get_method
+from duquant.eval.perplexity import perplexity
+from duquant.eval.registry import Session, evaluation_for
+from duquant.methods import Recipe
 from duquant.models import adapter_for, load_model
-from duquant.pipeline import quantize_model
-from duquant.runner import eval_tokens, quant_config
+from duquant.pipeline import QuantConfig
+from duquant.stages import GPTQ, STAGES, StageError
 
 SEQLEN = 1024
-FIELD_TYPES = {f.name: f.type for f in fields(MethodConfig)}
+
+
+def _override_defaults() -> dict:
+    """Each run-level override with a default of its type (from the stage option it sets)."""
+    out: dict = {"fold": True}
+    for cls in STAGES.values():
+        defaults = {f.name: f.default for f in fields(cls)}
+        for name, option in cls.OVERRIDES.items():
+            out.setdefault(name, defaults[option])
+    return out
+
+
+OVERRIDE_DEFAULTS = _override_defaults()  # METHOD_OVERRIDES, fold and learn_target
+assert set(METHOD_OVERRIDES) <= set(OVERRIDE_DEFAULTS)
+
+
+def typed(key: str, text: str, like: object) -> object:
+    """`text` as a value of the type of `like` (bool: 1 / true / True)."""
+    try:
+        if isinstance(like, bool):
+            return text in ("1", "true", "True")
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+    except ValueError:
+        raise SystemExit(f"{key}={text}: not a {type(like).__name__}") from None
+    return text
 
 
 def method_overrides(kv: dict[str, str]) -> dict:
-    """MethodConfig fields from their text values, typed like the registered defaults."""
-    out = {}
-    for key, value in kv.items():
-        if key not in FIELD_TYPES:
-            raise SystemExit(f"unknown key {key!r}: not a MethodConfig field or a sweep option")
-        kind = FIELD_TYPES[key]
-        if "bool" in str(kind):
-            out[key] = value in ("1", "true", "True")
-        elif "int" in str(kind):
-            out[key] = int(value)
-        elif "float" in str(kind):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    return out
+    """The run-level overrides in `kv` (popped from it), typed."""
+    return {
+        k: typed(k, kv.pop(k), OVERRIDE_DEFAULTS[k]) for k in list(kv) if k in OVERRIDE_DEFAULTS
+    }
+
+
+def with_options(recipe: Recipe, quant: QuantConfig, kv: dict[str, str]) -> tuple:
+    """(recipe, quant) with every `stage.option=value` of `kv` applied (see the docstring);
+    SystemExit (one line) for an unknown key, stage or option, or a bad value."""
+    stages = list(recipe.stages)
+    for key, text in kv.items():
+        kind, dot, option = key.partition(".")
+        if not dot:
+            known = ", ".join(OVERRIDE_DEFAULTS)
+            raise SystemExit(
+                f"unknown key {key!r}: not an override ({known}), stage.option or a sweep option"
+            )
+        cls = STAGES.get(kind)
+        if cls is None:
+            raise SystemExit(
+                f"unknown key {key!r}: no stage {kind!r}; stages are {', '.join(STAGES)}"
+            )
+        names = [f.name for f in fields(cls)]
+        if option not in names:
+            raise SystemExit(
+                f"unknown key {key!r}: stage {kind} has no option {option!r}; its options are "
+                f"{', '.join(names) or 'none'}"
+            )
+        at = [i for i, s in enumerate(stages) if s.KIND == kind]
+        run_gptq = kind == GPTQ.KIND and quant.weights == "gptq"
+        if not at and not run_gptq:
+            have = ", ".join(s.KIND for s in stages) or "none"
+            rtn = " and rtn weights" if kind == GPTQ.KIND else ""
+            raise SystemExit(
+                f"unknown key {key!r}: method {recipe.name} has no {kind} stage ({have}){rtn}"
+            )
+        value = typed(key, text, getattr(stages[at[0]] if at else quant.gptq, option))
+        try:
+            for i in at:
+                stages[i] = replace(stages[i], **{option: value})
+            if run_gptq:
+                quant = replace(quant, gptq=replace(quant.gptq, **{option: value}))
+        except (StageError, ValueError) as exc:
+            raise SystemExit(f"{key}={text}: {exc}") from None
+    return replace(recipe, stages=tuple(stages)), quant
 
 
 # sweep keys for RunConfig's GPTQ options; a key not given keeps RunConfig's default
@@ -91,36 +160,43 @@ def run_spec(base, spec: str) -> dict:
     kw = dict(x.split("=", 1) for x in kv.split(",") if x)
     seed, weights = int(kw.pop("seed", 0)), kw.pop("weights", "gptq")
     ns, cl, nw = int(kw.pop("ns", 16)), int(kw.pop("cl", 1024)), int(kw.pop("nw", 8))
-    cfg = RunConfig(
-        method=name,
-        weights=weights,
-        seed=seed,
-        nsamples=ns,
-        calib_seqlen=cl,
-        seqlen=SEQLEN,
-        max_windows=nw,
-        **gptq_options(kw),
-    )
     apos = kw.pop("apos", "")
     only = kw.pop("only", "wa")  # w: weights quantized only (A16), a: activations only (W16)
-    quant = quant_config(cfg)
+    try:  # the registered recipe and the run's formats and GPTQ options, as `duquant run` has them
+        cfg = RunConfig(
+            method=name,
+            weights=weights,
+            seed=seed,
+            nsamples=ns,
+            calib_seqlen=cl,
+            seqlen=SEQLEN,
+            max_windows=nw,
+            **gptq_options(kw),
+        )
+        plan = check(cfg)
+        recipe = plan.recipe.overridden(**method_overrides(kw))
+    except (ConfigError, StageError) as exc:
+        raise SystemExit(f"{spec}: {exc}") from None
+    recipe, quant = with_options(recipe, plan.quant, kw)
     quant = replace(
         quant,
         weight=quant.weight if "w" in only else None,
         act=quant.act if "a" in only else None,
     )
-    method = get_method(name, **method_overrides(kw))
+    plan = replace(plan, recipe=recipe, quant=quant)
     torch.manual_seed(seed)
     model = copy.deepcopy(base.model)
     windows, _ = calibration_windows(base.tokenizer, ns, cl, seed)
     start = time.perf_counter()
-    report = quantize_model(model, adapter_for(model), method, quant, windows, seed=seed)
+    report = quantize_loaded(plan, model, windows)
     seconds = time.perf_counter() - start
     if apos:
         keep_activation_quantizers(model, apos.split("+"))
     rows = model.get_input_embeddings().num_embeddings
-    ids, _ = eval_tokens("wikitext2", base.tokenizer, cfg, rows)
-    res = perplexity(model, ids, SEQLEN, nw)
+    wikitext2 = evaluation_for("wikitext2")  # tokenized and checked as `duquant run` does
+    session = Session(cfg, base.tokenizer)
+    wikitext2.prepare(session, rows)
+    res = perplexity(model, wikitext2.token_ids(session), SEQLEN, nw)
     return {
         "spec": spec,
         "ppl": res["ppl"],
@@ -132,6 +208,9 @@ def run_spec(base, spec: str) -> dict:
 
 def main() -> None:
     """Run every SPEC in turn, rewriting the JSON after each."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(f"usage: {sys.argv[0]} OUT.json SPEC [SPEC ...]\n\n{__doc__}")
+        return
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from duquant.api import load_model, run
 from duquant.config import RunConfig
-from duquant.models import load_model
-from duquant.runner import run, write_json
+from duquant.jsonio import write_json
 
 DETERMINISTIC = {"fp", "rtn", "hadamard"}
 

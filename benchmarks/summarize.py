@@ -23,12 +23,21 @@ def load(dirs: list[str]) -> list[dict]:
     return out
 
 
+def method_name(config: dict) -> str:
+    """The method of a result: --method, or the recipe's name for a `--recipe FILE` run (the
+    config's `method` is the recipe's record since the stage redesign)."""
+    run, method = config["run"], config.get("method")
+    if run.get("recipe") and isinstance(method, dict) and method.get("name"):
+        return method["name"]
+    return run["method"]
+
+
 def key(r: dict) -> tuple:
     """(method, weight quantizer, weight rule, activation rule, format) of a result."""
     c = r["config"]
     w, a = c.get("weights") or {}, c.get("activations") or {}
     return (
-        c["run"]["method"],
+        method_name(c),
         c.get("weight_quantizer", "rtn") if c.get("weights") else "-",
         w.get("scale_rule", "-"),
         a.get("scale_rule", "-"),

@@ -87,8 +87,8 @@ def duquant_ppl(export: str, seqlen: int, windows: int, recompute: bool) -> dict
     if not recompute:
         return None
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from duquant.api import run
     from duquant.config import RunConfig
-    from duquant.runner import run
 
     res = run(RunConfig(model=export, method="fp", seqlen=seqlen, max_windows=windows))
     return {"ppl": res["metrics"]["wikitext2"]["ppl"], "source": "duquant reload of the export"}

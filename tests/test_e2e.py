@@ -316,7 +316,7 @@ def test_perplexity_unwritable_checkpoint_still_evaluates(tmp_path, tiny_llama, 
 def cli_on_smollm(smollm, offline_data, monkeypatch):
     """`duquant.cli.main` with the runner's model loading served from the session's loaded model
     (a fresh deep copy per run, since quantization works in place), and offline data."""
-    import duquant.runner
+    import duquant.api
     from duquant.models import LoadedModel
 
     calls = []
@@ -325,7 +325,7 @@ def cli_on_smollm(smollm, offline_data, monkeypatch):
         calls.append((source, dtype, device))
         return LoadedModel(copy.deepcopy(smollm.model), smollm.tokenizer, smollm.source)
 
-    monkeypatch.setattr(duquant.runner, "load_model", fake_load)
+    monkeypatch.setattr(duquant.api, "load_model", fake_load)
     return calls
 
 

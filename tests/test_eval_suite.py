@@ -8,6 +8,7 @@ import importlib
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ import duquant.data
 import duquant.eval.c4 as c4mod
 import duquant.eval.zeroshot as zs
 from duquant.data import DataNotFoundError
-from duquant.eval.c4 import C4_LOCAL, c4_perplexity, c4_windows, sample_windows
+from duquant.eval.c4 import C4_LOCAL, c4_windows, sample_windows
+from duquant.eval.perplexity import perplexity
+from duquant.eval.registry import EVALUATIONS, Session
 
 TASKS_DIR = Path(zs.__file__).parent / "tasks"
 
@@ -86,9 +89,15 @@ def test_c4_local_fixture_follows_protocol(tmp_path, monkeypatch, no_hub, tiny_l
     assert info.documents == len(docs) and info.source.origin == str(tmp_path / C4_LOCAL)
     assert info.source.sha256 == duquant.data.file_sha256(tmp_path / C4_LOCAL)
     assert c4mod.c4_mode() == "local"
-    res = c4_perplexity(tiny_llama, tok, seqlen=32, nwindows=6, max_windows=4)
+    session = Session(SimpleNamespace(seqlen=32, c4_windows=6, max_windows=4), tok)
+    EVALUATIONS["c4"].prepare(session, 128)
+    res = EVALUATIONS["c4"].run(tiny_llama, session, "c4", None)
     assert res["windows"] == 4 and res["total_windows"] == 6 and res["ppl"] > 1
     assert res["c4"]["nwindows"] == 6 and res["source"]["sha256"] == info.source.sha256
+    direct = perplexity(tiny_llama, windows.reshape(-1), 32, 4, desc="c4")
+    # the registry's C4 is perplexity() on the drawn windows, bit for bit
+    assert res["ppl"].hex() == direct["ppl"].hex()
+    assert torch.equal(EVALUATIONS["c4"].token_ids(session), windows.reshape(-1))
 
 
 def test_c4_missing_names_the_file(tmp_path, monkeypatch, no_hub):
@@ -275,8 +284,8 @@ def _loaded(model):
 
 def test_compare_resumes_after_interruption(tmp_path, monkeypatch, no_hub, tiny_llama):
     """An interrupted compare, re-run, computes only the unfinished cell; a third run computes nothing."""
+    import duquant.api
     import duquant.compare as cmp
-    import duquant.pipeline
 
     data = tmp_path / "data"
     (data / "wikitext2_raw").mkdir(parents=True)
@@ -302,13 +311,13 @@ def test_compare_resumes_after_interruption(tmp_path, monkeypatch, no_hub, tiny_
             cmp.EVALUATIONS, name, dataclasses.replace(cmp.EVALUATIONS[name], run=fake(name))
         )
     quantized: list[str] = []
-    real_quantize = duquant.pipeline.quantize_model
+    real_quantize = duquant.api.quantize_loaded
 
-    def counting_quantize(model, adapter, method, *a, **k):
-        quantized.append(method.name)
-        return real_quantize(model, adapter, method, *a, **k)
+    def counting_quantize(plan, *a, **k):
+        quantized.append(plan.recipe.name)
+        return real_quantize(plan, *a, **k)
 
-    monkeypatch.setattr(duquant.pipeline, "quantize_model", counting_quantize)
+    monkeypatch.setattr(duquant.api, "quantize_loaded", counting_quantize)
     cfg = cmp.CompareConfig(
         methods=["fp", "rtn"], evals=["wikitext2", "c4"], out=str(tmp_path / "out")
     )

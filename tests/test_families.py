@@ -13,12 +13,12 @@ import torch
 from conftest import FAMILIES, make_tiny_family, transformed_fp_logits
 from torch import nn
 
-from duquant.methods import METHODS, get_method
+from duquant.methods import RECIPES, get_method
 from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, quantize_model
 from duquant.qlinear import QuantLinear
 
-METHOD_NAMES = sorted(n for n in METHODS if not n.startswith("dqpp-"))
+METHOD_NAMES = sorted(RECIPES)
 REFUSED = {("gemma3", "quarot")}  # the residual rotation cannot pass Gemma 3's post-norms
 
 
@@ -138,8 +138,8 @@ def test_each_block_replays_its_own_forward_arguments(base_models):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_names_every_linear_once(family, base_models):
-    from duquant.methods.build import HeadShape, producer_rows
     from duquant.models.moe import unfuse_experts
+    from duquant.plan import HeadShape, producer_rows
 
     m = copy.deepcopy(base_models[family])
     adapter = adapter_for(m)
@@ -178,7 +178,7 @@ def test_unfused_experts_compute_what_the_fused_ones_do(base_models):
 
 
 def test_moe_gptq_solves_each_expert_on_its_own_routed_tokens(base_models, monkeypatch):
-    import duquant.pipeline as pipeline
+    import duquant.stages.gptq as gptq_stage
     from duquant.gptq import gptq_quantize as real
     from duquant.gptq import hessian_from_inputs
 
@@ -186,7 +186,7 @@ def test_moe_gptq_solves_each_expert_on_its_own_routed_tokens(base_models, monke
     ids = _ids()
     seen = []
     monkeypatch.setattr(
-        pipeline, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
+        gptq_stage, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
     )
     rep = quantize_model(
         m, adapter_for(m), get_method("duquant++", max_steps=4), QuantConfig(weights="gptq"), ids
@@ -217,10 +217,10 @@ def test_moe_gptq_solves_each_expert_on_its_own_routed_tokens(base_models, monke
 
 
 def test_moe_fp_hessians_are_refused_clearly(base_models):
-    from duquant.pipeline import GPTQConfig
+    from duquant.stages import GPTQ
 
     m = copy.deepcopy(base_models["olmoe"])
-    quant = QuantConfig(weights="gptq", gptq=GPTQConfig(hessian="fp"))
+    quant = QuantConfig(weights="gptq", gptq=GPTQ(hessian="fp"))
     with pytest.raises(ValueError, match=r"--gptq-hessian fp is not supported for the olmoe"):
         quantize_model(m, adapter_for(m), get_method("rtn"), quant, _ids())
 

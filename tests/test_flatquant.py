@@ -14,9 +14,9 @@ from duquant.gptq import gptq_quantize
 from duquant.learn.flatquant import FlatQuantGroup, check_quant, decompose_dim, ste_clipped_quant
 from duquant.learn.trainer import quantized_outputs, train_block
 from duquant.methods import get_method
-from duquant.methods.build import HeadShape, plan_from_steps
 from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, _swap_linears, online_flops_per_token, quantize_model
+from duquant.plan import HeadShape, plan_from_steps
 from duquant.qlinear import reset_caches_after_forward
 from duquant.transforms.kronecker import Kronecker
 

@@ -11,7 +11,8 @@ from duquant.formats import QuantSpec
 from duquant.gptq import CrossAccumulator, HessianAccumulator, asymmetric_target
 from duquant.methods import get_method
 from duquant.models import adapter_for
-from duquant.pipeline import GPTQConfig, QuantConfig, quantize_model
+from duquant.pipeline import QuantConfig, quantize_model
+from duquant.stages import GPTQ
 
 
 def _pair(seed: int = 0, n: int = 400, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,7 @@ def test_asymmetric_gptq_runs_in_the_pipeline_and_moves_the_weights(target):
             m,
             adapter_for(m),
             get_method("smooth+hadamard"),
-            QuantConfig(spec, spec, weights="gptq", gptq=GPTQConfig(target=t)),
+            QuantConfig(spec, spec, weights="gptq", gptq=GPTQ(target=t)),
             ids,
         )
         assert not any(e["fallback"] for e in rep.layer_errors)
@@ -107,7 +108,7 @@ def test_asymmetric_gptq_runs_in_the_pipeline_and_moves_the_weights(target):
 
 def test_asymmetric_target_needs_quantized_hessians():
     with pytest.raises(ValueError, match="quantized Hessians"):
-        GPTQConfig(target="model", hessian="fp")
+        GPTQ(target="model", hessian="fp")
     with pytest.raises(ConfigError, match="--gptq-hessian quantized"):
         RunConfig(gptq_target="model", gptq_hessian="fp")
     with pytest.raises(ConfigError, match="gptq_target|gptq-target"):
@@ -116,6 +117,6 @@ def test_asymmetric_target_needs_quantized_hessians():
 
 def test_target_damp_must_be_positive():
     with pytest.raises(ValueError, match="target_damp"):
-        GPTQConfig(target="model", target_damp=0.0)
+        GPTQ(target="model", target_damp=0.0)
     with pytest.raises(ConfigError, match="--gptq-target-damp"):
         RunConfig(gptq_target_damp=-1.0)

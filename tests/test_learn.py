@@ -4,7 +4,6 @@ block training, and that what was learned folds into an exactly equivalent full-
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -12,12 +11,13 @@ from conftest import make_tiny_llama
 
 from duquant.calibrate import capture_block_inputs, collect_input_stats
 from duquant.formats import QuantSpec
-from duquant.learn import learn_block, ste_fake_quant
+from duquant.learn import ste_fake_quant
 from duquant.learn.rotation import LearnedRotation, cayley, nearest_orthogonal
 from duquant.methods import get_method
-from duquant.methods.build import HeadShape, plan_group
 from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, _swap_linears, quantize_model
+from duquant.plan import HeadShape, plan_group
+from duquant.stages import EndToEnd, LearnRotation
 from duquant.transforms.base import BlockRotation
 
 MX = QuantSpec("mxfp4", "ct-round")
@@ -105,10 +105,10 @@ def test_training_lowers_the_quantized_block_error_and_restores_the_block():
     MSE clearly; the block's own weights are untouched."""
     _, _, block, groups, inputs, stats, plans, method, quant, heads = _first_block_setup()
     _outliers_and_identity_start(inputs, plans)
-    method = dataclasses.replace(method, learn_lr=3e-3)
+    stage = method.overridden(learn_lr=3e-3).get(LearnRotation)
     before = copy.deepcopy(block.state_dict())
-    new_plans, info = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
-    assert info["steps"] == method.learn_epochs * 4
+    new_plans, info = stage.learn(block, groups, inputs, plans, stats, quant, heads, seed=0)
+    assert info["steps"] == stage.epochs * 4
     assert info["loss_after"] < 0.97 * info["loss_before"]
     after = block.state_dict()
     assert before.keys() == after.keys()
@@ -124,7 +124,8 @@ def test_learned_plans_are_exact_in_full_precision():
     with torch.no_grad():
         ref = block(h, **inputs.kwargs)
         ref = ref[0] if isinstance(ref, tuple) else ref
-    new_plans, _ = learn_block(block, groups, inputs, plans, stats, method, quant, heads, seed=0)
+    stage = method.get(LearnRotation)
+    new_plans, _ = stage.learn(block, groups, inputs, plans, stats, quant, heads, seed=0)
     for g in groups:
         new_plans[g.name].fold(block, g, heads, adapter.norm_offset)
     for g in groups:
@@ -165,16 +166,23 @@ def test_model_target_trains_towards_the_unquantized_model():
     assert reports["block"][1]["loss_before"] != reports["model"][1]["loss_before"]
 
 
-def test_method_best_resolves_to_a_registered_method_with_gptq():
-    """`--method best` runs a registered method with GPTQ weights and records the resolved name."""
+def test_method_best_is_duquant_nt_with_gptq():
+    """`--method best` is the recipe duquant++nt with GPTQ weights, and the record says so."""
+    from duquant import api
     from duquant.config import RunConfig
-    from duquant.methods import ALIASES, METHODS
-    from duquant.runner import _plan
+    from duquant.stages import GPTQ
 
-    method, quant, record = _plan(RunConfig(method="best"), "model")
-    assert method.name in METHODS and method.name == ALIASES["best"][0]
-    assert quant.weights == "gptq" and record["weight_quantizer"] == "gptq"
-    assert record["method"]["name"] == method.name and record["run"]["method"] == "best"
+    plan = api.check(RunConfig(method="best"))
+    record = api.record(plan, "model")
+    assert plan.recipe.without(GPTQ).stages == get_method("duquant++nt").stages
+    assert plan.quant.weights == "gptq" and record["weight_quantizer"] == "gptq"
+    assert record["method"]["name"] == "best" and record["run"]["method"] == "best"
+    assert [s["stage"] for s in record["method"]["stages"]] == [
+        "smooth",
+        "greedy-rotation",
+        "gptq",
+        "norm-tweak",
+    ]
 
 
 def test_end_to_end_learning_lowers_the_kl_and_keeps_an_exact_plan():
@@ -189,7 +197,21 @@ def test_end_to_end_learning_lowers_the_kl_and_keeps_an_exact_plan():
     before = copy.deepcopy(model.state_dict())
     method = get_method("duquant++e2e", learn_epochs=6, learn_lr=2e-2)
     quant = QuantConfig(weight=MX, act=MX)
-    plans, info = learn_end_to_end(model, adapter_for(model), method, quant, ids, seed=0)
+    searched = quantize_model(  # the plans EndToEnd starts from: its recipe's search, RTN weights
+        copy.deepcopy(model), adapter_for(model), method.without(EndToEnd), quant, ids, seed=0
+    ).plans
+    stage = method.get(EndToEnd)
+    plans, info = learn_end_to_end(
+        model,
+        adapter_for(model),
+        searched,
+        quant,
+        ids,
+        seed=0,
+        epochs=stage.epochs,
+        lr=stage.lr,
+        batch=stage.batch,
+    )
     assert info["steps"] == 6 * 4
     assert info["loss_after"] < 0.97 * info["loss_before"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

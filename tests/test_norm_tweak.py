@@ -112,14 +112,18 @@ def test_whole_model_training_is_refused_when_streaming(method):
 def test_norm_epochs_from_the_command_line_override_the_method():
     """--norm-epochs / --norm-lr reach the method (norm tweaking added to any method, or switched
     off), and duquant++nt with 0 epochs is duquant++mx bit for bit."""
+    from duquant import api
     from duquant.config import RunConfig
-    from duquant.runner import _plan
+    from duquant.stages import NormTweak
 
     cfg = RunConfig(method="duquant++mx", norm_epochs=3, norm_lr=0.05)
-    method, _, record = _plan(cfg, "tiny")
-    assert (method.norm_epochs, method.norm_lr) == (3, 0.05)
-    assert record["method"]["norm_epochs"] == 3
-    assert get_method("best", **RunConfig(method="best").method_overrides()).norm_epochs == 2
+    plan = api.check(cfg)
+    stage = plan.recipe.get(NormTweak)
+    assert (stage.epochs, stage.lr) == (3, 0.05)
+    record = api.record(plan, "tiny")
+    assert record["method"]["stages"][-1] == {"stage": "norm-tweak", "epochs": 3, "lr": 0.05}
+    best = get_method("best", **RunConfig(method="best").method_overrides())
+    assert best.get(NormTweak).epochs == 2
     _, base, ids, _ = _quantized("duquant++mx")
     _, off, _, rep = _quantized("duquant++nt", norm_epochs=0)
     assert rep.norm_tuning == {}

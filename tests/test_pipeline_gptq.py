@@ -75,7 +75,7 @@ def test_feed_block_until_sees_what_a_full_block_pass_sees():
 
 def test_transformed_hessian_is_the_hessian_of_transformed_inputs():
     from duquant.gptq import hessian_from_inputs
-    from duquant.pipeline import transformed_hessian
+    from duquant.stages.gptq import transformed_hessian
     from duquant.transforms.base import BlockRotation, ChannelScale, Sequence
     from duquant.transforms.rotation import random_spread
 
@@ -91,19 +91,19 @@ def test_transformed_hessian_is_the_hessian_of_transformed_inputs():
 
 def _gptq_inputs(monkeypatch, hessian: str, act) -> tuple[list[torch.Tensor], int]:
     """Hessians handed to GPTQ and block-0 forward calls of a tiny DuQuant++* run."""
-    import duquant.pipeline as pipeline
+    import duquant.stages.gptq as gptq_stage
     from duquant.gptq import gptq_quantize as real
-    from duquant.pipeline import GPTQConfig
+    from duquant.stages import GPTQ
 
     m = make_tiny_llama(seed=3)
     ids = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(1))
     seen, calls = [], []
     monkeypatch.setattr(
-        pipeline, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
+        gptq_stage, "gptq_quantize", lambda w, h, *a, **k: seen.append(h) or real(w, h, *a, **k)
     )
     m.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     spec = QuantSpec("mxfp4", "ct-round")
-    quant = QuantConfig(spec, act, weights="gptq", gptq=GPTQConfig(hessian=hessian))
+    quant = QuantConfig(spec, act, weights="gptq", gptq=GPTQ(hessian=hessian))
     quantize_model(m, adapter_for(m), get_method("duquant++", max_steps=8), quant, ids)
     return seen, len(calls)
 
@@ -123,13 +123,18 @@ def test_fp_hessians_skip_the_group_passes_and_match_the_first_group(monkeypatch
 def test_mr_gptq_records_gptq_with_column_act_order_and_static_mse_scales():
     """`--method mr-gptq` alone means GPTQ weights with FP-Quant's order and observer, and the
     recorded config says so; other methods keep the command line's weight quantizer."""
+    from duquant import api
     from duquant.config import RunConfig
-    from duquant.runner import _plan, quant_config
+    from duquant.stages import Hadamard
+
+    def quant_config(cfg: RunConfig):
+        return api.check(cfg).quant
 
     cfg = RunConfig(method="mr-gptq")
+    plan = api.check(cfg)
     assert cfg.weights == "gptq"
-    method, quant, record = _plan(cfg, "tiny")
-    assert method.rotation == "random-hadamard" and method.block_size == 32
+    record = api.record(plan, "tiny")
+    assert plan.recipe.get(Hadamard) == Hadamard(random=True, block_size=32)
     assert record["run"]["weights"] == "gptq" and record["weight_quantizer"] == "gptq"
     g = record["gptq"]
     assert (g["act_order"], g["act_order_scope"], g["static_groups"]) == (True, "column", True)
@@ -144,8 +149,11 @@ def test_mr_gptq_keeps_full_precision_and_quantizes_on_its_static_scales():
     stored E8M0 scales, GPTQ beats RTN on average, and the Hessian search variant runs too."""
     from conftest import transformed_fp_logits
 
+    from duquant import api
     from duquant.config import RunConfig
-    from duquant.runner import quant_config
+
+    def quant_config(cfg: RunConfig):
+        return api.check(cfg).quant
 
     base = make_tiny_llama(seed=3)
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))

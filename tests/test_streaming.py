@@ -50,7 +50,7 @@ def test_streaming_matches_in_memory_bit_for_bit(tmp_path, method, weights, tie)
     ]
     # nothing of the model stays loaded between blocks
     assert all(p.device.type == "meta" for p in model.parameters())
-    from duquant.models.streaming import streamed_logits
+    from duquant.stream import streamed_logits
 
     got = streamed_logits(model, adapter, store, ids)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
@@ -71,7 +71,7 @@ def test_streaming_other_families_match_in_memory(tmp_path, family):
     from conftest import make_tiny_family
     from transformers import AutoModelForCausalLM
 
-    from duquant.models.streaming import streamed_logits
+    from duquant.stream import streamed_logits
 
     model = make_tiny_family(family.removesuffix("-softcap"))
     if family.endswith("-softcap"):
@@ -92,7 +92,7 @@ def test_streaming_other_families_match_in_memory(tmp_path, family):
 def test_streaming_fp_reads_the_checkpoint_and_writes_nothing(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from duquant.models.streaming import streamed_logits
+    from duquant.stream import streamed_logits
 
     _saved_llama(tmp_path, False)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama, transformed_fp_logits
 
-from duquant.methods import METHODS, get_method
+from duquant.methods import RECIPES, get_method
 from duquant.models import adapter_for
 from duquant.pipeline import QuantConfig, quantize_model
 from duquant.qlinear import QuantLinear
@@ -161,7 +161,7 @@ def test_zigzag_balances_block_maxima():
     assert sorted(block_max.tolist()) == sorted(m.topk(4).values.tolist())
 
 
-@pytest.mark.parametrize("name", sorted(n for n in METHODS if not n.startswith("dqpp-")))
+@pytest.mark.parametrize("name", sorted(RECIPES))
 @pytest.mark.parametrize("tie", [False, True])
 def test_every_method_leaves_fp_logits_unchanged(name, tie):
     base = outlier_llama(tie)

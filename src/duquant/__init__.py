@@ -1,10 +1,20 @@
-"""duquant: MXFP4 / NVFP4 W4A4 post-training quantization with DuQuant++ and its baselines."""
+"""duquant: MXFP4 / NVFP4 W4A4 post-training quantization with DuQuant++ and its baselines.
 
-from importlib.metadata import PackageNotFoundError, version
+`duquant.quantize(...)` is the one-call library API (duquant.api.quantize), imported on first use so
+that `import duquant` stays light.
+"""
 
-try:
-    __version__ = version("duquant")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+local"
+from duquant._version import __version__
 
-__all__ = ["__version__"]
+
+def __getattr__(name: str):
+    """`duquant.quantize` and `duquant.api`, loaded lazily (they import torch and transformers)."""
+    if name in ("quantize", "api"):
+        import importlib
+
+        api = importlib.import_module("duquant.api")
+        return api if name == "api" else api.quantize
+    raise AttributeError(f"module 'duquant' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "quantize"]

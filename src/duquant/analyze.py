@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from duquant.calibrate import BlockInputs, capture_block_inputs, collect_input_stats, run_block
 from duquant.formats import QuantSpec
 from duquant.methods import get_method
-from duquant.methods.build import HeadShape, plan_group
 from duquant.models.adapters import Adapter
 from duquant.pipeline import QuantConfig
+from duquant.plan import HeadShape, plan_group
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Command line: `duquant run`, `duquant demo`, `duquant analyze`, `duquant compare`.
 
-Every option is generated from the config classes in `duquant.config`; arguments become a validated
-config before any model is loaded, and every failure the user can fix is one line on stderr with exit
-status 2 (Ctrl-C: one line saying what was kept, exit status 130).
+A thin caller of the orchestration layer (duquant.api): every option is generated from the config
+classes in `duquant.config`; arguments become a config, `api.check` refuses what cannot run before
+any model is loaded, and every failure the user can fix is one line on stderr with exit status 2
+(Ctrl-C: one line saying what was kept, exit status 130).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from duquant import compare
+from duquant.compare import CompareConfig, default_out, table_markdown
 from duquant.config import (
     AnalyzeConfig,
     ConfigError,
@@ -18,6 +22,7 @@ from duquant.config import (
     add_arguments,
     from_namespace,
 )
+from duquant.methods import method_names
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
@@ -71,58 +76,15 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _analyze(cfg: AnalyzeConfig) -> int:
-    """`duquant analyze`: CSV and PNGs of per-layer errors and outlier profiles."""
-    from pathlib import Path
-
-    from duquant.analyze import analyze, plot, write_csv
-    from duquant.data import calibration_windows
-    from duquant.formats import QuantSpec
-    from duquant.models import adapter_for, load_model
-
-    loaded = load_model(cfg.model)
-    windows, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
-    rows = analyze(
-        loaded.model,
-        adapter_for(loaded.model),
-        windows,
-        cfg.methods,
-        QuantSpec("mxfp4", str(cfg.scale_rule)),
-        cfg.seed,
-    )
-    out = Path(cfg.out)
-    write_csv(rows, out / "errors.csv")
-    for p in plot(rows, out, Path(loaded.source).stem):
-        print(f"wrote {p}")
-    print(f"wrote {out / 'errors.csv'}")
-    return 0
-
-
-def _run(cfg: RunConfig, demo: bool) -> list[dict]:
-    """`duquant run` (one method) or `duquant demo` (FP then RTN on one loaded model)."""
-    if not demo:
-        from duquant.export import run_and_save
-
-        return [run_and_save(cfg)]
-    from dataclasses import replace
-
-    from duquant.models import load_model
-    from duquant.runner import run
-
-    loaded = load_model(cfg.model, str(cfg.dtype), cfg.device)
-    results = [run(replace(cfg, method="fp"), loaded)]
-    results.append(run(replace(cfg, method="rtn"), loaded))  # rtn replaces layers in place: last
-    return results
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `duquant` parser with every sub-command."""
     parser = Parser(prog="duquant", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+    methods = {"method": method_names()}
     p_run = sub.add_parser("run", help="quantize one model with one method and evaluate it")
-    add_arguments(p_run, RunConfig)
+    add_arguments(p_run, RunConfig, choices=methods)
     p_demo = sub.add_parser(
         "demo", help="FP vs RTN MXFP4 W4A4 perplexity on the default model, a few windows"
     )
@@ -130,17 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
         p_demo,
         RunConfig,
         defaults={"max_windows": 4, "seqlen": 1024, "output": "results/demo.json"},
-        skip=("method", "weights", "save", "overwrite"),
+        skip=("method", "recipe", "weights", "save", "overwrite"),
     )
     p_an = sub.add_parser(
         "analyze", help="per-layer MXFP4 error of original vs rotated activations"
     )
     add_arguments(p_an, AnalyzeConfig)
 
-    from duquant.compare import add_compare_parser
-
-    add_compare_parser(sub)
+    p_cmp = sub.add_parser(
+        "compare", help="methods x evaluations in one resumable command, with a Table-1 summary"
+    )
+    add_arguments(p_cmp, CompareConfig)
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """`duquant compare`: check, run (or resume), print the table, say where the outputs are."""
+    prog = "duquant compare"
+    try:
+        cfg = from_namespace(CompareConfig, args)
+        compare.check_compare(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        return fail(prog, exc)
+    try:
+        table = compare.run_compare(cfg)
+    except KeyboardInterrupt:
+        out = Path(cfg.out) if cfg.out else Path("results/<model>")
+        print(
+            f"{prog}: interrupted; finished results are kept in {out / 'cache'} (an unfinished "
+            "perplexity cell's windows in cache/partial): run the same command to resume",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as exc:
+        return fail(prog, exc)
+    print(table_markdown(table))
+    out = Path(cfg.out) if cfg.out else default_out(table["model"])
+    print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,33 +140,46 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.command == "compare":
-        return args.func(args)
+        return _compare(args)
+    from duquant import api
+
     prog = f"duquant {args.command}"
     try:
-        cls = AnalyzeConfig if args.command == "analyze" else RunConfig
-        cfg = from_namespace(cls, args)
+        if args.command == "analyze":
+            cfg = from_namespace(AnalyzeConfig, args)
+            api.check_analyze(cfg)
+        else:
+            cfg = from_namespace(RunConfig, args)
+            plans = api.check_demo(cfg) if args.command == "demo" else [api.check(cfg)]
     except (ConfigError, ValueError, OSError) as exc:
         return fail(prog, exc)
-    from duquant.runner import write_json  # heavy imports after argument errors
-
     try:
         if isinstance(cfg, AnalyzeConfig):
-            return _analyze(cfg)
-        results = _run(cfg, demo=args.command == "demo")
-        print(_table(results))
-        if results[0].get("export"):
-            e = results[0]["export"]
-            bits = e["bits_per_quantized_weight"]
-            print(f"exported to {e['dir']} ({bits:.2f} bits a quantized weight)")
-        if cfg.output:
-            write_json(results[0] if len(results) == 1 else {"runs": results}, cfg.output)
-            print(f"wrote {cfg.output}")
+            for path in api.analyze(cfg):
+                print(f"wrote {path}")
+            return 0
+        results = api.demo(plans) if args.command == "demo" else [api.run(cfg, plan=plans[0])]
+        _report(results, cfg.output)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         return fail(prog, exc)
     return 0
+
+
+def _report(results: list[dict], output: str | None) -> None:
+    """Print the results' table and export, and write the result JSON."""
+    from duquant.jsonio import write_json
+
+    print(_table(results))
+    if results[0].get("export"):
+        e = results[0]["export"]
+        bits = e["bits_per_quantized_weight"]
+        print(f"exported to {e['dir']} ({bits:.2f} bits a quantized weight)")
+    if output:
+        write_json(results[0] if len(results) == 1 else {"runs": results}, output)
+        print(f"wrote {output}")
 
 
 if __name__ == "__main__":

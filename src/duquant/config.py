@@ -1,11 +1,13 @@
-"""The experiment configuration: one typed, validated description of a run, from which the command
-lines of `run`, `demo` and `compare` are generated, of which compare's jobs are made, and which every
-result records.
+"""The experiment configuration: one typed description of a run, from which the command lines of
+`run`, `demo` and `compare` are generated, of which compare's jobs are made, and which every result
+records; and the one vocabulary of every option with a fixed set of values (the StrEnums below).
 
-Every field carries its command-line help in its metadata; `add_arguments` turns a config class into
-argparse options and `from_namespace` back into a validated config. Validation happens at
-construction (`__post_init__`), before any model is loaded or any calibration starts, and raises
-`ConfigError` with one line naming the option and the fix.
+This module is the ground floor: it imports nothing of duquant but the number formats. Each field
+carries its command-line help in its metadata; `add_arguments` turns a config class into argparse
+options and `from_namespace` back into a config. Construction (`__post_init__`) checks what a value
+alone decides (ranges, choices, paths to write); whatever needs the method registry, the model or the
+exporters is checked by the orchestration layer (`duquant.api.check`) before any model is loaded.
+Both raise `ConfigError` with one line naming the option and the fix.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ class ScaleSearch(StrEnum):
     FPQUANT_MSE = "fpquant-mse"  # FP-Quant's MSE observer (static scales)
 
 
+class ActOrderScope(StrEnum):
+    """How GPTQ's act order permutes columns (duquant.gptq)."""
+
+    GROUP = "group"  # MX groups kept whole, ordered by their diag(H)
+    COLUMN = "column"  # single columns in descending diag(H) order (MR-GPTQ; needs static groups)
+
+
 class HessianSource(StrEnum):
     """Where GPTQ's Hessians come from."""
 
@@ -77,12 +86,33 @@ class GPTQTarget(StrEnum):
     MODEL = "model"  # the unquantized model's inputs at that position (GPTAQ)
 
 
+class ZeroShotSource(StrEnum):
+    """Where zero-shot task data come from."""
+
+    AUTO = "auto"
+    HUB = "hub"
+    LOCAL = "local"
+
+
 class DType(StrEnum):
     """Model dtypes."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+# the settings a run may override in its recipe: the one list (duquant.stages' OVERRIDES map them)
+METHOD_OVERRIDES = (
+    "alpha",
+    "block_size",
+    "max_steps",
+    "learn_epochs",
+    "learn_lr",
+    "learn_batch",
+    "norm_epochs",
+    "norm_lr",
+)
 
 
 def opt(default: Any, help: str, **cli: Any) -> Any:
@@ -172,25 +202,6 @@ def _probe_writable(directory: Path, option: str, path: str | Path) -> None:
         ) from None
 
 
-def check_eval_file(name: str, seqlen: int) -> None:
-    """An evaluation text named by path: an existing UTF-8 file long enough for one window of
-    `seqlen` tokens (a token covers at least one byte; 2 spare for BOS and a word-start marker)."""
-    from duquant.data import eval_text
-
-    try:
-        text, _ = eval_text(name)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"--eval {name}: {exc}; give a UTF-8 text file") from None
-    if not text.strip():
-        raise ConfigError(f"--eval {name}: the file is empty; give a text with at least one window")
-    size = len(text.encode("utf-8"))
-    if size + 2 < seqlen:
-        raise ConfigError(
-            f"--eval {name}: {size} bytes make fewer than one window of --seqlen {seqlen} tokens; "
-            "give a longer text or a smaller --seqlen"
-        )
-
-
 def check_device(device: str) -> None:
     """A torch device string this machine has."""
     import torch
@@ -208,18 +219,6 @@ def check_device(device: str) -> None:
             )
     elif dev.type != "cpu":
         raise ConfigError(f"--device {device}: duquant runs on cpu or cuda")
-
-
-def check_block_size(method: Any, block_size: int | None) -> None:
-    """A rotation block size the method can use: a power of two (Hadamard blocks, aligned with the
-    format's power-of-two groups)."""
-    if block_size is None or method.rotation == "none":
-        return
-    if block_size < 2 or block_size & (block_size - 1):
-        raise ConfigError(
-            f"--block-size {block_size}: method {method.name} rotates blocks that must be a power of "
-            "two >= 2 to align with the format's groups (e.g. 16 or 32)"
-        )
 
 
 # ----------------------------------------------------------------------------- configs
@@ -288,6 +287,11 @@ class QuantSettings:
     seed: int = opt(0, "seed of calibration sampling and random transforms", minimum=0)
     dtype: DType = opt(DType.FLOAT32, "model dtype")
     device: str = opt("cpu", "cpu or cuda[:N]")
+    c4_windows: int = opt(256, "C4 windows drawn (protocol: 256)", minimum=1)
+    limit: int | None = opt(None, "zero-shot / LAMBADA examples per task", minimum=1)
+    tasks: list[str] | None = opt(None, "zero-shot tasks (default: all seven)", csv=True)
+    batch_size: int = opt(8, "zero-shot batch size", minimum=1)
+    zeroshot_source: ZeroShotSource = opt(ZeroShotSource.AUTO, "zero-shot data source")
 
     def __post_init__(self) -> None:
         self.format = _enum(Format, "format", self.format)
@@ -336,25 +340,14 @@ class QuantSettings:
                 isinstance(value, (int, float)) and math.isfinite(value) and value > 0
             ):
                 raise ConfigError(f"{flag_of(name)} {value}: must be a positive number")
+        self.zeroshot_source = _enum(ZeroShotSource, "zeroshot_source", self.zeroshot_source)
         check_ranges(self)
         check_device(self.device)
-        if self.model is not None:
-            from duquant.models.loading import check_model_source
-
-            check_model_source(self.model)
 
     def method_overrides(self) -> dict:
-        """The method fields these settings override (None: keep the method's own value)."""
-        return {
-            "alpha": self.alpha,
-            "block_size": self.block_size,
-            "max_steps": self.max_steps,
-            "learn_epochs": self.learn_epochs,
-            "learn_lr": self.learn_lr,
-            "learn_batch": self.learn_batch,
-            "norm_epochs": self.norm_epochs,
-            "norm_lr": self.norm_lr,
-        }
+        """The recipe options these settings override (None: keep the recipe's own value); each
+        goes to the stage that owns it (duquant.stages, `OVERRIDES`)."""
+        return {name: getattr(self, name) for name in METHOD_OVERRIDES}
 
     def resolved_rules(self) -> tuple[str, str]:
         """(weight, activation) scale rules after applying the format default."""
@@ -375,25 +368,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _method_names() -> list[str]:
-    """The registered methods (imported late: methods import nothing from here)."""
-    from duquant.methods import method_names
-
-    return method_names()
-
-
 @dataclass
 class RunConfig(QuantSettings):
     """One quantize-and-evaluate run (`duquant run`, the library's `runner.run`)."""
 
-    method: str = opt("rtn", "quantization method", choices=_method_names)
+    method: str = opt("rtn", "quantization method (a registered recipe)")
+    recipe: str | None = opt(
+        None, "a YAML recipe file (its stages and their options) instead of --method"
+    )
     weights: WeightQuantizer | None = opt(
         None,
         "weight quantizer: round to nearest, or GPTQ on the same grid (default: the method's, "
         "else rtn)",
     )
     evals: list[str] = opt(
-        ["wikitext2"], "'wikitext2' and/or paths of UTF-8 text files", flag="--eval", nargs="+"
+        ["wikitext2"],
+        "evaluations: wikitext2, c4, lambada, zeroshot and/or paths of UTF-8 text files",
+        flag="--eval",
+        nargs="+",
     )
     output: str | None = opt(None, "write the result JSON here")
     save: str | None = opt(None, "export the quantized model to this folder (compressed-tensors)")
@@ -412,86 +404,27 @@ class RunConfig(QuantSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from duquant.methods import get_method
-
-        try:
-            method = get_method(self.method, **self.method_overrides())
-        except ValueError:
-            raise ConfigError(
-                f"--method {self.method}: unknown; choose one of {', '.join(_method_names())}"
-            ) from None
-        self._resolve_method_weights(method)
-        check_block_size(method, self.block_size)
-        if method.learn == "flatquant":  # its clipping is defined on MXFP4 group-maximum scales
-            from duquant.learn.flatquant import check_quant
-            from duquant.runner import quant_config
-
-            try:
-                check_quant(quant_config(self))
-            except ValueError as exc:
-                raise ConfigError(f"--method {self.method}: {exc}") from None
+        if self.weights is not None:
+            self.weights = _enum(WeightQuantizer, "weights", self.weights)
         if not self.evals:
-            raise ConfigError("--eval: name at least one evaluation ('wikitext2' or a text file)")
-        for name in self.evals:
-            if name != "wikitext2":
-                check_eval_file(name, self.seqlen)
+            raise ConfigError(
+                "--eval: name at least one evaluation ('wikitext2', ... or a text file)"
+            )
         if self.output is not None:
             check_output_file(self.output, "--output")
-        if self.model is not None:
-            from duquant.models.loading import refuse_method
-
-            refuse_method(self.model, method)  # e.g. QuaRot on Gemma 3, before anything loads
-        if self.stream:
-            self._check_stream()
-            if method.whole_model_step:
-                raise ConfigError(
-                    f"--stream: method {method.name} {method.whole_model_step}; drop --stream to "
-                    "load the model in memory"
-                )
-        elif self.work_dir is not None or self.max_activation_mb is not None:
+        if not self.stream and (self.work_dir is not None or self.max_activation_mb is not None):
             raise ConfigError("--work-dir and --max-activation-mb apply to --stream runs only")
-        from duquant import export
 
-        # an export is evaluated as it is (method fp), not quantized again
-        export.check_source(self)
-        if self.save is not None:
-            export.check(self, self.save, self.overwrite)  # destination, method, formats
-
-    def _resolve_method_weights(self, method: Any) -> None:
-        """Take the weight quantizer and GPTQ scale search the method fixes; refuse a conflict."""
-        given = None if self.weights is None else _enum(WeightQuantizer, "weights", self.weights)
-        if method.weights is not None and given not in (None, method.weights):
+    def check_stream(self) -> None:
+        """A streamed run reads a local safetensors folder (its export, if any: `export.check`);
+        called by the orchestration layer after the model source is checked."""
+        if self.model is None:
             raise ConfigError(
-                f"--weights {given}: method {method.name} quantizes weights with {method.weights}; "
-                f"drop --weights or choose another method"
+                "--stream: give --model, a checkpoint folder with safetensors weights (the default "
+                "model is a GGUF: convert it first with scripts/gguf_to_hf.py)"
             )
-        self.weights = WeightQuantizer(method.weights or given or WeightQuantizer.RTN)
-        if (
-            method.scale_search is not None
-            and self.gptq_scale_search is not None
-            and self.gptq_scale_search != method.scale_search
-        ):
-            raise ConfigError(
-                f"--gptq-scale-search {self.gptq_scale_search}: method {method.name} uses "
-                f"{method.scale_search}; drop the option or choose another method"
-            )
-        if self.weights == WeightQuantizer.GPTQ:
-            from duquant.formats import QuantSpec
-            from duquant.gptq import check_gptq_options
-
-            gptq = {"act_order": self.act_order, "act_order_scope": "group", "static_groups": False}
-            gptq |= {"scale_search": str(self.gptq_scale_search or "none")}
-            gptq |= method.gptq_overrides()
-            spec = QuantSpec(str(self.format), self.resolved_rules()[0], str(self.rounding))
-            try:
-                check_gptq_options(spec, **gptq)
-            except ValueError as exc:
-                raise ConfigError(f"--method {method.name}: {exc}") from None
-
-    def _check_stream(self) -> None:
-        """A streamed run reads a local safetensors folder (its export, if any: `export.check`)."""
-        folder = Path(self.model) if self.model else None
-        if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        folder = Path(self.model)
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
             raise ConfigError(
                 f"--stream: --model {self.model} is not a checkpoint folder with safetensors "
                 "weights; convert a GGUF first (scripts/gguf_to_hf.py)"
@@ -504,10 +437,16 @@ class RunConfig(QuantSettings):
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None, skip: tuple = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    defaults: dict | None = None,
+    skip: tuple = (),
+    choices: dict[str, list[str]] | None = None,
 ) -> None:
-    """Add one option per field of config class `cls` (less `skip`), with the field's help."""
+    """Add one option per field of config class `cls` (less `skip`), with the field's help;
+    `choices` lists the values of fields whose vocabulary lives above this module (methods)."""
     defaults = defaults or {}
+    choices_of = choices or {}
     for f in fields(cls):
         if f.name in skip or "help" not in f.metadata:
             continue
@@ -525,9 +464,7 @@ def add_arguments(
             kwargs["type"] = meta.get("type") or _scalar_type(f, default)
             if meta.get("nargs"):
                 kwargs["nargs"] = meta["nargs"]
-            choices = meta.get("choices")
-            if callable(choices):
-                choices = choices()
+            choices = meta.get("choices") or choices_of.get(f.name)
             if enum is not None:
                 choices = [m.value for m in enum]
             if choices is not None:
@@ -549,6 +486,7 @@ def _enum_type(f) -> type[StrEnum] | None:
             DType,
             WeightQuantizer,
             ScaleSearch,
+            ZeroShotSource,
         )
     }.get(base)
 
@@ -593,21 +531,11 @@ class AnalyzeConfig:
     out: str = opt("results/analyze", "output folder for errors.csv and the PNGs")
 
     def __post_init__(self) -> None:
-        from duquant.methods import METHODS
-
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ConfigError(
-                f"--methods {','.join(self.methods)}: unknown or none; choose from "
-                f"{', '.join(sorted(METHODS))}"
-            )
+        if not self.methods:
+            raise ConfigError("--methods: name at least one method")
         rules = FORMATS["mxfp4"].SCALE_RULES
         if self.scale_rule not in rules:
             raise ConfigError(f"--scale-rule {self.scale_rule}: choose one of {', '.join(rules)}")
         self.scale_rule = ScaleRule(self.scale_rule)
         check_ranges(self)
         check_output_dir(self.out, "--out")
-        if self.model is not None:
-            from duquant.models.loading import check_model_source
-
-            check_model_source(self.model)

@@ -52,14 +52,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from duquant.config import ActOrderScope, ScaleSearch
 from duquant.formats import QuantizedWeight, QuantSpec
 from duquant.formats.e2m1 import encode_e2m1, pack_nibbles
 
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 3  # extra Cholesky attempts, each with 10x the previous damping, before RTN
-ACT_ORDER_SCOPES = ("group", "column")
-SCALE_SEARCHES = ("none", "hessian", "fpquant-mse")
+# the option vocabularies are duquant.config's (one source for the command line and the library)
+ACT_ORDER_SCOPES = tuple(s.value for s in ActOrderScope)
+SCALE_SEARCHES = tuple(s.value for s in ScaleSearch)
 # scale rules whose scale is one of the two E8M0 powers of two the Hessian search compares
 HESSIAN_SEARCH_RULES = ("ocp", "ceil", "ct-round", "mse")
 # FP-Quant's MSE observer (src/quantization/quantizer.py `get_quantization_params`): 100 shrink
@@ -153,15 +155,15 @@ def check_gptq_options(
         )
     if scale_search not in SCALE_SEARCHES:
         raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, got {scale_search!r}")
-    if act_order and act_order_scope == "column" and not static_groups:
+    if act_order and act_order_scope == ActOrderScope.COLUMN and not static_groups:
         raise ValueError("column act order (MR-GPTQ) needs static group scales (static_groups)")
-    if scale_search == "none":
+    if scale_search == ScaleSearch.NONE:
         return
     if spec.format != "mxfp4":
         raise ValueError(
             f"scale search {scale_search} applies to MXFP4 E8M0 scales, not {spec.format}"
         )
-    if scale_search == "fpquant-mse":
+    if scale_search == ScaleSearch.FPQUANT_MSE:
         from duquant.formats.mxfp4 import AMAX_RULES
 
         if not static_groups:
@@ -173,13 +175,13 @@ def check_gptq_options(
                 f"scale search fpquant-mse casts a shrunk group maximum with the scale rule; "
                 f"{spec.scale_rule} is not one of {AMAX_RULES}"
             )
-    if scale_search == "hessian":
+    if scale_search == ScaleSearch.HESSIAN:
         if spec.scale_rule not in HESSIAN_SEARCH_RULES:
             raise ValueError(
                 f"scale search hessian chooses between the ocp exponent and the next; scale rule "
                 f"{spec.scale_rule} is not one of {HESSIAN_SEARCH_RULES}"
             )
-        if act_order and act_order_scope == "column":
+        if act_order and act_order_scope == ActOrderScope.COLUMN:
             raise ValueError("scale search hessian needs whole groups: use act_order_scope group")
 
 
@@ -192,8 +194,8 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     compute_dtype: torch.dtype = torch.float64,
-    act_order_scope: str = "group",
-    scale_search: str = "none",
+    act_order_scope: str = ActOrderScope.GROUP,
+    scale_search: str = ScaleSearch.NONE,
     clip: Tensor | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] onto `spec`'s grid with GPTQ, given the input Hessian [in, in].
@@ -204,72 +206,37 @@ def gptq_quantize(
     start = time.perf_counter()
     _check_inputs(weight, hessian, spec, blocksize, percdamp)
     check_gptq_options(spec, act_order, act_order_scope, static_groups, scale_search)
-    if clip is not None and scale_search != "none":
+    if clip is not None and scale_search != ScaleSearch.NONE:
         raise ValueError("learned weight clipping fixes the scales: use scale_search none")
     gs = spec.group_size
-    w = weight.detach().to(compute_dtype).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
-    dead = torch.nonzero(torch.diagonal(h) == 0).squeeze(1)
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h, dead = _drop_dead_columns(weight, hessian, compute_dtype)
     w32 = w.float()
     ts = spec.weight_tensor_scale(w32)
     clip = None if clip is None else clip.detach().float().reshape(-1, 1).to(w.device)
-    static = None
-    if static_groups:
-        static = (
-            fpquant_mse_scales(w32, spec)
-            if scale_search == "fpquant-mse"
-            else grid_scales(_clipped(w32, clip), spec, ts)
-        )
+    static = _static_scales(w32, spec, ts, clip, scale_search) if static_groups else None
     # the weight each group's Hessian-search candidates come from: static -> the original one
-    search_ref = w32 if scale_search == "hessian" and static_groups else None
+    search_ref = w32 if scale_search == ScaleSearch.HESSIAN and static_groups else None
 
-    columns = act_order and act_order_scope == "column"
-    perm = None
-    if act_order:
-        diag = torch.diagonal(h)
-        perm = column_act_order(diag) if columns else act_order_permutation(diag, gs)
+    columns = act_order and act_order_scope == ActOrderScope.COLUMN
+    perm = _act_order_perm(h, gs, columns) if act_order else None
     col_group = None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
         if columns:
             col_group = perm // gs  # each permuted column keeps its original group's static scale
         else:
-            if static is not None:
-                static = static[:, perm[::gs] // gs]
-            if search_ref is not None:
-                search_ref = search_ref[:, perm]
+            static, search_ref = _permute_groups(static, search_ref, perm, gs)
 
     u, rel, damp = _inverse_cholesky(h, percdamp)
     if u is None:
-        logger.warning(
-            "GPTQ: Cholesky failed up to percdamp %.3g; falling back to RTN for a %s weight",
-            rel,
-            tuple(weight.shape),
-        )
-        rtn = spec.quantize_weight(weight.detach().float(), clip=clip)
-        return GPTQResult(
-            weight=rtn.dequantize(),
-            scales=rtn.scales,
-            codes=rtn.packed,
-            tensor_scale=rtn.tensor_scale,
-            percdamp=rel,
-            damping=damp,
-            fallback=True,
-            dead_columns=int(dead.numel()),
-            loss=float("nan"),
-            seconds=time.perf_counter() - start,
-        )
+        return _rtn_fallback(weight, spec, clip, rel, damp, int(dead.numel()), start)
 
-    search = scale_search == "hessian"
+    search = scale_search == ScaleSearch.HESSIAN
     q, grid, scales, loss = _column_loop(
         w, u, spec, ts, blocksize, static, col_group, search, search_ref, clip
     )
     if perm is not None:
-        q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
-        if col_group is None:
-            scales = scales[:, torch.argsort(perm[::gs] // gs)]
+        q, grid, scales = _unpermute(q, grid, scales, perm, gs, whole_groups=col_group is None)
     seconds = time.perf_counter() - start
     logger.debug(
         "GPTQ %s on %s: percdamp %.3g, %d dead columns, loss %.4g, %.2fs",
@@ -282,6 +249,86 @@ def gptq_quantize(
     )
     codes = pack_nibbles(encode_e2m1(grid))
     return GPTQResult(q, scales, codes, ts, rel, damp, False, int(dead.numel()), loss, seconds)
+
+
+def _drop_dead_columns(
+    weight: Tensor, hessian: Tensor, compute_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(weight in `compute_dtype`, float64 Hessian, dead column indices) with every dead column
+    (diag(H) == 0) given H_ii = 1 and a zero weight, before scales or the tensor scale see it."""
+    w = weight.detach().to(compute_dtype).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    dead = torch.nonzero(torch.diagonal(h) == 0).squeeze(1)
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h, dead
+
+
+def _static_scales(
+    w32: Tensor, spec: QuantSpec, ts: Tensor | None, clip: Tensor | None, scale_search: str
+) -> Tensor:
+    """Every group's scale, computed once from the weight before any update (`static_groups`)."""
+    if scale_search == ScaleSearch.FPQUANT_MSE:
+        return fpquant_mse_scales(w32, spec)
+    return grid_scales(_clipped(w32, clip), spec, ts)
+
+
+def _act_order_perm(h: Tensor, group_size: int, columns: bool) -> Tensor:
+    """The act-order column permutation from diag(H): single columns (MR-GPTQ) or whole groups."""
+    diag = torch.diagonal(h)
+    return column_act_order(diag) if columns else act_order_permutation(diag, group_size)
+
+
+def _permute_groups(
+    static: Tensor | None, search_ref: Tensor | None, perm: Tensor, group_size: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Static scales and the Hessian search's reference weight in a group-keeping permutation's order."""
+    if static is not None:
+        static = static[:, perm[::group_size] // group_size]
+    if search_ref is not None:
+        search_ref = search_ref[:, perm]
+    return static, search_ref
+
+
+def _unpermute(
+    q: Tensor, grid: Tensor, scales: Tensor, perm: Tensor, group_size: int, whole_groups: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weight, grid values and (with `whole_groups`) scales back in the original column order;
+    column act order keeps its scales in original group order already."""
+    q, grid = q[:, torch.argsort(perm)], grid[:, torch.argsort(perm)]
+    if whole_groups:
+        scales = scales[:, torch.argsort(perm[::group_size] // group_size)]
+    return q, grid, scales
+
+
+def _rtn_fallback(
+    weight: Tensor,
+    spec: QuantSpec,
+    clip: Tensor | None,
+    rel: float,
+    damp: float,
+    dead_columns: int,
+    start: float,
+) -> GPTQResult:
+    """The RTN result (spec.fake_quant, clipped) when Cholesky failed at every damping."""
+    logger.warning(
+        "GPTQ: Cholesky failed up to percdamp %.3g; falling back to RTN for a %s weight",
+        rel,
+        tuple(weight.shape),
+    )
+    rtn = spec.quantize_weight(weight.detach().float(), clip=clip)
+    return GPTQResult(
+        weight=rtn.dequantize(),
+        scales=rtn.scales,
+        codes=rtn.packed,
+        tensor_scale=rtn.tensor_scale,
+        percdamp=rel,
+        damping=damp,
+        fallback=True,
+        dead_columns=dead_columns,
+        loss=float("nan"),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _clipped(w: Tensor, clip: Tensor | None) -> Tensor:

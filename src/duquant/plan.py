@@ -1,4 +1,4 @@
-"""Turn a method config and calibration statistics into the transform plan of one input group.
+"""Turn a recipe's transform stages and calibration statistics into the plan of one input group.
 
 Per input group the transform is a list of steps (smoothing Λ, block rotations, permutation). The
 weights of the group's linears receive all of them offline. Online, a leading run of steps that can
@@ -15,22 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from duquant.calibrate import InputStats
-from duquant.formats import QuantSpec
-from duquant.methods import MethodConfig
 from duquant.models.adapters import InputGroup
 from duquant.transforms.base import (
     BlockRotation,
     ChannelScale,
-    Permutation,
     Sequence,
     Transform,
     transform_output_rows,
 )
-from duquant.transforms.hadamard import block_hadamard, random_signs
 from duquant.transforms.kronecker import Kronecker
-from duquant.transforms.permutation import zigzag_permutation
-from duquant.transforms.rotation import best_start, greedy_rotation, per_block_greedy
-from duquant.transforms.smooth import share_over_heads, smoothing_scale
 
 
 @dataclass(frozen=True)
@@ -138,89 +131,28 @@ def _foldable(step: Transform, group: InputGroup, heads: HeadShape | None) -> bo
     return False
 
 
-def _rows(t: Tensor, n: int) -> Tensor:
-    """At most `n` evenly spaced rows of `t` (deterministic)."""
-    if t.shape[0] <= n:
-        return t
-    return t[torch.linspace(0, t.shape[0] - 1, n).long()]
-
-
-def _rotation_steps(
-    method: MethodConfig, x: Tensor | None, weights: Tensor, quant, gen
-) -> tuple[list[Transform], dict]:
-    """The rotation part of a method on (already smoothed) activations `x` and weights."""
-    b = method.block_size
-    if method.rotation == "none":
-        return [], {}
-    if method.rotation == "hadamard":
-        return [BlockRotation(block_hadamard(b))], {}
-    if method.rotation == "random-hadamard":
-        return [BlockRotation(block_hadamard(b, random_signs(b, gen)))], {}
-    a_spec = (quant.act if quant else None) or QuantSpec()
-    w_spec = (quant.weight if quant else None) or QuantSpec()
-    start, info0 = None, {}
-    # the MX-error objective ranks candidates: a row subsample ranks them as well, far cheaper
-    xs, ws = _rows(x, method.objective_rows), _rows(weights, method.objective_rows)
-    if method.refine_from == "random-hadamard":
-        cands = [block_hadamard(b, random_signs(b, gen)) for _ in range(method.start_candidates)]
-        pick, errs = best_start(xs, cands, a_spec, ws, w_spec) if len(cands) > 1 else (0, [])
-        start, info0 = cands[pick], {"start_errors": errs, "start_pick": pick}
-    kw = dict(
-        block_size=b,
-        max_steps=method.max_steps,
-        generator=gen,
-        objective=method.objective,
-        swap_index=method.swap_index,
-        spec=a_spec,
-        w_spec=w_spec,
-    )
-    w = None
-    if method.objective == "mx":  # the range objective keeps every sampled row
-        x, w = xs, ws
-    if method.rotation == "greedy":
-        if method.per_block:
-            r, info = per_block_greedy(x, weight=w, start=start, **kw)
-        else:
-            r, info = greedy_rotation(x, start=start, weight=w, **kw)
-        return [BlockRotation(r)], {**info0, **info}
-    if method.rotation == "duquant-v1":
-        r1, info1 = greedy_rotation(x, start=start, weight=w, **kw)
-        rot1 = BlockRotation(r1)
-        x1 = rot1(x.float())
-        perm = Permutation(zigzag_permutation(x1.abs().amax(dim=0), b))
-        x2 = perm(x1)
-        w2 = None if w is None else perm.weight(rot1.weight(w.float()))
-        r2, info2 = greedy_rotation(x2, weight=w2, **kw)
-        return [rot1, perm, BlockRotation(r2)], {"steps": [info1["steps"], info2["steps"]]}
-    raise ValueError(f"unknown rotation {method.rotation!r}")
-
-
 def plan_group(
     block: nn.Module,
     group: InputGroup,
-    method: MethodConfig,
+    recipe,
     quant,
     stats: InputStats | None,
     heads: HeadShape | None = None,
     seed: int = 0,
 ) -> GroupPlan:
-    """Build the transform plan of `group` for `method` from calibration statistics."""
+    """Build the transform plan of `group` from the recipe's transform stages (in order, each
+    seeing the calibration sample and weights as the earlier ones left them) and the statistics."""
     weights = [block.get_submodule(n).weight.detach().float() for n in group.linears]
     w_cat = torch.cat(weights, dim=0)
     gen = torch.Generator().manual_seed(seed)
     steps: list[Transform] = []
     info: dict = {}
     x = None if stats is None else stats.sample.float()
-    if method.smooth:
-        scale = smoothing_scale(stats.absmax, weights, method.alpha)
-        if fed_by_heads(group, heads):
-            scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
-        steps.append(ChannelScale(scale))
-        x = x / scale
-        w_cat = w_cat * scale
-    rot, rinfo = _rotation_steps(method, x, w_cat, quant, gen)
-    info.update(rinfo)
-    return plan_from_steps(steps + rot, group, heads, method.fold, info)
+    for stage in recipe.transforms:
+        new, x, w_cat, sinfo = stage.plan(x, w_cat, weights, stats, group, heads, quant, gen)
+        steps += new
+        info.update(sinfo)
+    return plan_from_steps(steps, group, heads, recipe.fold, info)
 
 
 def plan_from_steps(

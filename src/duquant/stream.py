@@ -1,6 +1,6 @@
 """Quantize a safetensors checkpoint block by block (models larger than memory), and evaluate it so.
 
-The command line reaches this through `duquant run --stream` (runner.run_streamed)."""
+The command line reaches this through `duquant run --stream` (duquant.api.run_streamed)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from duquant.methods import MethodConfig
-from duquant.models.streaming import activation_bytes, open_streamed, streamed_logits
+from duquant.calibrate import capture_block_inputs, run_block
+from duquant.methods import Recipe
+from duquant.models.adapters import Adapter
+from duquant.models.streaming import activation_bytes, open_streamed
 from duquant.pipeline import QuantConfig, QuantizeReport, quantize_model
 
 log = logging.getLogger(__name__)
 
 
-def quantize_streaming(
+def open_for_quantization(
     path: str | Path,
-    method: MethodConfig,
-    quant: QuantConfig,
     calib_windows: Tensor | None,
     work_dir: str | Path,
     device: str = "cpu",
-    seed: int = 0,
     max_activation_mb: float | None = None,
 ):
-    """Quantize checkpoint folder `path` with one block in memory at a time; the quantized blocks go
-    to `work_dir`. Returns (model skeleton, adapter, block store, report)."""
+    """Open checkpoint folder `path` block by block (quantized blocks go to `work_dir`), refusing
+    calibration activations over `max_activation_mb`: (model skeleton, adapter, block store)."""
     model, adapter, store = open_streamed(path, work_dir, device)
     if calib_windows is not None:
         need = activation_bytes(
@@ -41,10 +40,58 @@ def quantize_streaming(
                 f"calibration activations need {need / 2**20:.0f} MiB, over the budget of "
                 f"{max_activation_mb:.0f} MiB: use fewer or shorter calibration windows"
             )
+    return model, adapter, store
+
+
+def quantize_streaming(
+    path: str | Path,
+    method: Recipe,
+    quant: QuantConfig,
+    calib_windows: Tensor | None,
+    work_dir: str | Path,
+    device: str = "cpu",
+    seed: int = 0,
+    max_activation_mb: float | None = None,
+):
+    """Quantize checkpoint folder `path` with one block in memory at a time; the quantized blocks go
+    to `work_dir`. Returns (model skeleton, adapter, block store, report)."""
+    model, adapter, store = open_for_quantization(
+        path, calib_windows, work_dir, device, max_activation_mb
+    )
     report: QuantizeReport = quantize_model(
         model, adapter, method, quant, calib_windows, seed=seed, store=store
     )
     return model, adapter, store, report
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, adapter: Adapter, store, windows: Tensor, fn=None) -> list:
+    """Logits of each window (1 x seqlen each), one block in memory at a time.
+
+    With `fn`, `fn(logits)` is returned per window instead of the logits, which are then dropped
+    one by one (a 262k vocabulary makes 1 GiB of logits per 1024-token window).
+    """
+    with store.embedding(model):
+        inputs = capture_block_inputs(model, adapter, windows)
+    n = len(adapter.blocks(model))
+    for i in range(n):
+        block = store.load(i)
+        hidden = run_block(block, inputs)
+        store.release(i)
+        inputs = inputs.next(hidden, i + 1)
+    out = []
+    with store.head():
+        norm = model.get_submodule(adapter.final_norm)
+        head = model.get_submodule(adapter.lm_head)
+        # the final soft cap some families apply to the logits (Gemma 3's final_logit_softcapping)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        for h in inputs.hidden:
+            logits = head(norm(h))
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            out.append(logits if fn is None else fn(logits))
+            del logits
+    return out
 
 
 @torch.no_grad()

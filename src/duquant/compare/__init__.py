@@ -11,15 +11,12 @@ is neither copied nor quantized, and the model is not loaded at all when everyth
 Evaluations whose data are missing are reported as missing and not cached (they run once the data
 appear). Outputs: `table.md` (the paper's Table-1 layout), `table.json`, `table.png`.
 
-Modules: `jobs` (the config and its method x weights jobs), `evals` (one entry per evaluation),
-`cache` (result keys and files), `report` (the table), `run` (the loop).
+Modules: `jobs` (the config and its method x weights jobs), `cache` (result keys and files), `report`
+(the table), `run` (the loop); the evaluations, one entry each, are `duquant.eval.registry`'s, shared
+with `duquant run`.
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
 
 from duquant.compare.cache import (
     cache_path,
@@ -30,11 +27,11 @@ from duquant.compare.cache import (
     progress,
     result_key,
 )
-from duquant.compare.evals import COLUMNS, EVALS, EVALUATIONS, ZS_COLUMNS, Evaluation, Session
 from duquant.compare.jobs import (
     GPTQ_MARK,
     CompareConfig,
     Job,
+    check_compare,
     jobs_of,
     needs_calibration,
     resolve,
@@ -42,45 +39,7 @@ from duquant.compare.jobs import (
 )
 from duquant.compare.report import build_table, plot_table, table_markdown, write_outputs
 from duquant.compare.run import Cell, default_out, environment, plan, run_compare
-from duquant.config import ConfigError, add_arguments, from_namespace
-
-
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `duquant compare` on the CLI's subparsers (options generated from CompareConfig)."""
-    p = subparsers.add_parser(
-        "compare", help="methods x evaluations in one resumable command, with a Table-1 summary"
-    )
-    add_arguments(p, CompareConfig)
-    p.set_defaults(func=compare_main)
-    return p
-
-
-def compare_main(args: argparse.Namespace) -> int:
-    """`duquant compare`: run, print the table, say where the outputs are."""
-    from duquant.cli import INTERRUPTED, fail
-
-    prog = "duquant compare"
-    try:
-        cfg = from_namespace(CompareConfig, args)
-    except (ConfigError, ValueError, OSError) as exc:
-        return fail(prog, exc)
-    try:
-        table = run_compare(cfg)
-    except KeyboardInterrupt:
-        out = Path(cfg.out) if cfg.out else Path("results/<model>")
-        print(
-            f"{prog}: interrupted; finished results are kept in {out / 'cache'} (an unfinished "
-            "perplexity cell's windows in cache/partial): run the same command to resume",
-            file=sys.stderr,
-        )
-        return INTERRUPTED
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as exc:
-        return fail(prog, exc)
-    print(table_markdown(table))
-    out = Path(cfg.out) if cfg.out else default_out(table["model"])
-    print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
-    return 0
-
+from duquant.eval.registry import COLUMNS, EVALS, EVALUATIONS, ZS_COLUMNS, Evaluation, Session
 
 __all__ = [
     "COLUMNS",
@@ -93,11 +52,10 @@ __all__ = [
     "Evaluation",
     "Job",
     "Session",
-    "add_compare_parser",
     "build_table",
     "cache_path",
     "calibration_source",
-    "compare_main",
+    "check_compare",
     "default_out",
     "environment",
     "jobs_of",

@@ -8,10 +8,10 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import duquant
-from duquant.compare.evals import EVALUATIONS
+from duquant._version import __version__
 from duquant.compare.jobs import CompareConfig, Job, needs_calibration, resolve
 from duquant.data import DataNotFoundError, wikitext2_rows
+from duquant.eval.registry import evaluation_for, metrics_key
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def result_key(
         "model": model_source,
         "dtype": str(cfg.dtype),
         "device": cfg.device,
-        # an unquantized method is its name: fields added to MethodConfig later cannot change it
+        # an unquantized method is its name: options added to stages later cannot change it
         "method": _method_key(method)
         if method.quantize
         else {"name": method.name, "quantize": False},
@@ -47,9 +47,9 @@ def result_key(
         "quant": _quant_key(quant) if method.quantize else None,
         "seed": cfg.seed,
         "calibration": None,
-        "eval": EVALUATIONS[name].settings(cfg),
+        "eval": evaluation_for(name).settings(cfg),
         "data": data,
-        "duquant_version": duquant.__version__,
+        "duquant_version": __version__,
     }
     if needs_calibration(method, quant):
         key["calibration"] = {
@@ -67,9 +67,9 @@ _LATE_GPTQ_DEFAULTS = {"act_order_scope": "group", "scale_search": "none"}
 
 
 def _method_key(method) -> dict:
-    """A method's fields for the key; those left None (fields added later: the command line's
-    value, which the quant config records) are left out, so adding them kept old hashes."""
-    return {k: v for k, v in asdict(method).items() if v is not None}
+    """A recipe for the key: its stages and their options (the GPTQ options the command line
+    gives are in the quant config)."""
+    return {k: v for k, v in method.to_dict().items() if k != "source"}
 
 
 def _quant_key(quant) -> dict:
@@ -86,8 +86,8 @@ def key_hash(key: dict) -> str:
 
 
 def cache_path(out: Path, job: Job, name: str, h: str) -> Path:
-    """Where one result is cached."""
-    return out / "cache" / f"{job.slug}-{name}-{h}.json"
+    """Where one result is cached (a text file's evaluation by the file's name)."""
+    return out / "cache" / f"{job.slug}-{metrics_key(name)}-{h}.json"
 
 
 def partial_path(cached: Path) -> Path:

@@ -6,17 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from duquant.compare.evals import EVALS
+from duquant import api
 from duquant.config import (
     ConfigError,
     QuantSettings,
     RunConfig,
     WeightQuantizer,
-    check_block_size,
     check_output_dir,
     opt,
 )
-from duquant.methods import MethodConfig, get_method, method_names
+from duquant.eval.registry import EVALS, PAPER_EVALS
+from duquant.methods import Recipe, get_method, method_names
 
 GPTQ_MARK = "*"  # `--methods quarot*`: the paper's notation for a method with GPTQ weights
 
@@ -31,13 +31,10 @@ class CompareConfig(QuantSettings):
         csv=True,
     )
     weights: list[str] = opt(["rtn"], "weight quantizers, e.g. rtn,gptq", csv=True)
-    evals: list[str] = opt(list(EVALS), ",".join(EVALS), csv=True)
+    evals: list[str] = opt(
+        list(PAPER_EVALS), f"evaluations, any of {','.join(EVALS)} (default: Table 1's)", csv=True
+    )
     out: str | None = opt(None, "output folder (default results/<model>/)")
-    c4_windows: int = opt(256, "C4 windows drawn (protocol: 256)", minimum=1)
-    limit: int | None = opt(None, "zero-shot examples per task", minimum=1)
-    tasks: list[str] | None = opt(None, "zero-shot tasks (default: all seven)", csv=True)
-    batch_size: int = opt(8, "zero-shot batch size", minimum=1)
-    zeroshot_source: str = opt("auto", "zero-shot data source", choices=["auto", "hub", "local"])
     threads: int | None = opt(
         None, "torch CPU threads (default: torch's); recorded, not hashed", minimum=1
     )
@@ -64,20 +61,6 @@ class CompareConfig(QuantSettings):
             if w not in choices:
                 raise ConfigError(f"--weights {w}: choose from {', '.join(choices)}")
         self.weights = [WeightQuantizer(w).value for w in self.weights]
-        for m in self.methods:
-            check_block_size(get_method(m.removesuffix(GPTQ_MARK)), self.block_size)
-        if self.tasks is not None:
-            from duquant.eval.zeroshot import TASKS
-
-            bad = [t for t in self.tasks if t not in TASKS]
-            if bad or not self.tasks:
-                raise ConfigError(
-                    f"--tasks {','.join(bad)}: unknown; choose from {', '.join(TASKS)}"
-                )
-        if self.zeroshot_source not in ("auto", "hub", "local"):
-            raise ConfigError(
-                f"--zeroshot-source {self.zeroshot_source}: choose auto, hub or local"
-            )
         if self.out is not None and not self.cached_only:
             check_output_dir(self.out, "--out")
 
@@ -108,13 +91,18 @@ def run_config(cfg: CompareConfig, job: Job) -> RunConfig:
     return RunConfig(**values, method=job.method, weights=job.weights or "rtn")
 
 
-def resolve(cfg: CompareConfig, job: Job) -> tuple[MethodConfig, Any, RunConfig]:
-    """(method config, QuantConfig, RunConfig) of a job."""
-    from duquant.runner import quant_config
+def resolve(cfg: CompareConfig, job: Job) -> tuple[Recipe, Any, RunConfig]:
+    """(recipe, QuantConfig, RunConfig) of a job, checked by the orchestration layer."""
+    plan = api.check(run_config(cfg, job))
+    return plan.recipe, plan.quant, plan.cfg
 
-    rc = run_config(cfg, job)
-    method = get_method(job.method, **cfg.method_overrides())
-    return method, quant_config(rc), rc
+
+def check_compare(cfg: CompareConfig) -> None:
+    """Everything a compare can refuse before loading: every job's recipe and options, the
+    evaluations' settings (ConfigError, one line)."""
+    api.check_evals(cfg.evals, cfg)
+    for job in jobs_of(cfg):
+        resolve(cfg, job)
 
 
 def jobs_of(cfg: CompareConfig) -> list[Job]:
@@ -122,17 +110,18 @@ def jobs_of(cfg: CompareConfig) -> list[Job]:
     with the paper's star (`duquant++*`) means that method with GPTQ weights only."""
     jobs: list[Job] = []
     for m in cfg.methods:
+        recipe = get_method(m.removesuffix(GPTQ_MARK))
         if m.endswith(GPTQ_MARK):
             jobs.append(Job(m.removesuffix(GPTQ_MARK), "gptq"))
-        elif not get_method(m).quantize:
+        elif not recipe.quantize:
             jobs.append(Job(m, None))
-        elif get_method(m).weights is not None:  # the method fixes its weight quantizer
-            jobs.append(Job(m, get_method(m).weights))
+        elif recipe.gptq is not None:  # the recipe fixes its weight quantizer
+            jobs.append(Job(m, "gptq"))
         else:
             jobs.extend(Job(m, w) for w in cfg.weights)
     return list(dict.fromkeys(jobs))
 
 
-def needs_calibration(method: MethodConfig, quant: Any) -> bool:
+def needs_calibration(method: Recipe, quant: Any) -> bool:
     """Whether quantizing with `method` / `quant` reads calibration windows."""
-    return method.quantize and (method.needs_calibration or quant.weights != "rtn")
+    return api.needs_windows(method, quant)

@@ -6,25 +6,27 @@ import math
 from pathlib import Path
 from typing import Any
 
-import duquant
-from duquant.compare.evals import COLUMNS, EVALUATIONS, ZS_COLUMNS
+from duquant._version import __version__
 from duquant.compare.jobs import CompareConfig, jobs_of
+from duquant.eval.registry import COLUMNS, ZS_COLUMNS, evaluation_for, table_columns
 from duquant.formats import DEFAULT_SCALE_RULE
 
 
-def row_values(cells: list) -> dict:
+def row_values(cells: list, columns: tuple[str, ...] = COLUMNS) -> dict:
     """The table row of one job from its cells: column -> number, 'missing', 'nonfinite' or None."""
-    row: dict[str, Any] = {c: None for c in COLUMNS[1:]}
+    row: dict[str, Any] = {c: None for c in columns[1:]}
     notes: list[str] = []
     for cell in cells:
         rec = cell.record or {}
-        ev = EVALUATIONS[cell.name]
+        ev = evaluation_for(cell.name)
         if rec.get("status") != "ok":
             for col in ev.columns:
                 row[col] = rec.get("status")
             continue
         values = ev.values(rec["result"])
         notes.extend(values.pop("notes", []))
+        if "examples" in values and "examples" in row:  # two evaluations' examples per task
+            values["examples"] = {**row["examples"], **values["examples"]}
         row.update(values)
     row["notes"] = notes
     return row
@@ -34,6 +36,7 @@ def build_table(cfg: CompareConfig, cells: list, model_source: str) -> dict:
     """table.json content: config, columns, one row per job, and every result record."""
     from duquant.compare.cache import progress
 
+    columns = table_columns(cfg.evals)
     rows = []
     for job in jobs_of(cfg):
         mine = [c for c in cells if c.job == job]
@@ -42,7 +45,7 @@ def build_table(cfg: CompareConfig, cells: list, model_source: str) -> dict:
                 "label": job.label,
                 "method": job.method,
                 "weights": job.weights,
-                "values": row_values(mine),
+                "values": row_values(mine, columns),
                 "results": {c.name: c.record for c in mine},
                 "pending": {c.name: progress(c.path) for c in mine if c.record is None},
             }
@@ -50,9 +53,9 @@ def build_table(cfg: CompareConfig, cells: list, model_source: str) -> dict:
     return {
         "model": model_source,
         "config": cfg.to_dict(),
-        "columns": list(COLUMNS),
+        "columns": list(columns),
         "rows": rows,
-        "duquant_version": duquant.__version__,
+        "duquant_version": __version__,
     }
 
 
@@ -70,6 +73,7 @@ def _fmt(value: Any, ppl: bool) -> str:
 def table_markdown(table: dict) -> str:
     """The paper's Table-1 layout as Markdown, with the settings and footnotes."""
     cfg = table["config"]
+    columns = table["columns"]
     default = DEFAULT_SCALE_RULE.get(cfg["format"], "default")
     lines = [
         f"# duquant compare: {table['model']}",
@@ -79,13 +83,13 @@ def table_markdown(table: dict) -> str:
         f"PPL seqlen {cfg['seqlen']}, max windows {cfg['max_windows'] or 'all'}; zero-shot limit "
         f"{cfg['limit'] or 'none'} per task (accuracies in %); seed {cfg['seed']}.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
     ]
     notes: list[str] = []
     for row in table["rows"]:
         v = row["values"]
-        cells = [row["label"]] + [_fmt(v[c], c.endswith("PPL")) for c in COLUMNS[1:]]
+        cells = [row["label"]] + [_fmt(v[c], c.endswith("PPL")) for c in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
         notes.extend(n for n in v.get("notes", []) if n not in notes)
         over = v.get("Avg over")
@@ -97,7 +101,7 @@ def table_markdown(table: dict) -> str:
                 note = f"{name} missing: {rec.get('reason')}"
                 if note not in notes:
                     notes.append(note)
-            elif rec and name == "zeroshot" and rec.get("status") == "ok":
+            elif rec and rec.get("status") == "ok" and "tasks" in rec["result"]:  # lm-eval's
                 for t, r in rec["result"]["tasks"].items():
                     if r.get("status") == "missing":
                         note = f"{t} missing: {r.get('reason')}"
@@ -110,16 +114,16 @@ def table_markdown(table: dict) -> str:
     ]
     if pending:
         notes.append("not computed yet (`–`): " + ", ".join(pending))
-    notes.extend(_detail_notes(table["rows"]))
+    notes.extend(_detail_notes(table["rows"], columns))
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
 
 
-def _detail_notes(rows: list[dict]) -> list[str]:
-    """Footnotes with windows, examples per task and LAMBADA perplexity."""
+def _detail_notes(rows: list[dict], columns: list[str]) -> list[str]:
+    """Footnotes with windows, examples per task and LAMBADA perplexity (unless it is a column)."""
     notes = []
-    for col in ("W2 PPL", "C4 PPL"):
+    for col in (c for c in columns if c.endswith("PPL")):
         wins = {r["label"]: r["values"].get(f"{col} windows") for r in rows}
         if any(w is not None for w in wins.values()):
             notes.append(
@@ -132,7 +136,7 @@ def _detail_notes(rows: list[dict]) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in examples.items())
         )
     lamb = {r["label"]: r["values"].get("LAMB PPL") for r in rows}
-    if any(v is not None for v in lamb.values()):
+    if "LAMB PPL" not in columns and any(v is not None for v in lamb.values()):
         notes.append(
             "LAMBADA perplexity: "
             + ", ".join(f"{k} {_fmt(v, True)}" for k, v in lamb.items() if v is not None)
@@ -149,8 +153,9 @@ def plot_table(table: dict, path: Path) -> Path | None:
 
     rows = table["rows"]
     panels = []
-    ppl_cols = [c for c in ("W2 PPL", "C4 PPL") if any(_num(r["values"][c]) for r in rows)]
-    acc_cols = [c for c in (*ZS_COLUMNS, "Avg") if any(_num(r["values"][c]) for r in rows)]
+    cols = [c for c in table["columns"][1:] if any(_num(r["values"][c]) for r in rows)]
+    ppl_cols = [c for c in cols if c.endswith("PPL")]
+    acc_cols = [c for c in cols if not c.endswith("PPL")]
     if ppl_cols:
         panels.append(("perplexity (lower is better)", ppl_cols))
     if acc_cols:

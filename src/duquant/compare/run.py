@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-import duquant
+from duquant import api
+from duquant._version import __version__
 from duquant.compare.cache import (
     cache_path,
     calibration_source,
@@ -22,10 +23,10 @@ from duquant.compare.cache import (
     partial_path,
     result_key,
 )
-from duquant.compare.evals import EVALUATIONS, Session
 from duquant.compare.jobs import CompareConfig, Job, jobs_of, needs_calibration, resolve
 from duquant.compare.report import build_table, write_outputs
 from duquant.eval.perplexity import NonFiniteLossError
+from duquant.eval.registry import EVALUATIONS, Session
 from duquant.jsonio import write_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def environment() -> dict:
     import transformers
 
     env = {
-        "duquant_version": duquant.__version__,
+        "duquant_version": __version__,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "platform": platform.platform(),
@@ -95,8 +96,7 @@ def _pending(cells: list[Cell], job: Job) -> list[Cell]:
 
 def run_compare(cfg: CompareConfig, loaded=None) -> dict:
     """Run (or resume) the comparison; write the cache, table.md, table.json and table.png; return the table."""
-    from duquant.models import adapter_for, default_model, load_model
-    from duquant.pipeline import quantize_model
+    from duquant.models import default_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -120,9 +120,9 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
     owns_model = loaded is None  # a caller's model is never quantized in place
     for n, job in enumerate(todo):
         if loaded is None:
-            loaded = load_model(cfg.model, str(cfg.dtype), cfg.device)
+            loaded = api.load_model(cfg.model, str(cfg.dtype), cfg.device)
         session.tokenizer = loaded.tokenizer
-        method, quant, _ = resolve(cfg, job)
+        method, quant, rc = resolve(cfg, job)
         in_place = owns_model and n == len(todo) - 1
         torch.manual_seed(cfg.seed)
         if not method.quantize:
@@ -141,9 +141,7 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
                     )
                 windows, info = calib
                 quant_info["calibration"] = asdict(info)
-            report = quantize_model(
-                model, adapter_for(model), method, quant, windows, seed=cfg.seed
-            )
+            report = api.quantize_loaded(api.Plan(rc, method, quant), model, windows)
             quant_info["quantize_seconds"] = report.seconds
         for cell in _pending(cells, job):
             cell.record = _evaluate(cell, model, session, quant_info)

@@ -15,8 +15,9 @@ What is implemented, step by step (GPTQ `datautils.get_c4`, copied by OmniQuant 
    tokens; then `start = rng.randint(0, ntokens - seqlen - 1)` and take tokens [start, start + seqlen).
    (GPTQ tests `>= seqlen` and then crashes in randint when a document has exactly seqlen tokens; `>`
    draws the identical stream whenever theirs does not crash.)
-3. Perplexity: the windows are concatenated and scored by `duquant.eval.perplexity.perplexity` with the
-   same seqlen: one forward per window, mean next-token NLL over its seqlen - 1 predictions, exp.
+3. Perplexity (the `c4` entry of `duquant.eval.registry`): the windows are concatenated and scored by
+   `duquant.eval.perplexity.perplexity` with the same seqlen: one forward per window, mean next-token
+   NLL over its seqlen - 1 predictions, exp.
    `max_windows` scores only the first N of the 256 windows (quick runs; the drawn windows do not change).
 """
 
@@ -28,16 +29,14 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import duquant.data as dqdata
 from duquant.data import DataNotFoundError, TextSource, data_dir, file_sha256
-from duquant.eval.perplexity import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +149,3 @@ def c4_windows(
         raise ValueError(f"{src.origin} holds no C4 documents")
     windows, ntok = sample_windows(docs, tokenizer, seqlen, nwindows, seed)
     return windows, C4Info(src, len(docs), nwindows, seqlen, seed, ntok)
-
-
-def c4_perplexity(
-    model: nn.Module,
-    tokenizer,
-    seqlen: int = 2048,
-    nwindows: int = 256,
-    max_windows: int | None = None,
-    seed: int = 0,
-    desc: str = "c4",
-) -> dict:
-    """C4 perplexity of `model` over the protocol's windows (the first `max_windows` of them)."""
-    windows, info = c4_windows(tokenizer, seqlen, nwindows, seed)
-    res = perplexity(model, windows.reshape(-1), seqlen, max_windows, desc=desc)
-    res["source"] = asdict(info.source)
-    res["c4"] = {k: v for k, v in asdict(info).items() if k != "source"}
-    log.info("C4 ppl %.3f over %d windows", res["ppl"], res["windows"])
-    return res

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,43 +92,78 @@ def perplexity(
     ck_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = tokens_fingerprint(ids, seqlen) if ck_path else ""
     if ck_path is not None:
-        saved, spent = _load_checkpoint(ck_path, fingerprint, seqlen)
-        done = saved[:n_windows]
-        spent *= len(done) / max(len(saved), 1)
-        if done:
-            last = len(done) - 1
-            again = _window_nll(model, window(last), last)
-            if math.isclose(again, done[last], rel_tol=RESUME_RTOL):
-                log.info(
-                    "%s: resuming after %d of %d windows (%s)", desc, len(done), n_windows, ck_path
-                )
-            else:
-                log.warning(
-                    "%s: checkpoint %s disagrees with this model on window %d (%.6g vs %.6g): starting over",
-                    desc,
-                    ck_path,
-                    last,
-                    again,
-                    done[last],
-                )
-                done, spent = [], 0.0
+        done, spent = _resume(model, window, ck_path, fingerprint, seqlen, n_windows, desc)
     resumed = len(done)
     for i in tqdm(
         range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
     ):
         done.append(_window_nll(model, window(i), i))
         if ck_path is not None:
-            try:
-                payload = {
-                    "fingerprint": fingerprint,
-                    "seqlen": seqlen,
-                    "window_nll": done,
-                    "seconds": spent + time.perf_counter() - start,
-                }
-                write_json(payload, ck_path)
-            except OSError as exc:  # a full disk costs the checkpoint, not the evaluation
-                log.warning("could not save progress to %s (%s): going on without", ck_path, exc)
-                ck_path = None
+            seconds = spent + time.perf_counter() - start
+            ck_path = _save_progress(ck_path, fingerprint, seqlen, done, seconds)
+    return _result(done, n_windows, seqlen, ids.numel() // seqlen, resumed, spent, start)
+
+
+def _resume(
+    model: nn.Module,
+    window: Callable[[int], torch.Tensor],
+    ck_path: Path,
+    fingerprint: str,
+    seqlen: int,
+    n_windows: int,
+    desc: str,
+) -> tuple[list[float], float]:
+    """The checkpoint's NLLs of the first `n_windows` windows and their share of its seconds, kept
+    only when the model reproduces the last of them (another model starts over: ([], 0))."""
+    saved, spent = _load_checkpoint(ck_path, fingerprint, seqlen)
+    done = saved[:n_windows]
+    spent *= len(done) / max(len(saved), 1)
+    if not done:
+        return done, spent
+    last = len(done) - 1
+    again = _window_nll(model, window(last), last)
+    if math.isclose(again, done[last], rel_tol=RESUME_RTOL):
+        log.info("%s: resuming after %d of %d windows (%s)", desc, len(done), n_windows, ck_path)
+        return done, spent
+    log.warning(
+        "%s: checkpoint %s disagrees with this model on window %d (%.6g vs %.6g): starting over",
+        desc,
+        ck_path,
+        last,
+        again,
+        done[last],
+    )
+    return [], 0.0
+
+
+def _save_progress(
+    ck_path: Path, fingerprint: str, seqlen: int, done: list[float], seconds: float
+) -> Path | None:
+    """Write the finished windows' NLLs to the checkpoint; None (stop saving) when that fails."""
+    try:
+        payload = {
+            "fingerprint": fingerprint,
+            "seqlen": seqlen,
+            "window_nll": done,
+            "seconds": seconds,
+        }
+        write_json(payload, ck_path)
+    except OSError as exc:  # a full disk costs the checkpoint, not the evaluation
+        log.warning("could not save progress to %s (%s): going on without", ck_path, exc)
+        return None
+    return ck_path
+
+
+def _result(
+    done: list[float],
+    n_windows: int,
+    seqlen: int,
+    total_windows: int,
+    resumed: int,
+    spent: float,
+    start: float,
+) -> dict:
+    """The perplexity record from the windows' summed NLLs (mean NLL per predicted token, exp)."""
     count = n_windows * (seqlen - 1)
     nll = math.fsum(done) / count
     return {
@@ -136,7 +172,7 @@ def perplexity(
         "windows": n_windows,
         "seqlen": seqlen,
         "tokens": count,
-        "total_windows": ids.numel() // seqlen,
+        "total_windows": total_windows,
         "resumed_windows": resumed,
         "resumed_seconds": spent,
         "seconds": time.perf_counter() - start,

@@ -29,19 +29,20 @@ def exporter(target: str = DEFAULT_TARGET) -> ModuleType:
     return importlib.import_module(EXPORTERS[target])
 
 
-def check(cfg, dest: str | Path, overwrite: bool = False, target: str = DEFAULT_TARGET) -> None:
+def check(
+    recipe,
+    quant,
+    dest: str | Path,
+    overwrite: bool = False,
+    streamed: bool = False,
+    target: str = DEFAULT_TARGET,
+) -> None:
     """Everything about an export request that can be refused before the model loads: the
-    destination, the method's online transforms, the formats (`cfg` is a RunConfig)."""
-    from duquant.methods import get_method
-    from duquant.runner import quant_config
-
+    destination, the recipe's stages, the formats."""
     check_destination(dest, overwrite)
-    method = get_method(
-        cfg.method, alpha=cfg.alpha, block_size=cfg.block_size, max_steps=cfg.max_steps
-    )
-    quant = quant_config(cfg)
-    exporter(target).check_request(method, quant)
-    if cfg.stream and exporter(target).needs_activation_calibration(quant.act):
+    mod = exporter(target)
+    mod.check_request(recipe, quant)
+    if streamed and mod.needs_activation_calibration(quant.act):
         raise ExportError(
             f"--save with --stream: a {quant.act.format} export calibrates a static activation "
             "scale over the whole model, which a streamed run does not do; export mxfp4, or drop "
@@ -104,39 +105,6 @@ def save_streamed(
             model, adapter, store, tokenizer, tmp, export_info(result or {})
         )
     return figures
-
-
-def check_source(cfg) -> None:
-    """Refuse to quantize an export again (before loading it): it is evaluated with method fp."""
-    if cfg.model and cfg.method != "fp" and find_loader(cfg.model) is not None:
-        raise ExportError(
-            f"{cfg.model} is an exported (already quantized) checkpoint; evaluate it with "
-            "--method fp, or quantize the original model"
-        )
-
-
-def run_and_save(cfg) -> dict:
-    """`duquant run`: load, quantize, evaluate, then export to `cfg.save` when set. `cfg` (a
-    RunConfig) was validated when it was made: source, destination, method and formats."""
-    from duquant.models import load_model
-    from duquant.runner import quant_config, run, run_streamed
-
-    if cfg.stream:
-        return run_streamed(cfg, cfg.save, cfg.overwrite)
-    if cfg.save is None:
-        return run(cfg)
-    loaded = load_model(cfg.model, cfg.dtype, cfg.device)
-    result = run(cfg, loaded)
-    act = quant_config(cfg).act
-    calib = None
-    if act is not None and exporter().needs_activation_calibration(act):
-        from duquant.data import calibration_windows
-
-        calib, _ = calibration_windows(loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
-    figures = save(loaded.model, loaded.tokenizer, cfg.save, result, cfg.overwrite, calib=calib)
-    result["export"] = {"dir": str(cfg.save), **figures}
-    log.info("exported to %s", cfg.save)
-    return result
 
 
 def find_loader(path: str | Path) -> ModuleType | None:

@@ -3,11 +3,11 @@
 What is written (facts checked against compressed-tensors 0.20.1, see docs/export.md):
 
 * `config.json` with a `quantization_config` (quant_method `compressed-tensors`, one group targeting
-  every `Linear` but `lm_head`, weights static, activations dynamic, format from `formats/`) whose
+  every `Linear` but `lm_head`, weights static, activations dynamic, format from `LAYOUTS`) whose
   `transform_config` holds one scheme per online block rotation: per layer and input position
   (qkv, o, gate_up, down), applied at the `input` of the linears reading that position.
 * `model.safetensors`: per quantized linear the codes and scales it computes with
-  (`QuantizedWeight`, via the format's `export_tensors`), its bias, every other tensor in full
+  (`QuantizedWeight`, via `export_tensors`), its bias, every other tensor in full
   precision, and per transform scheme one matrix `<first target>.<scheme>_input.weight`.
 * A rotation R is stored as sqrt(B)·R under type `random-hadamard` with `randomize: false`:
   compressed-tensors divides that type by sqrt(B), and so does vLLM for every dense type. The
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import duquant
+from duquant._version import __version__
 from duquant.export.atomic import ExportError
-from duquant.formats import QuantSpec
+from duquant.formats import QuantizedWeight, QuantSpec, mxfp4, nvfp4
 from duquant.qlinear import InputQuantizer, QuantLinear
 from duquant.transforms.base import BlockRotation, Sequence, Transform
 from duquant.transforms.hadamard import KroneckerHadamard
@@ -44,30 +44,110 @@ SIDECAR = "duquant.json"
 TRANSFORM_TYPE = "random-hadamard"  # a stored dense matrix divided by sqrt(B) on load
 
 
+# ---- how compressed-tensors lays out each number format ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How compressed-tensors stores one format's weights and computes its activations."""
+
+    format: str  # the checkpoint's format name
+    rules: tuple[str, ...]  # weight scale rules whose scales it stores exactly
+    scale_dtype: str  # the dtype of the stored group scales
+    strategy: str  # the quantization strategy of its QuantizationArgs
+    # what compressed-tensors (and vLLM) compute for activations at run time: an export is
+    # faithful only when duquant's in-process activations are the same
+    act: dict
+
+
+LAYOUTS = {
+    # E8M0 scale bytes (compressed-tensors uses MX power-of-two scales only with uint8 scales);
+    # activations dynamic, rule ct-round with ties to even
+    "mxfp4": Layout(
+        format="mxfp4-pack-quantized",
+        rules=("ocp", "ceil", "ct-round", "mse"),
+        scale_dtype="torch.uint8",
+        strategy="group",
+        act={"scale_rule": "ct-round", "rounding": "even", "dynamic": True},
+    ),
+    # activations: E4M3 group scales on the fly, a static (calibrated) global scale per layer
+    # ("local"); duquant's in-process activations take the global scale per tensor
+    "nvfp4": Layout(
+        format="nvfp4-pack-quantized",
+        rules=nvfp4.SCALE_RULES,
+        scale_dtype="torch.float8_e4m3fn",
+        strategy="tensor_group",
+        act={"scale_rule": "e4m3", "rounding": "even", "dynamic": "local"},
+    ),
+}
+
+
+def layout(spec: QuantSpec) -> Layout:
+    """The compressed-tensors layout of a spec's format."""
+    return LAYOUTS[spec.format]
+
+
+def positive_zeros(packed: Tensor) -> Tensor:
+    """Packed codes with every -0 (code 8) turned into +0 (code 0), nibble by nibble.
+
+    Rounding keeps the sign of a value that rounds to zero; compressed-tensors' compressor (and
+    so an export) writes every zero as +0. Either decodes to a zero weight.
+    """
+    low, high = packed & 0x0F, packed >> 4
+    low = torch.where(low == 8, 0, low)
+    high = torch.where(high == 8, 0, high)
+    return (low | (high << 4)).to(torch.uint8)
+
+
+def _mxfp4_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
+    """MXFP4: `weight_packed` and `weight_scale` (E8M0 bytes, 127 + exponent)."""
+    rules = LAYOUTS["mxfp4"].rules
+    if qw.spec.scale_rule not in rules:
+        raise ValueError(
+            f"MXFP4 weight scale rule {qw.spec.scale_rule!r} is not a plain E8M0 power of two; "
+            f"an export needs one of {rules}"
+        )
+    return {
+        "weight_packed": positive_zeros(qw.packed),
+        "weight_scale": mxfp4.e8m0_bytes(qw.scales),
+    }
+
+
+def _nvfp4_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
+    """NVFP4: packed codes, E4M3 scales, and the global scale 1 / ts."""
+    nvfp4.check_scale_rule(qw.spec.scale_rule)
+    return {
+        "weight_packed": positive_zeros(qw.packed),
+        "weight_scale": qw.scales.to(torch.float8_e4m3fn),
+        # compressed-tensors divides the group scale by a global scale: ours is its reciprocal
+        "weight_global_scale": (1.0 / torch.as_tensor(qw.tensor_scale).float()).reshape(1),
+    }
+
+
+def export_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
+    """compressed-tensors' tensors of one quantized linear: its codes and scales as stored."""
+    writers = {"mxfp4": _mxfp4_tensors, "nvfp4": _nvfp4_tensors}
+    return writers[qw.spec.format](qw)
+
+
+def import_tensors(spec: QuantSpec, tensors: dict[str, Tensor]) -> QuantizedWeight:
+    """Inverse of `export_tensors` (NVFP4: up to the rounding of the global scale's reciprocal)."""
+    if spec.format == "nvfp4":
+        ts = 1.0 / tensors["weight_global_scale"].float().reshape(())
+        return QuantizedWeight(spec, tensors["weight_packed"], tensors["weight_scale"].float(), ts)
+    scales = mxfp4.e8m0_scales(tensors["weight_scale"])
+    return QuantizedWeight(spec, tensors["weight_packed"], scales, None)
+
+
 def check_request(method, quant) -> None:
-    """Refuse, before any model is loaded, a method or format this exporter cannot express."""
+    """Refuse, before any model is loaded, a recipe or format this exporter cannot express (each
+    stage says what of its result has no compressed-tensors form)."""
     if not method.quantize:
         raise ExportError(f"method {method.name} quantizes nothing; there is nothing to export")
-    if method.rotation == "duquant-v1":
-        raise ExportError(
-            f"method {method.name} is not exportable: its online zigzag permutation moves channels "
-            "across 32-channel blocks, which a compressed-tensors block transform cannot express"
-        )
-    if method.learn == "flatquant":  # learned rotations (duquant++learn, ...) export as DuQuant++
-        raise ExportError(
-            f"method {method.name} is not exportable: its learned Kronecker transforms and clip "
-            "ratios have no compressed-tensors form; evaluate it in process (drop --save)"
-        )
-    if method.per_block and method.rotation != "none":
-        raise ExportError(
-            f"method {method.name} with one rotation per block is not exportable: a "
-            "compressed-tensors transform shares one matrix among all blocks of an input"
-        )
-    if method.smooth and not method.fold:
-        raise ExportError(
-            f"method {method.name} with fold=False keeps smoothing online; compressed-tensors "
-            "has no per-channel scale transform (fold it, the default)"
-        )
+    for stage in method.stages:
+        why = stage.export_refusal(method.fold)
+        if why:
+            raise ExportError(f"method {method.name} {why}")
     if quant.weight is None or quant.act is None:
         raise ExportError("an export needs both weights and activations quantized (W4A4)")
     _check_spec(quant.weight, "weight", weights=True)
@@ -76,14 +156,14 @@ def check_request(method, quant) -> None:
 
 def _check_spec(spec: QuantSpec, what: str, weights: bool) -> None:
     """The spec is one compressed-tensors stores (weights) or computes at run time (activations)."""
-    codec = spec.codec
-    if weights and spec.scale_rule not in codec.EXPORT_RULES:
+    lay = layout(spec)
+    if weights and spec.scale_rule not in lay.rules:
         raise ExportError(
-            f"{what} scale rule {spec.scale_rule!r} is not exportable to {codec.EXPORT_FORMAT} "
-            f"(stored scales must be plain E8M0 powers of two: {codec.EXPORT_RULES})"
+            f"{what} scale rule {spec.scale_rule!r} is not exportable to {lay.format} "
+            f"(stored scales must be plain E8M0 powers of two: {lay.rules})"
         )
     if not weights:
-        want = codec.EXPORT_ACT
+        want = lay.act
         if (spec.scale_rule, spec.rounding) != (want["scale_rule"], want["rounding"]):
             raise ExportError(
                 f"activation scale rule {spec.scale_rule!r} / rounding {spec.rounding!r} differs "
@@ -131,15 +211,15 @@ def online_matrix(online: Transform | None, where: str) -> tuple[Tensor, int] | 
 
 def _quant_args(spec: QuantSpec, dynamic) -> dict:
     """One `QuantizationArgs` of compressed-tensors as JSON."""
-    codec = spec.codec
+    lay = layout(spec)
     return {
         "num_bits": 4,
         "type": "float",
         "symmetric": True,
         "group_size": spec.group_size,
-        "strategy": codec.EXPORT_STRATEGY,
+        "strategy": lay.strategy,
         "dynamic": dynamic,
-        "scale_dtype": codec.EXPORT_SCALE_DTYPE,
+        "scale_dtype": lay.scale_dtype,
     }
 
 
@@ -147,13 +227,13 @@ def quantization_config(
     w_spec: QuantSpec, a_spec: QuantSpec, ignore: list[str], transforms: dict
 ) -> dict:
     """The `quantization_config` of config.json."""
-    fmt = w_spec.codec.EXPORT_FORMAT
+    fmt = layout(w_spec).format
     cfg = {
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
                 "weights": _quant_args(w_spec, False),
-                "input_activations": _quant_args(a_spec, a_spec.codec.EXPORT_ACT["dynamic"]),
+                "input_activations": _quant_args(a_spec, layout(a_spec).act["dynamic"]),
                 "output_activations": None,
                 "format": fmt,
             }
@@ -185,7 +265,7 @@ def _transform_scheme(targets: list[str], block: int) -> dict:
 
 def needs_activation_calibration(spec: QuantSpec) -> bool:
     """Whether the format's export takes a static activation scale per layer (NVFP4's global one)."""
-    return spec.codec.EXPORT_ACT["dynamic"] == "local"
+    return layout(spec).act["dynamic"] == "local"
 
 
 @torch.no_grad()
@@ -258,10 +338,7 @@ def collect_part(
             acc.w_spec, acc.a_spec = q.qweight.spec, q.input_quantizer.spec
         if (q.qweight.spec, q.input_quantizer.spec) != (acc.w_spec, acc.a_spec):
             raise ExportError(f"{name} is quantized differently from the other linears")
-        qw = q.qweight
-        for k, v in qw.spec.codec.export_tensors(
-            qw.packed, qw.scales, qw.spec.scale_rule, qw.tensor_scale
-        ).items():
+        for k, v in export_tensors(q.qweight).items():
             tensors[f"{name}.{k}"] = v
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias.data
@@ -339,7 +416,7 @@ def model_card(info: dict, dest_name: str) -> str:
     lines = [
         f"# {dest_name}: {run.get('method', '?')} {run.get('format', 'mxfp4').upper()} W4A4",
         "",
-        f"Quantized with duquant {duquant.__version__} from `{info.get('model_source', '?')}`: "
+        f"Quantized with duquant {__version__} from `{info.get('model_source', '?')}`: "
         f"method `{run.get('method')}`, weights `{run.get('weights')}`, format `{run.get('format')}`.",
         f"Weights are packed FP4 ({info.get('format_name', 'compressed-tensors')}); activations are "
         "quantized at run time; online block rotations are compressed-tensors transforms (type "
@@ -444,7 +521,7 @@ def _write_metadata(
     if generation is not None:
         generation.save_pretrained(str(dest))
     info = {**info, "exporter": NAME, "compressed_tensors": CT_VERSION, "sizes": sizes}
-    info["format_name"] = acc.w_spec.codec.EXPORT_FORMAT
+    info["format_name"] = layout(acc.w_spec).format
     info["transforms"] = {k: v["apply"][0]["targets"] for k, v in acc.schemes.items()}
     (dest / SIDECAR).write_text(json.dumps(info, indent=2, default=str) + "\n")
     (dest / "README.md").write_text(model_card(info, dest.name.split(".partial-")[0].lstrip(".")))

@@ -221,18 +221,6 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def positive_zeros(packed: Tensor) -> Tensor:
-    """Packed codes with every -0 (code 8) turned into +0 (code 0), nibble by nibble.
-
-    Rounding keeps the sign of a value that rounds to zero; compressed-tensors' compressor (and
-    so an export) writes every zero as +0. Either decodes to a zero weight.
-    """
-    low, high = packed & 0x0F, packed >> 4
-    low = torch.where(low == 8, 0, low)
-    high = torch.where(high == 8, 0, high)
-    return (low | (high << 4)).to(torch.uint8)
-
-
 def unpack_nibbles(packed: Tensor) -> Tensor:
     """Inverse of `pack_nibbles`: bytes to 4-bit codes, twice as many along the last dim."""
     low, high = packed & 0x0F, packed >> 4

@@ -36,7 +36,6 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
-    positive_zeros,
     round_e2m1_,
     round_to_e2m1,
     run_compiled,
@@ -192,16 +191,9 @@ def round_with_scale(x: Tensor, scale: Tensor, rule: str = "ocp", rounding: str 
     return _decode(encode_with_scale(x, scale, rule, rounding), scale, torch.isnan(scale), rule)
 
 
-# ---- the format interface GPTQ, QuantLinear and the exporters use (same names in nvfp4) ------
+# ---- the format interface GPTQ, QuantLinear and the exporter use (same names in nvfp4) -------
+# (how a checkpoint format lays the codes and scales out is the exporter's: duquant.export.ct)
 PER_TENSOR_SCALE = False  # MX scales are per row and group: linears sharing an input stack freely
-# the compressed-tensors format name; scale rules whose scales it stores exactly (an E8M0 byte)
-EXPORT_FORMAT = "mxfp4-pack-quantized"
-EXPORT_RULES = ("ocp", "ceil", "ct-round", "mse")
-EXPORT_SCALE_DTYPE = "torch.uint8"  # E8M0: compressed-tensors uses MX power-of-two scales only then
-EXPORT_STRATEGY = "group"
-# what compressed-tensors (and vLLM) compute for activations at run time: dynamic, rule ct-round
-# with ties to even; an export is faithful only when the in-process activations are the same
-EXPORT_ACT = {"scale_rule": "ct-round", "rounding": "even", "dynamic": True}
 
 
 def weight_tensor_scale(w: Tensor) -> None:
@@ -234,26 +226,17 @@ def decode_with_scale(
     return _decode(q.clone(), scale, torch.isnan(scale), rule)
 
 
-def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tensor | None) -> dict:
-    """compressed-tensors' tensors of one linear: `weight_packed` and `weight_scale` (127 + exponent)."""
-    if rule not in EXPORT_RULES:
-        raise ValueError(
-            f"MXFP4 weight scale rule {rule!r} is not a plain E8M0 power of two; "
-            f"an export needs one of {EXPORT_RULES}"
-        )
+def e8m0_bytes(scales: Tensor) -> Tensor:
+    """E8M0 bytes (uint8, 127 + exponent) of power-of-two scales; ValueError for any other scale."""
     mant, exp = torch.frexp(scales.float())  # scale = 2^e exactly: mantissa 0.5, exponent e + 1
     if not bool((mant == 0.5).all()):
         raise ValueError("MXFP4 weight scales must be powers of two to export")
-    return {
-        "weight_packed": positive_zeros(packed),
-        "weight_scale": (exp - 1 + E8M0_BIAS).to(torch.uint8),
-    }
+    return (exp - 1 + E8M0_BIAS).to(torch.uint8)
 
 
-def import_tensors(tensors: dict, rule: str = "ocp") -> tuple[Tensor, Tensor, None]:
-    """Inverse of `export_tensors`: (packed codes, float32 group scales, no tensor scale)."""
-    e = tensors["weight_scale"].to(torch.int32) - E8M0_BIAS
-    return tensors["weight_packed"], _pow2(e), None
+def e8m0_scales(codes: Tensor) -> Tensor:
+    """The float32 powers of two 2^(byte - 127) of E8M0 scale bytes (`e8m0_bytes`' inverse)."""
+    return _pow2(codes.to(torch.int32) - E8M0_BIAS)
 
 
 def _encode(

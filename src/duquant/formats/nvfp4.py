@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from duquant.formats import reference
 from duquant.formats.e2m1 import (
     E2M1_MAX,
     check_rounding,
@@ -23,12 +22,12 @@ from duquant.formats.e2m1 import (
     group_amax,
     grouped,
     pack_nibbles,
-    positive_zeros,
     round_e2m1_,
     round_to_e2m1,
     run_compiled,
     unpack_nibbles,
 )
+from duquant.formats.reference import nv_encode
 
 GROUP_SIZE = 16
 E4M3_MAX = 448.0
@@ -62,7 +61,7 @@ def _encode(
     if (live & ~((st > 0) & (st < float("inf")))).any():
         # a subnormal, zero or infinite tensor scale makes g / (s * ts) infinite or NaN in a live
         # group, where the sign of a NaN is y's and not g's: leave that corner to the plain code
-        return reference.nv_encode(x, rounding, ts)
+        return nv_encode(x, rounding, ts)
     # s * ts > 0 in live groups, so y has g's signs
     y = round_e2m1_(g.div_(st), rounding) if own else round_e2m1_(g / st, rounding, sign=g)
     if not live.all():  # groups whose E4M3 scale underflows (or is NaN) quantize to +0
@@ -70,15 +69,9 @@ def _encode(
     return y, s, ts
 
 
-# ---- the format interface GPTQ, QuantLinear and the exporters use (same names in mxfp4) ------
+# ---- the format interface GPTQ, QuantLinear and the exporter use (same names in mxfp4) -------
+# (how a checkpoint format lays the codes and scales out is the exporter's: duquant.export.ct)
 PER_TENSOR_SCALE = True  # each linear has its own FP32 scale: linears sharing an input solve apart
-EXPORT_FORMAT = "nvfp4-pack-quantized"
-EXPORT_RULES = SCALE_RULES
-EXPORT_SCALE_DTYPE = "torch.float8_e4m3fn"
-EXPORT_STRATEGY = "tensor_group"
-# compressed-tensors' NVFP4 activations: E4M3 group scales on the fly, a static (calibrated) global
-# scale per layer ("local"); duquant's in-process activations take the global scale per tensor
-EXPORT_ACT = {"scale_rule": "e4m3", "rounding": "even", "dynamic": "local"}
 
 
 def weight_tensor_scale(w: Tensor) -> Tensor:
@@ -88,7 +81,7 @@ def weight_tensor_scale(w: Tensor) -> Tensor:
 
 def grid_scales(x: Tensor, rule: str, tensor_scale: Tensor | None = None) -> Tensor:
     """Per-group E4M3 scale [..., K/16] of `x` (float32) given the per-tensor scale, as `_encode`."""
-    _check_rule(rule)
+    check_scale_rule(rule)
     if tensor_scale is None:
         raise ValueError("NVFP4 group scales need the per-tensor scale")
     amax = group_amax(grouped(x, GROUP_SIZE, "tensor")).squeeze(-1)
@@ -99,7 +92,7 @@ def encode_with_scale(
     x: Tensor, scale: Tensor, rule: str, rounding: str, tensor_scale: Tensor | None = None
 ) -> Tensor:
     """E2M1 grid values (float32) of `x` on the given group `scale` (broadcast) and tensor scale."""
-    _check_rule(rule)
+    check_scale_rule(rule)
     if tensor_scale is None:
         raise ValueError("NVFP4 rounding needs the per-tensor scale")
     y = torch.where(scale > 0, x.float() / (scale * tensor_scale), 0.0)
@@ -114,23 +107,6 @@ def decode_with_scale(
         raise ValueError("NVFP4 decoding needs the per-tensor scale")
     # q * s is exact, so only the multiplication by ts rounds
     return q.float() * scale.float() * tensor_scale
-
-
-def export_tensors(packed: Tensor, scales: Tensor, rule: str, tensor_scale: Tensor | None) -> dict:
-    """compressed-tensors' tensors of one linear: packed codes, E4M3 scales, global scale 1 / ts."""
-    _check_rule(rule)
-    return {
-        "weight_packed": positive_zeros(packed),
-        "weight_scale": scales.to(torch.float8_e4m3fn),
-        # compressed-tensors divides the group scale by a global scale: ours is its reciprocal
-        "weight_global_scale": (1.0 / torch.as_tensor(tensor_scale).float()).reshape(1),
-    }
-
-
-def import_tensors(tensors: dict, rule: str = "e4m3") -> tuple[Tensor, Tensor, Tensor]:
-    """Inverse of `export_tensors` up to the reciprocal's rounding: (packed, scales, tensor scale)."""
-    ts = 1.0 / tensors["weight_global_scale"].float().reshape(())
-    return tensors["weight_packed"], tensors["weight_scale"].float(), ts
 
 
 def _fused_kernel(rounding: str, given_scale: bool) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -173,7 +149,7 @@ def quantize_dequantize(
 
     `inplace=True` lets the codec overwrite a float32 `x` the caller owns and return it.
     """
-    _check_rule(scale_rule)
+    check_scale_rule(scale_rule)
 
     def eager() -> Tensor:
         q, s, ts = _encode(x, rounding, tensor_scale, name, inplace)
@@ -197,7 +173,7 @@ def pack(
     name: str = "tensor",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize `x` to NVFP4: (codes uint8 [..., K/2], E4M3 scale bytes uint8 [..., K/16], FP32 tensor scale)."""
-    _check_rule(scale_rule)
+    check_scale_rule(scale_rule)
     q, s, ts = _encode(x, rounding, tensor_scale, name)
     codes = pack_nibbles(encode_e2m1(q).reshape(x.shape))
     scale_bytes = s.squeeze(-1).to(torch.float8_e4m3fn).view(torch.uint8)
@@ -214,7 +190,7 @@ def unpack(
     return (q * s * torch.as_tensor(tensor_scale).float()).flatten(-2).to(dtype)
 
 
-def _check_rule(rule: str) -> None:
+def check_scale_rule(rule: str) -> None:
     """NVFP4 has one scale rule; reject the MXFP4 names with a clear message."""
     if rule not in SCALE_RULES:
         raise ValueError(f"NVFP4 scale rule must be one of {SCALE_RULES}, got {rule!r}")

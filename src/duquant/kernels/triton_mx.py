@@ -8,6 +8,8 @@ values (fake quantization) or packed codes and E8M0 scales (`mxfp4.pack`'s layou
 
 Runs on CUDA tensors through the Triton compiler and on CPU tensors through Triton's interpreter,
 which is how the tests check it bit for bit against the CPU codec on a machine without a GPU.
+The kernel's source, small @triton.jit helpers one per stage, is `_triton_mx_jit`, imported only when
+the kernel first runs.
 """
 
 from __future__ import annotations
@@ -42,107 +44,6 @@ def supports_spec(spec) -> bool:
     return spec.codec is mxfp4 and supports(spec.scale_rule, spec.rounding)
 
 
-def _kernel_source():
-    """The kernel body; defined in a function so that importing this module needs no triton."""
-    import triton.language as tl
-
-    def rotate_quant_mxfp4(
-        x_ptr,
-        r_ptr,
-        out_ptr,
-        codes_ptr,
-        scales_ptr,
-        M,
-        K,
-        R_STRIDE: tl.constexpr,
-        ROTATE: tl.constexpr,
-        PACK: tl.constexpr,
-        OFFSET: tl.constexpr,
-        THRESH: tl.constexpr,
-        INCLUSIVE: tl.constexpr,
-        AWAY: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        g = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, 32)
-        mask = (rows < M)[:, None]
-        offs = rows[:, None] * K + g * 32 + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if ROTATE:
-            r = tl.load(r_ptr + g * R_STRIDE + cols[:, None] * 32 + cols[None, :])
-            y = tl.dot(x, r, input_precision="ieee")
-        else:
-            y = x
-        bits = y.to(tl.int32, bitcast=True)
-        ab = bits & 0x7FFFFFFF
-        # integer max of |bits|: the float order for non-negative floats, NaN-proof
-        amax = tl.max(ab, axis=1)
-        bad = amax >= 0x7F800000
-        e = (amax >> 23) - OFFSET
-        if THRESH > 0:
-            mant = amax & 0x7FFFFF
-            if INCLUSIVE:
-                e += (mant >= THRESH).to(tl.int32)
-            else:
-                e += (mant > THRESH).to(tl.int32)
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        # 2^-e exactly (e <= 126 for any finite maximum, so 2^-e is a normal float)
-        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
-        # |y| / 2^e, exact (a power-of-two scaling); non-finite groups read as 0 (their output is NaN)
-        a = tl.where(bad[:, None], 0, ab).to(tl.float32, bitcast=True) * inv[:, None]
-        # E2M1 code index 0..7 by the midpoints of the grid {0, .5, 1, 1.5, 2, 3, 4, 6}; at a tie
-        # `even` keeps the even code, `away` the larger magnitude; beyond 5 saturates to 6
-        if AWAY:
-            idx = (
-                (a >= 0.25).to(tl.int32)
-                + (a >= 0.75).to(tl.int32)
-                + (a >= 1.25).to(tl.int32)
-                + (a >= 1.75).to(tl.int32)
-                + (a >= 2.5).to(tl.int32)
-                + (a >= 3.5).to(tl.int32)
-                + (a >= 5.0).to(tl.int32)
-            )
-        else:
-            idx = (
-                (a > 0.25).to(tl.int32)
-                + (a >= 0.75).to(tl.int32)
-                + (a > 1.25).to(tl.int32)
-                + (a >= 1.75).to(tl.int32)
-                + (a > 2.5).to(tl.int32)
-                + (a >= 3.5).to(tl.int32)
-                + (a > 5.0).to(tl.int32)
-            )
-        neg = bits < 0
-        if PACK:
-            code = idx + neg.to(tl.int32) * 8
-            code = tl.where(bad[:, None], 0, code)
-            lo, hi = tl.split(tl.reshape(code, (BLOCK_M, 16, 2)))
-            byte = (lo | (hi << 4)).to(tl.uint8)
-            half = tl.arange(0, 16)
-            tl.store(codes_ptr + rows[:, None] * (K // 2) + g * 16 + half[None, :], byte, mask=mask)
-            scale = tl.where(bad, 255, e + 127).to(tl.uint8)
-            tl.store(scales_ptr + rows * (K // 32) + g, scale, mask=rows < M)
-        else:
-            mag = tl.where(
-                idx < 4,
-                idx.to(tl.float32) * 0.5,
-                tl.where(idx == 4, 2.0, tl.where(idx == 5, 3.0, tl.where(idx == 6, 4.0, 6.0))),
-            )
-            # the sign as a bit, so that a negative input that rounds to zero gives -0.0 like the
-            # torch codec (some Triton versions' interpreters fold -0.0 into 0.0)
-            sign = neg.to(tl.uint32) << 31
-            q = (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-            # 2^e, with 2^-127 the one subnormal (as mxfp4._pow2)
-            pow2 = tl.where(e > -127, (e + 127) << 23, 0x00400000).to(tl.float32, bitcast=True)
-            out = q * pow2[:, None]
-            out = tl.where(bad[:, None], float("nan"), out)
-            tl.store(out_ptr + offs, out, mask=mask)
-
-    return rotate_quant_mxfp4
-
-
 def interpreter_on() -> bool:
     """Whether Triton runs kernels in its CPU interpreter ($TRITON_INTERPRET=1 before it is imported)."""
     from triton import knobs
@@ -153,9 +54,10 @@ def interpreter_on() -> bool:
 @functools.cache
 def _kernel():
     """The jitted kernel: compiled for CUDA, or interpreted when $TRITON_INTERPRET=1."""
-    import triton
+    # imported here, not at the top: importing this module needs no triton
+    from duquant.kernels._triton_mx_jit import rotate_quant_mxfp4
 
-    return triton.jit(_kernel_source())
+    return rotate_quant_mxfp4
 
 
 def rotate_quantize_mxfp4(

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from duquant.calibrate import BlockInputs, InputStats
-from duquant.methods import MethodConfig
-from duquant.methods.build import GroupPlan, HeadShape, fed_by_heads, plan_from_steps
 from duquant.models.adapters import InputGroup
+from duquant.plan import GroupPlan, HeadShape, fed_by_heads, plan_from_steps
 from duquant.transforms.base import BlockRotation, ChannelScale, Sequence
 
 from .rotation import LearnedRotation
@@ -29,9 +28,10 @@ def rotation_learner(
     group: InputGroup,
     plan: GroupPlan,
     stats: InputStats | None,
-    method: MethodConfig,
     heads: HeadShape | None,
     seed: int = 0,
+    *,
+    per_block: bool = False,
 ) -> LearnedGroup | None:
     """Ours: start from the plan's smoothing and single block rotation and refine both."""
     steps = list(plan.weight_transform.steps) if isinstance(plan.weight_transform, Sequence) else []
@@ -44,7 +44,7 @@ def rotation_learner(
         scale,
         rot[0].rotation,
         learn_scale=not fed_by_heads(group, heads),
-        per_block=method.per_block,
+        per_block=per_block,
         dim=dim,
     )
 
@@ -54,9 +54,12 @@ def flatquant_learner(
     group: InputGroup,
     plan: GroupPlan,
     stats: InputStats | None,
-    method: MethodConfig,
     heads: HeadShape | None,
     seed: int = 0,
+    *,
+    alpha: float = 0.3,
+    clip_init: float = 4.0,
+    fold: bool = True,
 ) -> LearnedGroup:
     """FlatQuant: Kronecker transform, channel scale and clipping, from FlatQuant's start (its
     random orthogonal factors seeded by `seed`)."""
@@ -68,13 +71,10 @@ def flatquant_learner(
         None if stats is None else stats.absmax,
         heads,
         torch.Generator().manual_seed(seed),
-        alpha=method.flat_alpha,
-        clip_init=method.clip_init,
-        fold=method.fold,
+        alpha=alpha,
+        clip_init=clip_init,
+        fold=fold,
     )
-
-
-LEARNERS: dict[str, Learner] = {"rotation": rotation_learner, "flatquant": flatquant_learner}
 
 
 def learn_block(
@@ -83,20 +83,24 @@ def learn_block(
     inputs: BlockInputs,
     plans: dict[str, GroupPlan],
     stats: dict[str, InputStats] | None,
-    method: MethodConfig,
+    learner: Learner,
     quant,
     heads: HeadShape | None,
     seed: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    normalize_loss: bool = False,
+    fold: bool = True,
     targets: list | None = None,
 ) -> tuple[dict[str, GroupPlan], dict]:
-    """Train the method's learnable transforms of one block; the plans that apply what was learned."""
-    learner = LEARNERS.get(method.learn)
-    if learner is None:
-        raise ValueError(f"unknown learn mode {method.learn!r}; choose one of {sorted(LEARNERS)}")
+    """Train one block's learnable transforms, each group's made by `learner`; the plans that
+    apply what was learned."""
     learned = {}
     for j, g in enumerate(groups):
         st = (stats or {}).get(g.name)
-        lg = learner(block, g, plans[g.name], st, method, heads, seed=seed * 10 + j)
+        lg = learner(block, g, plans[g.name], st, heads, seed=seed * 10 + j)
         if lg is not None:
             learned[g.name] = lg
     info = train_block(
@@ -105,13 +109,13 @@ def learn_block(
         inputs,
         learned,
         quant,
-        epochs=method.learn_epochs,
-        lr=method.learn_lr,
-        batch=method.learn_batch,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
         seed=seed,
         targets=targets,
         heads=heads,
-        normalize_loss=method.learn_normalized_loss,
+        normalize_loss=normalize_loss,
     )
     out = dict(plans)
     for g in groups:
@@ -123,7 +127,7 @@ def learn_block(
             lg.steps(),
             g,
             heads,
-            method.fold,
+            fold,
             {**plans[g.name].info, "learned": True},
             act_clip=act_clip,
             weight_clip=weight_clip,
@@ -131,4 +135,11 @@ def learn_block(
     return out, info
 
 
-__all__ = ["LEARNERS", "LearnedGroup", "learn_block", "ste_fake_quant", "train_block"]
+__all__ = [
+    "LearnedGroup",
+    "flatquant_learner",
+    "rotation_learner",
+    "learn_block",
+    "ste_fake_quant",
+    "train_block",
+]

@@ -15,33 +15,20 @@ import copy
 import logging
 import math
 from contextlib import ExitStack
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from duquant.methods import MethodConfig
-from duquant.methods.build import GroupPlan, HeadShape, plan_from_steps
 from duquant.models.adapters import Adapter
 from duquant.models.moe import unfuse_block
+from duquant.plan import GroupPlan, HeadShape, plan_from_steps
 
 from . import rotation_learner
 from .distill import distill_step, kl_from_teacher
 from .trainer import LearnedGroup, _clear, quantized_wrappers
 
 log = logging.getLogger(__name__)
-
-
-def _searched_plans(model, adapter, method, quant, windows, seed) -> list[dict[str, GroupPlan]]:
-    """duquant++mx's plans of every block (searched on a copy quantized with RTN weights)."""
-    from duquant.pipeline import quantize_model  # the pipeline imports this module
-
-    scratch = copy.deepcopy(model)
-    start = replace(method, learn="none")
-    rep = quantize_model(scratch, adapter, start, replace(quant, weights="rtn"), windows, seed)
-    del scratch
-    return rep.plans
 
 
 @torch.no_grad()
@@ -57,13 +44,18 @@ def _mean_kl(student: nn.Module, teacher: nn.Module, windows: Tensor, caches) ->
 def learn_end_to_end(
     model: nn.Module,
     adapter: Adapter,
-    method: MethodConfig,
+    plans: list[dict[str, GroupPlan]],
     quant,
     windows: Tensor,
     seed: int = 0,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    fold: bool = True,
+    per_block: bool = False,
 ) -> tuple[list[dict[str, GroupPlan]], dict]:
-    """The plans of every block after joint training; `model` is left as it was."""
-    plans = _searched_plans(model, adapter, method, quant, windows, seed)
+    """`plans` of every block (as searched) after joint training; `model` is left as it was."""
     heads = HeadShape.of(model.config)
     student = copy.deepcopy(model).requires_grad_(False)
     learned: list[dict[str, LearnedGroup]] = []
@@ -74,7 +66,7 @@ def learn_end_to_end(
             groups = adapter.block_groups(block)
             lgs = {}
             for g in groups:
-                lg = rotation_learner(block, g, plans[i][g.name], None, method, heads)
+                lg = rotation_learner(block, g, plans[i][g.name], None, heads, per_block=per_block)
                 if lg is not None:
                     lgs[g.name] = lg
             learned.append(lgs)
@@ -83,15 +75,13 @@ def learn_end_to_end(
         n_windows = len(windows)
         probe = windows[: min(4, n_windows)]
         info = {"loss_before": _mean_kl(student, model, probe, caches), "steps": 0, "loss": "kl"}
-        opt = torch.optim.AdamW(params, lr=method.learn_lr, weight_decay=0.0)
-        batch = max(1, method.learn_batch)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        batch = max(1, batch)
         n_batches = math.ceil(n_windows / batch)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, method.learn_epochs * n_batches)
-        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * n_batches))
         gen = torch.Generator().manual_seed(seed)
-        bar = tqdm(total=method.learn_epochs * n_batches, desc="learn e2e", leave=False)
-        for _ in range(method.learn_epochs):
+        bar = tqdm(total=epochs * n_batches, desc="learn e2e", leave=False)
+        for _ in range(epochs):
             order = torch.randperm(n_windows, generator=gen)
             for b in range(n_batches):
                 idx = order[b * batch : (b + 1) * batch]
@@ -110,7 +100,7 @@ def learn_end_to_end(
             lg = learned[i].get(g.name)
             if lg is not None:
                 new[g.name] = plan_from_steps(
-                    lg.steps(), g, heads, method.fold, {**plans[i][g.name].info, "learned": True}
+                    lg.steps(), g, heads, fold, {**plans[i][g.name].info, "learned": True}
                 )
         out.append(new)
     return out, info

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from duquant.formats import QuantSpec
 from duquant.formats.e2m1 import E2M1_MAX
 from duquant.formats.mxfp4 import AMAX_RULES, global_factor
-from duquant.methods.build import HeadShape, fed_by_heads, folds_into_producer
 from duquant.models.adapters import InputGroup
+from duquant.plan import HeadShape, fed_by_heads, folds_into_producer
 from duquant.transforms.base import ChannelScale, Transform
 from duquant.transforms.kronecker import Kronecker, kron_rows
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from duquant.calibrate import BlockInputs, block_output
 from duquant.formats import QuantSpec
-from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import InputGroup
+from duquant.plan import HeadShape, producer_rows
 from duquant.qlinear import ste_fake_quant
 from duquant.transforms.base import Transform
 from duquant.utils import replace_submodule

@@ -1,177 +1,288 @@
-"""Methods: each a small declarative composition of input transforms and a weight quantizer."""
+"""Methods as recipes of stages: a registered method is a named `Recipe`; a user's recipe is a YAML
+file of the same form (`--recipe FILE`, `load_recipe`).
+
+A recipe file:
+
+    name: my-dqpp            # optional (default: the file name)
+    fold: true               # optional: fold exactly-foldable steps into norms / producers
+    stages:
+      - stage: smooth
+        alpha: 0.6
+      - stage: greedy-rotation
+        objective: mx
+        start: random-hadamard
+        start_candidates: 16
+        max_steps: 0
+      - stage: gptq
+
+Stage kinds and their options: duquant.stages.STAGES (each class documents its own).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from duquant.stages import (
+    GPTQ,
+    STAGES,
+    DuQuantV1,
+    EndToEnd,
+    FlatQuant,
+    GreedyRotation,
+    Hadamard,
+    LearnRotation,
+    NormTweak,
+    QuaRot,
+    Smooth,
+    Stage,
+    StageError,
+    TransformStage,
+    stage_from_dict,
+)
+from duquant.stages.transforms import SEARCH_ROWS
+
+RECIPE_KEYS = ("name", "fold", "stages")
+
+
+class RecipeError(ValueError):
+    """A recipe (name or file) is unknown or malformed; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """What a method does to every linear input of a decoder block.
-
-    `rotation` names the block rotation after smoothing: none, hadamard (Sylvester, deterministic),
-    random-hadamard (random ±1 signs), greedy (DuQuant's outlier-aware search), duquant-v1
-    (rotation, zigzag permutation, rotation). `global_rotation` is QuaRot's residual-stream Hadamard.
-    """
+class Recipe:
+    """A method: its stages in the order they act, and whether it quantizes at all (fp does not)."""
 
     name: str
+    stages: tuple[Stage, ...] = ()
     quantize: bool = True
-    smooth: bool = False
-    alpha: float = 0.6
-    rotation: str = "none"
-    global_rotation: bool = False
-    block_size: int = 32
-    max_steps: int = 128
-    per_block: bool = False  # one rotation per block instead of one shared matrix
-    objective: str = "range"  # greedy search objective: range (paper) or mx (MX quantization error)
-    swap_index: str = "column"  # column (paper) or row_mod_b (released code)
-    refine_from: str = "identity"  # greedy start: identity (paper) or random-hadamard
-    objective_rows: int = 128  # activation and weight rows the MX-error objective sees
-    start_candidates: int = 1  # random-Hadamard starts scored by MX error; the best is refined
     fold: bool = True  # fold exactly-foldable steps into norms / producers (False: all online)
-    search_rows: int = 512  # calibration activation rows (tokens) the rotation search sees
-    # block-wise training of the transform on the quantized block-output error (duquant.learn):
-    # none, rotation (ours: refine the smoothing and block rotation found above), flatquant
-    # (FlatQuant's Kronecker transforms, channel scales and clipping: duquant.learn.flatquant)
-    learn: str = "none"
-    learn_epochs: int = 2
-    learn_lr: float = 1e-3
-    learn_batch: int = 4
-    # what the quantized block is trained to reproduce: its full-precision self on the same
-    # (quantized-stream) inputs, `block`, or the full-precision model's output of this block,
-    # `model` (also corrects the error accumulated in earlier blocks)
-    learn_target: str = "block"
-    learn_normalized_loss: bool = False  # step on MSE / its detached value (FlatQuant)
-    # norm tweaking after quantization (duquant.learn.norms): epochs of training the pre-norm
-    # weights through the whole quantized model on the KL from full precision (0: off)
-    norm_epochs: int = 0
-    norm_lr: float = 1e-2
-    flat_alpha: float = 0.3  # FlatQuant's per-channel scale start: SmoothQuant-style, α = 0.3
-    clip_init: float = 4.0  # FlatQuant's clip logit start: ratio sigmoid(4) = 0.982
-    # the weight quantizer and GPTQ options a method fixes (None: the command line's)
-    weights: str | None = None  # rtn or gptq
-    act_order: bool | None = None
-    act_order_scope: str | None = None  # group or column (duquant.gptq.ACT_ORDER_SCOPES)
-    static_groups: bool | None = None
-    scale_search: str | None = None  # none, hessian or fpquant-mse (duquant.gptq.SCALE_SEARCHES)
+    source: str | None = field(default=None, compare=False)  # the recipe file, if any
 
-    def gptq_overrides(self) -> dict:
-        """The GPTQConfig fields this method fixes."""
-        names = ("act_order", "act_order_scope", "static_groups", "scale_search")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-    def __post_init__(self) -> None:
-        if self.norm_epochs < 0 or not self.norm_lr > 0:
-            raise ValueError("norm_epochs must be >= 0 and norm_lr > 0")
-        if self.learn_target not in ("block", "model"):
-            raise ValueError(f"learn_target must be 'block' or 'model', got {self.learn_target!r}")
+    def get(self, cls: type[Stage]) -> Stage | None:
+        """The recipe's first stage of class `cls` (or a subclass), or None."""
+        return next((s for s in self.stages if isinstance(s, cls)), None)
 
     @property
-    def whole_model_step(self) -> str | None:
-        """What this method does to the whole model at once (None: it works block by block), the
-        reason a streamed quantization, which holds one block at a time, cannot run it."""
-        if self.global_rotation:
-            return "rotates the whole model at once (embeddings, every block, the head)"
-        if self.learn == "e2e" or self.norm_epochs:
-            return "trains through the whole model at once (end-to-end training or norm tweaking)"
-        return None
+    def transforms(self) -> tuple[TransformStage, ...]:
+        """The stages that build each input group's transform, in order."""
+        return tuple(s for s in self.stages if isinstance(s, TransformStage))
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the method reads calibration activations."""
-        return self.smooth or self.rotation in ("greedy", "duquant-v1") or self.learn != "none"
+        """Whether the recipe reads calibration activations inside the blocks."""
+        return any(s.needs_calibration for s in self.stages)
+
+    @property
+    def needs_windows(self) -> bool:
+        """Whether the recipe reads calibration windows at all (GPTQ aside: see `gptq`)."""
+        return any(s.needs_windows for s in self.stages)
+
+    @property
+    def whole_model_step(self) -> str | None:
+        """What this recipe does to the whole model at once (None: it works block by block), the
+        reason a streamed quantization, which holds one block at a time, cannot run it."""
+        return next((s.whole_model for s in self.stages if s.whole_model), None)
+
+    @property
+    def global_rotation(self) -> bool:
+        """Whether the recipe rotates the residual stream (QuaRot)."""
+        return self.get(QuaRot) is not None
+
+    @property
+    def per_block_rotation(self) -> bool:
+        """Whether the block rotation is searched per block instead of shared."""
+        rot = self.get(GreedyRotation)
+        return bool(rot and rot.per_block)
+
+    @property
+    def search_rows(self) -> int:
+        """Calibration rows per input the statistics pass samples."""
+        rot = self.get(GreedyRotation)
+        return rot.sample_rows if rot is not None else SEARCH_ROWS
+
+    @property
+    def gptq(self) -> GPTQ | None:
+        """The recipe's GPTQ stage (its weights are GPTQ's), or None (the run's choice)."""
+        return self.get(GPTQ)
+
+    def without(self, cls: type[Stage]) -> Recipe:
+        """This recipe less its stages of class `cls`."""
+        return replace(self, stages=tuple(s for s in self.stages if not isinstance(s, cls)))
+
+    def with_stage(self, stage: Stage) -> Recipe:
+        """This recipe with `stage` appended."""
+        return replace(self, stages=(*self.stages, stage))
+
+    def data_free(self) -> Recipe:
+        """The recipe for a group no calibration token reached (an expert the router never
+        picked): no smoothing, a search's starting rotation in place of the search."""
+        kept = []
+        for s in self.stages:
+            if isinstance(s, TransformStage):
+                s = s.data_free()
+            if s is not None:
+                kept.append(s)
+        return replace(self, stages=tuple(kept))
+
+    def overridden(self, **overrides: Any) -> Recipe:
+        """The recipe with run-level overrides (duquant.config.METHOD_OVERRIDES; None: keep the
+        recipe's) applied to the stages that own them; norm_epochs adds norm tweaking to any
+        recipe (0 removes it); fold is the recipe's own."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        out = self
+        if "fold" in given:
+            out = replace(out, fold=given.pop("fold"))
+        if "norm_epochs" in given and out.quantize:
+            if given["norm_epochs"] == 0:
+                out = out.without(NormTweak)
+            elif out.get(NormTweak) is None:
+                out = out.with_stage(NormTweak())
+        return replace(out, stages=tuple(s.overridden(**given) for s in out.stages))
+
+    def to_dict(self) -> dict:
+        """The recipe's record in results (and its YAML form)."""
+        return {
+            "name": self.name,
+            "quantize": self.quantize,
+            "fold": self.fold,
+            "stages": [s.to_dict() for s in self.stages],
+            **({"source": self.source} if self.source else {}),
+        }
 
 
-_DQPP_MX = MethodConfig(
+_DQPP_MX = Recipe(
     "duquant++mx",
-    smooth=True,
-    rotation="greedy",
-    objective="mx",
-    refine_from="random-hadamard",
-    start_candidates=16,
-    max_steps=0,
+    (
+        Smooth(),
+        GreedyRotation(objective="mx", start="random-hadamard", start_candidates=16, max_steps=0),
+    ),
 )
 
-METHODS: dict[str, MethodConfig] = {
-    m.name: m
-    for m in (
-        MethodConfig("fp", quantize=False),
-        MethodConfig("rtn"),
-        MethodConfig("smoothquant", smooth=True, alpha=0.5),
+
+def _named(name: str, base: Recipe, *extra: Stage) -> Recipe:
+    """`base` under another name, with `extra` stages appended."""
+    return replace(base, name=name, stages=(*base.stages, *extra))
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("fp", quantize=False),
+        Recipe("rtn"),
+        Recipe("smoothquant", (Smooth(alpha=0.5),)),
         # block Hadamard B=32 (BRQ / MR-GPTQ style: deterministic Sylvester blocks)
-        MethodConfig("hadamard", rotation="hadamard"),
-        MethodConfig("random-hadamard", rotation="random-hadamard"),
+        Recipe("hadamard", (Hadamard(),)),
+        Recipe("random-hadamard", (Hadamard(random=True),)),
         # DuQuant++ with the greedy rotation replaced by a randomized block Hadamard (the ablation)
-        MethodConfig("smooth+hadamard", smooth=True, rotation="random-hadamard"),
-        MethodConfig("quarot", global_rotation=True),
-        MethodConfig("duquant", smooth=True, rotation="duquant-v1"),
+        Recipe("smooth+hadamard", (Smooth(), Hadamard(random=True))),
+        Recipe("quarot", (QuaRot(),)),
+        Recipe("duquant", (Smooth(), DuQuantV1())),
         # the paper: smoothing then ONE B=32 greedy outlier-aware rotation shared by all blocks
-        MethodConfig("duquant++", smooth=True, rotation="greedy"),
+        Recipe("duquant++", (Smooth(), GreedyRotation())),
         # ours: smoothing + the best of 16 randomized block Hadamards, scored by the MX quantization
         # error of the calibration activations and the rotated weights (docs/results.md has the
         # measurement against smooth+hadamard); same online cost as duquant++ (one 32 x 32 block)
         _DQPP_MX,
         # ours, learned: duquant++mx's smoothing and rotation refined block by block on the
         # quantized block-output error (duquant.learn.rotation); same online cost and export
-        replace(_DQPP_MX, name="duquant++learn", learn="rotation"),
+        _named("duquant++learn", _DQPP_MX, LearnRotation()),
         # ours, learned end to end: every block's smoothing and rotation trained at once on the
         # KL from the full-precision model through the quantized model (duquant.learn.e2e)
-        replace(_DQPP_MX, name="duquant++e2e", learn="e2e", learn_batch=1, learn_lr=3e-3),
+        _named("duquant++e2e", _DQPP_MX, EndToEnd()),
         # ours, norm-tweaked: duquant++mx, then (after GPTQ) the pre-norm weights, which hold the
         # folded smoothing and stay in full precision, trained on the KL from the full-precision
         # model through the quantized model (duquant.learn.norms); same online cost and export
-        replace(_DQPP_MX, name="duquant++nt", norm_epochs=2),
+        _named("duquant++nt", _DQPP_MX, NormTweak()),
+        # `--method best`: the most accurate registered method, with the weight quantizer it was
+        # measured with: duquant++nt with GPTQ (docs/results.md §11 has the measurement)
+        _named("best", _DQPP_MX, GPTQ(), NormTweak()),
         # MR-GPTQ (FP-Quant, Egiazarian et al. 2025): block-32 randomized Hadamard, then GPTQ with
         # static group scales from FP-Quant's MSE observer and single columns in descending
         # diag(H) order (FP-Quant's --quantization_order activation --w_observer mse)
-        MethodConfig(
+        Recipe(
             "mr-gptq",
-            rotation="random-hadamard",
-            weights="gptq",
-            act_order=True,
-            act_order_scope="column",
-            static_groups=True,
-            scale_search="fpquant-mse",
+            (
+                Hadamard(random=True),
+                GPTQ(
+                    act_order=True,
+                    act_order_scope="column",
+                    static_groups=True,
+                    scale_search="fpquant-mse",
+                ),
+            ),
         ),
         # FlatQuant (Sun et al., 2024) as published, on the MX grid: learned Kronecker transforms,
         # channel scales and clipping, trained block by block with FlatQuant's defaults (15 epochs,
         # lr 5e-3, 4 windows a step); the quick CPU setting is --learn-epochs 2
-        MethodConfig(
-            "flatquant",
-            learn="flatquant",
-            learn_epochs=15,
-            learn_lr=5e-3,
-            learn_batch=4,
-            learn_normalized_loss=True,
-        ),
-        # variants measured on the way there (dqpp-best-had is duquant++mx under its trial name)
-        replace(_DQPP_MX, name="dqpp-best-had"),
-        replace(_DQPP_MX, name="dqpp-mx", start_candidates=1, max_steps=16),
-        replace(_DQPP_MX, name="dqpp-best-had-mx", max_steps=16),
+        Recipe("flatquant", (FlatQuant(),)),
     )
 }
 
 
-# `--method best`: the most accurate registered method, with the weight quantizer it was measured
-# with (docs/results.md §11 has the measurement); results record the resolved name
-ALIASES: dict[str, tuple[str, dict]] = {"best": ("duquant++nt", {"weights": "gptq"})}
-
-
 def method_names() -> list[str]:
-    """Every name `--method` accepts: the registered methods and the aliases."""
-    return sorted([*METHODS, *ALIASES])
+    """Every name `--method` accepts."""
+    return sorted(RECIPES)
 
 
-def get_method(name: str, **overrides) -> MethodConfig:
-    """The registered method `name` (an alias resolved), with fields overridden (None values are
-    ignored)."""
-    fixed: dict = {}
-    if name in ALIASES:
-        name, fixed = ALIASES[name]
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {method_names()}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return replace(METHODS[name], **{**fixed, **given})
+def get_method(name: str, **overrides: Any) -> Recipe:
+    """The registered recipe `name` with run-level overrides applied (None values are ignored)."""
+    if name not in RECIPES:
+        raise RecipeError(f"--method {name}: unknown; choose one of {', '.join(method_names())}")
+    return RECIPES[name].overridden(**overrides)
 
 
-__all__ = ["ALIASES", "METHODS", "MethodConfig", "get_method", "method_names"]
+def recipe_from_dict(data: Any, where: str) -> Recipe:
+    """A recipe from its file form (see the module docstring); RecipeError naming `where`."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown key {', '.join(map(str, unknown))}; a recipe has {', '.join(RECIPE_KEYS)}"
+        )
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        raise RecipeError(f"{where}: 'stages' must be a list of stages (it may be empty: rtn)")
+    fold = data.get("fold", True)
+    if not isinstance(fold, bool):
+        raise RecipeError(f"{where}: fold {fold!r}: must be true or false")
+    name = data.get("name", Path(where).stem)
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"{where}: name {name!r}: must be a non-empty string")
+    try:
+        parsed = tuple(stage_from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages))
+    except StageError as exc:
+        raise RecipeError(str(exc)) from None
+    return Recipe(name, parsed, fold=fold, source=where)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """The recipe in YAML file `path`, validated; RecipeError (one line) for any fault."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(
+            f"--recipe {path}: cannot read it ({exc}); give a YAML recipe file"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise RecipeError(f"--recipe {path}: not valid YAML ({first})") from None
+    return recipe_from_dict(data, str(path))
+
+
+__all__ = [
+    "RECIPES",
+    "STAGES",
+    "Recipe",
+    "RecipeError",
+    "get_method",
+    "load_recipe",
+    "method_names",
+    "recipe_from_dict",
+]

@@ -106,12 +106,11 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
     check_model_source(source)
     path = Path(source).expanduser()
-    from duquant.export import find_loader
-
-    exported = find_loader(path)
-    if exported is not None:  # through its own loader, which applies the online transforms
-        model, tokenizer = exported.load(path, DTYPES[dtype], device)
-        return LoadedModel(model, tokenizer, source)
+    if path.is_dir() and _quantization_config(path):
+        raise ModelSourceError(
+            f"model {source}: a quantized checkpoint (its config.json has a quantization_config); "
+            "load it with duquant.api.load_model, which applies its online transforms"
+        )
     if path.suffix == ".gguf":
         tokenizer, model = _load_gguf(path, source, DTYPES[dtype], device)
     else:
@@ -127,6 +126,15 @@ def load_model(
     check_finite_weights(model)
     check_vocabulary(model, tokenizer, source)
     return LoadedModel(model, tokenizer, source)
+
+
+def _quantization_config(folder: Path) -> dict | None:
+    """The `quantization_config` of a model folder's config.json, if any."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
 
 
 def _load_gguf(

@@ -316,40 +316,6 @@ def activation_bytes(n_windows: int, seqlen: int, hidden: int, dtype=torch.float
     return 2 * n_windows * seqlen * hidden * torch.empty(0, dtype=dtype).element_size()
 
 
-@torch.no_grad()
-def streamed_logits(
-    model: nn.Module, adapter: Adapter, store: StreamedBlocks, windows: Tensor, fn=None
-) -> list:
-    """Logits of each window (1 x seqlen each), one block in memory at a time.
-
-    With `fn`, `fn(logits)` is returned per window instead of the logits, which are then dropped
-    one by one (a 262k vocabulary makes 1 GiB of logits per 1024-token window).
-    """
-    from duquant.calibrate import capture_block_inputs, run_block
-
-    with store.embedding(model):
-        inputs = capture_block_inputs(model, adapter, windows)
-    n = len(adapter.blocks(model))
-    for i in range(n):
-        block = store.load(i)
-        hidden = run_block(block, inputs)
-        store.release(i)
-        inputs = inputs.next(hidden, i + 1)
-    out = []
-    with store.head():
-        norm = model.get_submodule(adapter.final_norm)
-        head = model.get_submodule(adapter.lm_head)
-        # the final soft cap some families apply to the logits (Gemma 3's final_logit_softcapping)
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        for h in inputs.hidden:
-            logits = head(norm(h))
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            out.append(logits if fn is None else fn(logits))
-            del logits
-    return out
-
-
 def open_streamed(
     path: str | Path, work_dir: str | Path, device: str = "cpu", dtype=torch.float32
 ) -> tuple[nn.Module, Adapter, StreamedBlocks]:
@@ -370,5 +336,4 @@ __all__ = [
     "activation_bytes",
     "empty_model",
     "open_streamed",
-    "streamed_logits",
 ]

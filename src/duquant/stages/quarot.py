@@ -14,14 +14,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from duquant.methods import get_method
-from duquant.methods.build import HeadShape, producer_rows
 from duquant.models.adapters import Adapter
+from duquant.models.moe import unfuse_experts
+from duquant.plan import GroupPlan, HeadShape, producer_rows
+from duquant.stages.base import Stage
 from duquant.transforms.base import BlockRotation, transform_output_rows
 from duquant.transforms.hadamard import KroneckerHadamard, hadamard, random_signs
+
+
+@dataclass(frozen=True)
+class QuaRot(Stage):
+    """QuaRot's global randomized Hadamard on the residual stream (see the module docstring)."""
+
+    KIND: ClassVar[str] = "quarot"
+
+    @property
+    def whole_model(self) -> str | None:
+        return "rotates the whole model at once (embeddings, every block, the head)"
+
+    def transform_model(self, ctx) -> None:
+        """Rotate the model in place; keep the online transforms each block's inputs get."""
+        unfuse_experts(ctx.model, ctx.adapter)
+        ctx.global_online = apply_quarot(ctx.model, ctx.adapter, ctx.seed)
+
+    def refine_block(self, ctx, block, groups, plans: dict, stats, index: int) -> dict:
+        """The inputs QuaRot rotates online (down_proj) take its transform as their plan."""
+        out = dict(plans)
+        for name, online in ctx.global_online.items():
+            if name in out:
+                out[name] = GroupPlan(weight_transform=online, online=online)
+        return out
 
 
 def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
@@ -51,10 +79,8 @@ def _absorb_norm(norm: nn.Module, readers: list[nn.Module], offset: float) -> No
 
 @torch.no_grad()
 def apply_quarot(model: nn.Module, adapter: Adapter, seed: int = 0) -> dict[str, KroneckerHadamard]:
-    """Rotate `model` in place; return the online transforms the pipeline must add per input group."""
-    why = adapter.refuse(get_method("quarot"))
-    if why:
-        raise ValueError(why)
+    """Rotate `model` in place; return the online transforms the pipeline must add per input group
+    (the adapter's refusal of a global rotation is checked before: duquant.pipeline)."""
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     hidden = cfg.hidden_size

@@ -18,7 +18,6 @@ from duquant.formats import QuantSpec
 from duquant.utils import single_thread
 
 OBJECTIVES = ("range", "mx")
-SWAP_INDEX = ("column", "row_mod_b")
 
 
 def helmert_spread(n: int) -> Tensor:
@@ -121,7 +120,6 @@ def _greedy_rotation(
     max_steps: int = 128,
     generator: torch.Generator | None = None,
     objective: str = "range",
-    swap_index: str = "column",
     start: Tensor | None = None,
     weight: Tensor | None = None,
     spec: QuantSpec | None = None,
@@ -132,8 +130,8 @@ def _greedy_rotation(
     `start` is an initial rotation (e.g. a randomized Hadamard) refined by the search; `weight`
     (out, K) rows join the `mx` objective, which needs `spec` (the activation format).
     """
-    if objective not in OBJECTIVES or swap_index not in SWAP_INDEX:
-        raise ValueError(f"objective in {OBJECTIVES}, swap_index in {SWAP_INDEX}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "mx" and spec is None:
         raise ValueError("the mx objective needs the quantization spec")
     gen = generator or torch.Generator().manual_seed(0)
@@ -154,8 +152,8 @@ def _greedy_rotation(
     )
     best_steps, best, first_obj = 0, cur.clone(), best_obj
     for step in range(1, max_steps + 1):
-        row, col = divmod(_argmax_abs(m, hi, lo), b)
-        k = col if swap_index == "column" else row % b
+        # the column (channel within the block) of the largest |entry| picks the swap
+        k = _argmax_abs(m, hi, lo) % b
         r_step = _swap(base, k)
         cur = cur @ r_step
         m = m @ r_step.float()
