@@ -37,11 +37,6 @@ class TransformStage(Stage):
         """What this stage becomes for a group no calibration token reached (None: nothing)."""
         return self
 
-    @property
-    def search_rows(self) -> int:
-        """Calibration rows the statistics pass samples for this stage."""
-        return SEARCH_ROWS
-
 
 @dataclass(frozen=True)
 class Smooth(TransformStage):
@@ -144,10 +139,6 @@ class GreedyRotation(TransformStage):
     @property
     def needs_calibration(self) -> bool:
         return True
-
-    @property
-    def search_rows(self) -> int:
-        return self.sample_rows
 
     def data_free(self) -> TransformStage | None:
         if self.start == "random-hadamard":
