@@ -114,3 +114,31 @@ def test_quantize_with_your_own_calibration_windows(tiny_folder):
         assert torch.equal(m1(x).logits, m2(x).logits)
     with pytest.raises(ConfigError, match="2-D integer tensor"):
         duquant.quantize(str(folder), recipe="rtn", calibration=torch.zeros(4))
+
+
+def test_the_run_table_shows_every_registry_evaluation():
+    """`duquant run`'s printed table has a row per perplexity and per lm-eval task (LAMBADA with
+    its perplexity), so --eval lambada / zeroshot results are not silently left out."""
+    from duquant.cli import _table
+
+    result = {
+        "config": {"run": {"method": "rtn", "format": "mxfp4"}, "weights": {}, "activations": {}},
+        "metrics": {
+            "wikitext2": {"ppl": 82.6, "windows": 2, "seconds": 8.0},
+            "lambada": {
+                "tasks": {
+                    "lambada_openai": {
+                        "status": "ok",
+                        "score": 0.06,
+                        "perplexity": 929.7,
+                        "n_examples": 50,
+                        "seconds": 30.0,
+                    },
+                    "piqa": {"status": "missing"},
+                }
+            },
+        },
+    }
+    rows = _table([result]).splitlines()
+    assert len(rows) == 4
+    assert "82.600" in rows[1] and "acc 6.0 (ppl 929.70)" in rows[2] and "missing" in rows[3]

@@ -29,7 +29,7 @@ import torch
 from duquant import export
 from duquant._version import __version__
 from duquant.config import ConfigError, QuantSettings, RunConfig, WeightQuantizer
-from duquant.data import calibration_windows, eval_text
+from duquant.data import DataNotFoundError, calibration_windows, eval_text, wikitext2_rows
 from duquant.eval.registry import (
     EVALUATIONS,
     Session,
@@ -211,6 +211,9 @@ def check(cfg: RunConfig) -> Plan:
     """Everything about a run that can be refused before any model is loaded: the recipe and its
     options, the weight quantizer, the model source, the evaluations, streaming and the export.
     Raises ConfigError (one line); returns the checked plan."""
+    check_paths(cfg)
+    if cfg.model is not None:
+        check_model_source(cfg.model)  # config.json read and validated before anything else
     recipe = resolve_recipe(cfg)
     cfg.weights = WeightQuantizer(resolve_weights(cfg, cfg.weights, recipe))
     quant = quant_config(cfg, recipe, str(cfg.weights))
@@ -218,6 +221,7 @@ def check(cfg: RunConfig) -> Plan:
     if cfg.stream:
         cfg.check_stream()
     check_evals(cfg.evals, cfg, streamed=cfg.stream)
+    check_data(cfg, needs_windows(recipe, quant))
     if cfg.stream and recipe.whole_model_step:
         raise ConfigError(
             f"--stream: method {recipe.name} {recipe.whole_model_step}; drop --stream to "
@@ -235,6 +239,104 @@ def check(cfg: RunConfig) -> Plan:
         except export.ExportError as exc:
             raise ConfigError(str(exc)) from None
     return Plan(cfg, recipe, quant)
+
+
+def check_data(cfg: RunConfig, calibrates: bool) -> None:
+    """The data a run reads that can be checked without the model, refused before it loads: every
+    registered evaluation's data present and readable (WikiText-2 and a local C4 shard read and
+    decoded; lm-eval installed and LAMBADA's data there), and, when the run calibrates, the
+    calibration text (a text file's evaluation is read by check_eval_file)."""
+    # WikiText-2 can be missing or malformed only in a data folder the user gave (the package
+    # ships its test and validation splits; the hub's copy is read through `datasets`)
+    local = bool(os.environ.get("DUQUANT_DATA_DIR"))
+    for name in cfg.evals:
+        if name not in EVALUATIONS or (name == "wikitext2" and not local):
+            continue
+        ev = EVALUATIONS[name]
+        try:
+            if not is_perplexity(ev):
+                ev.prepare(Session(cfg), 0)  # lm-eval's: reads settings only, no tokenizer
+                continue
+            state = ev.fingerprint(cfg)  # WikiText-2 read and decoded; C4 located
+            if state["status"] == "missing":
+                raise DataNotFoundError(f"data missing: {state['reason']}")
+            origin = state["source"].get("origin", "")
+            if name == "c4" and not origin.startswith("hub:"):
+                _check_c4_file(Path(origin))
+        except (ValueError, OSError) as exc:  # DataNotFoundError is an OSError
+            message = str(exc).removeprefix(f"--eval {name}: ")
+            raise ConfigError(f"--eval {name}: {message}") from None
+    if calibrates and local:
+        try:
+            try:
+                wikitext2_rows("train")
+            except DataNotFoundError:
+                wikitext2_rows("validation")
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"calibration data: {exc}") from None
+
+
+def _check_c4_file(path: Path) -> None:
+    """A local C4 shard: gzip JSON lines, each an object with a text `text` (ValueError naming it)."""
+    import gzip
+    import json
+    import zlib
+
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    doc = json.loads(line)
+                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                        raise ValueError(f"line {n} is not an object with a text 'text'")
+    # BadGzipFile, damaged deflate data, truncated, not JSON, not UTF-8
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a C4 shard (gzip JSON lines): {exc}") from None
+
+
+def path_overlap(a: str | Path, b: str | Path) -> str | None:
+    """How path `a` overlaps path `b` ('is the same path as', 'is inside', 'contains'), or None:
+    real paths compared (symlinks resolved, `~` expanded; a hard link is the same file)."""
+    ra = Path(os.path.realpath(Path(a).expanduser()))
+    rb = Path(os.path.realpath(Path(b).expanduser()))
+    if ra == rb or (ra.exists() and rb.exists() and os.path.samefile(ra, rb)):
+        return "is the same path as"
+    if rb in ra.parents:
+        return "is inside"
+    if ra in rb.parents:
+        return "contains"
+    return None
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Refuse, before anything is read or loaded, an output (--output, --save, --work-dir) that is,
+    is inside or contains an input (the model, a --recipe or --eval file) or another output: a
+    run must never write over, into or around what it reads. One exception: a result file
+    (--output) that does not exist yet may go inside an input folder (it changes no file there),
+    but not inside --save (the export replaces that folder)."""
+    from duquant.models import default_model
+
+    model = cfg.model
+    if model is None:
+        try:
+            model = default_model()
+        except FileNotFoundError:
+            model = None
+    inputs = [("--model", model), ("--recipe", cfg.recipe)]
+    inputs += [("--eval", name) for name in cfg.evals if name not in EVALUATIONS]
+    inputs = [(flag, p) for flag, p in inputs if p is not None and Path(p).expanduser().exists()]
+    outputs = [("--output", cfg.output), ("--save", cfg.save), ("--work-dir", cfg.work_dir)]
+    outputs = [(flag, p) for flag, p in outputs if p is not None]
+    for i, (flag, path) in enumerate(outputs):
+        for other_flag, other in inputs + outputs[i + 1 :]:
+            how = path_overlap(path, other)
+            # a new result file inside an input folder adds a file and changes none: allowed
+            new_file = flag == "--output" and not Path(path).exists()
+            if how is not None and not (how == "is inside" and new_file and other_flag != "--save"):
+                raise ConfigError(
+                    f"{flag} {path}: {how} {other_flag} {other}; write the output apart from "
+                    "the inputs and the other outputs"
+                )
 
 
 def needs_windows(recipe: Recipe, quant: QuantConfig) -> bool:
@@ -386,9 +488,12 @@ def run_streamed(plan: Plan) -> dict:
         config["calibration"] = calib
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="duquant-stream-"))
     try:
+        from duquant.models.streaming import work_fingerprint
+
         model, adapter, store = open_for_quantization(
-            cfg.model, windows, work, cfg.device, cfg.max_activation_mb
-        )
+            cfg.model, windows, work, cfg.device, cfg.max_activation_mb,
+            fingerprint=work_fingerprint(cfg.model, config),
+        )  # fmt: skip
         report = run_stages(
             model, adapter, plan.recipe, plan.quant, windows, seed=cfg.seed, store=store
         )

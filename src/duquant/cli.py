@@ -50,10 +50,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# a message longer than this is cut (an exception may quote a whole file)
+MESSAGE_LIMIT = 2000
+
+
+def one_line(exc: BaseException) -> str:
+    """The whole message of `exc` as one line: its lines joined, whitespace collapsed, at most
+    MESSAGE_LIMIT characters (an exception without a message: its type's name)."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if len(message) > MESSAGE_LIMIT:
+        message = message[: MESSAGE_LIMIT - 1] + "…"
+    return message
+
+
 def fail(prog: str, exc: BaseException) -> int:
-    """Report a user-fixable error in one line; exit status 2."""
-    message = " ".join(str(exc).split("\n")[0].split())
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    """Report a user-fixable error in one line (the whole message, not its first line only: a
+    wrapped error names the file, key or tensor further down); exit status 2."""
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
     return 2
 
 
@@ -67,12 +80,22 @@ def _table(results: list[dict]) -> str:
         w = r["config"]["weights"] or {}
         a = r["config"]["activations"] or {}
         rules = f"{w.get('scale_rule', '-')}/{a.get('scale_rule', '-')}"
+        head = f"{run['method']:<14} {run['format']:<7} {rules:<22}"
         for name, m in r["metrics"].items():
             if isinstance(m, dict) and "ppl" in m:
                 lines.append(
-                    f"{run['method']:<14} {run['format']:<7} {rules:<22} {name:<12} "
-                    f"{m['ppl']:>10.3f} {m['windows']:>8} {m['seconds']:>8.1f}"
+                    f"{head} {name:<12} {m['ppl']:>10.3f} {m['windows']:>8} {m['seconds']:>8.1f}"
                 )
+            elif isinstance(m, dict) and "tasks" in m:  # lm-eval tasks: accuracy, LAMBADA's PPL
+                for task, t in m["tasks"].items():
+                    if t.get("status") != "ok":
+                        lines.append(f"{head} {task:<12} {t.get('status', 'missing'):>10}")
+                        continue
+                    value = f"acc {100 * t['score']:.1f}"
+                    if t.get("perplexity") is not None:
+                        value += f" (ppl {t['perplexity']:.2f})"
+                    n, secs = t.get("n_examples", 0), t.get("seconds", 0.0)
+                    lines.append(f"{head} {task:<12} {value:>10} {n:>8} {secs:>8.1f}")
     return "\n".join(lines)
 
 

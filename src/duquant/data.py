@@ -139,7 +139,13 @@ def wikitext2_rows(split: str) -> tuple[list[str], TextSource]:
 
 def _local_rows(raw: bytes, origin: str, split: str) -> tuple[list[str], TextSource]:
     """Rows of a raw WikiText file's bytes and its provenance (sha256 of the uncompressed bytes)."""
-    rows = raw_lines_to_rows(raw.decode("utf-8"))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"WikiText-2 {split}: {origin} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    rows = raw_lines_to_rows(text)
     return rows, TextSource("wikitext2", split, origin, hashlib.sha256(raw).hexdigest())
 
 
@@ -154,9 +160,11 @@ def eval_text(name: str) -> tuple[str, TextSource]:
             f"evaluation {name!r} is neither a known data set ('wikitext2') nor an existing text file"
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes: it is a binary file, not text")
     return text, TextSource("file", "all", str(path), file_sha256(path))
 
 

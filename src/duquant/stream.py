@@ -26,10 +26,12 @@ def open_for_quantization(
     work_dir: str | Path,
     device: str = "cpu",
     max_activation_mb: float | None = None,
+    fingerprint: dict | None = None,
 ):
-    """Open checkpoint folder `path` block by block (quantized blocks go to `work_dir`), refusing
-    calibration activations over `max_activation_mb`: (model skeleton, adapter, block store)."""
-    model, adapter, store = open_streamed(path, work_dir, device)
+    """Open checkpoint folder `path` block by block (quantized blocks go to `work_dir`, which
+    `fingerprint` ties to the run: models.streaming.work_fingerprint), refusing calibration
+    activations over `max_activation_mb`: (model skeleton, adapter, block store)."""
+    model, adapter, store = open_streamed(path, work_dir, device, fingerprint=fingerprint)
     if calib_windows is not None:
         need = activation_bytes(
             calib_windows.shape[0], calib_windows.shape[1], model.config.hidden_size

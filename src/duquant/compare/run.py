@@ -8,7 +8,7 @@ import copy
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,7 +85,7 @@ def plan(cfg: CompareConfig, out: Path, model_source: str) -> list[Cell]:
             key = result_key(cfg, job, name, data[name], model_source, calib_source)
             h = key_hash(key)
             path = cache_path(out, job, name, h)
-            cells.append(Cell(job, name, key, path, load_cached(path)))
+            cells.append(Cell(job, name, key, path, load_cached(path, name)))
     return cells
 
 
@@ -132,16 +132,12 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
         quant_info: dict = {"quantize_seconds": 0.0, "calibration": None}
         if method.quantize:
             windows = None
-            if needs_calibration(method, quant):
-                if calib is None:
-                    from duquant.data import calibration_windows
-
-                    calib = calibration_windows(
-                        loaded.tokenizer, cfg.nsamples, cfg.calib_seqlen, cfg.seed
-                    )
-                windows, info = calib
-                quant_info["calibration"] = asdict(info)
-            report = api.quantize_loaded(api.Plan(rc, method, quant), model, windows)
+            job_plan = api.Plan(rc, method, quant)
+            if job_plan.needs_windows:
+                if calib is None:  # drawn once, shared by every job (the same settings)
+                    calib = api.calibrate(job_plan, loaded.tokenizer)[:2]
+                windows, quant_info["calibration"] = calib
+            report = api.quantize_loaded(job_plan, model, windows)
             quant_info["quantize_seconds"] = report.seconds
         for cell in _pending(cells, job):
             cell.record = _evaluate(cell, model, session, quant_info)

@@ -44,19 +44,84 @@ def _window_nll(model: nn.Module, window: torch.Tensor, index: int) -> float:
     return loss
 
 
-def _load_checkpoint(path: Path, fingerprint: str, seqlen: int) -> tuple[list[float], float]:
-    """Per-window NLLs and seconds spent of an earlier pass over the same tokens, or ([], 0)."""
+# a checkpoint holds one float per window: far below this even for a whole corpus
+MAX_CHECKPOINT_BYTES = 64 << 20
+# a window's summed NLL per predicted token above this would overflow exp(): no real window's
+MAX_TOKEN_NLL = 700.0
+CHECKPOINT_KEYS = ("fingerprint", "seqlen", "total_windows", "window_nll", "seconds")
+
+
+def _finite(value, low: float = 0.0, high: float = math.inf) -> bool:
+    """Whether `value` is a real number (not a bool), finite and within [low, high]."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value) if abs(value) < 1e300 else math.inf)
+        and low <= value <= high
+    )
+
+
+def checkpoint_problem(ck) -> str | None:
+    """What is wrong with the checkpoint `ck` (None: nothing), naming the key."""
+    if not isinstance(ck, dict):
+        return "not a JSON object"
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        return f"key {missing[0]!r} is missing"
+    if not isinstance(ck["fingerprint"], str) or len(ck["fingerprint"]) != 64:
+        return "key 'fingerprint' is not a sha256"
+    seqlen, total, nll = ck["seqlen"], ck["total_windows"], ck["window_nll"]
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        return "key 'seqlen' is not a window length >= 2"
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        return "key 'total_windows' is not a count >= 1"
+    if not isinstance(nll, list) or len(nll) > total:
+        return "key 'window_nll' is not a list of at most 'total_windows' numbers"
+    bound = MAX_TOKEN_NLL * (seqlen - 1)
+    if not all(_finite(x, 0.0, bound) for x in nll):
+        return f"key 'window_nll' holds a value that is not a finite number in [0, {bound:g}]"
+    if not _finite(ck["seconds"]):
+        return "key 'seconds' is not a finite number >= 0"
+    return None
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """The validated per-window checkpoint at `path`, or None (with one warning) when it is
+    unreadable, not UTF-8 JSON or not of the expected shape; None without a word when absent."""
     if not path.is_file():
-        return [], 0.0
+        return None
     try:
-        ck = json.loads(path.read_text())
-        if ck["fingerprint"] != fingerprint or ck["seqlen"] != seqlen:
-            log.warning("ignoring perplexity checkpoint %s: it is for other tokens", path)
-            return [], 0.0
-        return [float(x) for x in ck["window_nll"]], float(ck.get("seconds", 0.0))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        log.warning("ignoring unreadable perplexity checkpoint %s (%r)", path, exc)
+        if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+            raise ValueError(f"larger than {MAX_CHECKPOINT_BYTES} bytes")
+        ck = json.loads(path.read_bytes().decode("utf-8"), parse_constant=float)
+        problem = checkpoint_problem(ck)
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; the rest guard the checks themselves
+    except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+    if problem is not None:
+        log.warning(
+            "ignoring perplexity checkpoint %s (%s): starting that cell over", path, problem
+        )
+        return None
+    return ck
+
+
+def _load_checkpoint(
+    path: Path, fingerprint: str, seqlen: int, total_windows: int
+) -> tuple[list[float], float]:
+    """Per-window NLLs and seconds spent of an earlier pass over the same tokens (the same text,
+    window length and window count), or ([], 0)."""
+    ck = read_checkpoint(path)
+    if ck is None:
         return [], 0.0
+    if (ck["fingerprint"], ck["seqlen"], ck["total_windows"]) != (
+        fingerprint,
+        seqlen,
+        total_windows,
+    ):
+        log.warning("ignoring perplexity checkpoint %s: it is for other tokens", path)
+        return [], 0.0
+    return [float(x) for x in ck["window_nll"]], float(ck["seconds"])
 
 
 @torch.no_grad()
@@ -90,9 +155,10 @@ def perplexity(
     done: list[float] = []
     spent = 0.0
     ck_path = Path(checkpoint) if checkpoint is not None else None
-    fingerprint = tokens_fingerprint(ids, seqlen) if ck_path else ""
+    # what a checkpoint must have been made from: these tokens, this window length and count
+    tokens = (tokens_fingerprint(ids, seqlen) if ck_path else "", seqlen, ids.numel() // seqlen)
     if ck_path is not None:
-        done, spent = _resume(model, window, ck_path, fingerprint, seqlen, n_windows, desc)
+        done, spent = _resume(model, window, ck_path, tokens, n_windows, desc)
     resumed = len(done)
     for i in tqdm(
         range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
@@ -100,7 +166,7 @@ def perplexity(
         done.append(_window_nll(model, window(i), i))
         if ck_path is not None:
             seconds = spent + time.perf_counter() - start
-            ck_path = _save_progress(ck_path, fingerprint, seqlen, done, seconds)
+            ck_path = _save_progress(ck_path, tokens, done, seconds)
     return _result(done, n_windows, seqlen, ids.numel() // seqlen, resumed, spent, start)
 
 
@@ -108,14 +174,13 @@ def _resume(
     model: nn.Module,
     window: Callable[[int], torch.Tensor],
     ck_path: Path,
-    fingerprint: str,
-    seqlen: int,
+    tokens: tuple[str, int, int],
     n_windows: int,
     desc: str,
 ) -> tuple[list[float], float]:
     """The checkpoint's NLLs of the first `n_windows` windows and their share of its seconds, kept
     only when the model reproduces the last of them (another model starts over: ([], 0))."""
-    saved, spent = _load_checkpoint(ck_path, fingerprint, seqlen)
+    saved, spent = _load_checkpoint(ck_path, *tokens)
     done = saved[:n_windows]
     spent *= len(done) / max(len(saved), 1)
     if not done:
@@ -137,13 +202,15 @@ def _resume(
 
 
 def _save_progress(
-    ck_path: Path, fingerprint: str, seqlen: int, done: list[float], seconds: float
+    ck_path: Path, tokens: tuple[str, int, int], done: list[float], seconds: float
 ) -> Path | None:
     """Write the finished windows' NLLs to the checkpoint; None (stop saving) when that fails."""
+    fingerprint, seqlen, total_windows = tokens
     try:
         payload = {
             "fingerprint": fingerprint,
             "seqlen": seqlen,
+            "total_windows": total_windows,
             "window_nll": done,
             "seconds": seconds,
         }

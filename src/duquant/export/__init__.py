@@ -108,7 +108,8 @@ def save_streamed(
 
 
 def find_loader(path: str | Path) -> ModuleType | None:
-    """The exporter that recognises `path` as its checkpoint, or None."""
+    """The exporter that recognises `path` as its checkpoint, or None (an ExportError when its
+    config.json is not a JSON object: nothing could load it)."""
     if not Path(path).is_dir():
         return None
     for target in EXPORTERS:

@@ -17,6 +17,7 @@ What is written (facts checked against compressed-tensors 0.20.1, see docs/expor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -557,18 +558,429 @@ def size_figures(counts: Counter) -> dict:
 
 
 # ---- loading ---------------------------------------------------------------------------------
+#
+# Nothing read from an export is trusted. config.json and the shard index are bounded in size,
+# parsed as JSON (never pickle) and checked for the keys loading relies on; every safetensors
+# header is bounded by its file's size before it is read, and its entries (dtype, shape, offsets
+# covering the data exactly) are checked before any tensor is; every tensor the model built from
+# the config expects must be present with its shape and dtype (a transform matrix may be absent
+# only as a tied copy: a later target of the scheme whose first target's matrix is stored, as the
+# config says); floats, scales and transforms must be finite. Any violation is one ExportError
+# line naming the file and the key or tensor.
+
+JSON_MAX_BYTES = 64 * 2**20  # config.json, the index: far above any real one
+HEADER_MAX_BYTES = 100_000_000  # safetensors' own limit on a header
+QUANT_SUFFIXES = (
+    "weight_packed",
+    "weight_scale",
+    "weight_global_scale",
+    "input_global_scale",
+    "weight_zero_point",
+)
+_ST_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors header: its file, dtype and shape (validated)."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, its size bounded before it is read; ExportError otherwise."""
+    try:
+        size = path.stat().st_size
+        if size > JSON_MAX_BYTES:
+            raise ExportError(f"{path}: {size} bytes, more than a JSON file of an export holds")
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constants)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ExportError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a directory holding a compressed-tensors checkpoint."""
+    """Whether `path` is a directory holding a compressed-tensors checkpoint (a config.json that
+    is not a JSON object is an ExportError: nothing could load it)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
+    qc = read_json(cfg).get("quantization_config")
+    if qc is None:
         return False
-    return qc.get("quant_method") == "compressed-tensors"
+    if not isinstance(qc, dict):
+        raise ExportError(f"{cfg}: quantization_config is a {type(qc).__name__}, not an object")
+    # a compressed-tensors config that lost its quant_method is still one (refused on load)
+    method = qc.get("quant_method")
+    return method == "compressed-tensors" or (method is None and "config_groups" in qc)
+
+
+def _bad(cfg: Path, key: str, why: str) -> ExportError:
+    return ExportError(f"{cfg}: quantization_config.{key} {why}")
+
+
+def _str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def check_quantization_config(qc, cfg: Path) -> None:
+    """The keys and shapes of `quantization_config` that loading relies on (compressed-tensors'
+    own validation follows); ExportError naming the key otherwise."""
+    if not isinstance(qc, dict):
+        raise ExportError(f"{cfg}: no quantization_config object")
+    need = {
+        "quant_method": str,
+        "config_groups": dict,
+        "format": str,
+        "quantization_status": str,
+        "ignore": list,
+    }
+    for key, typ in need.items():
+        if key not in qc:
+            raise _bad(cfg, key, "is missing")
+        if not isinstance(qc[key], typ):
+            raise _bad(cfg, key, f"is a {type(qc[key]).__name__}, not a {typ.__name__}")
+    if qc["quant_method"] != "compressed-tensors":
+        raise _bad(cfg, "quant_method", f"is {qc['quant_method']!r}, not 'compressed-tensors'")
+    if qc["quantization_status"] != "compressed":
+        raise _bad(cfg, "quantization_status", "is not 'compressed' (an export stores codes)")
+    if not _str_list(qc["ignore"]):
+        raise _bad(cfg, "ignore", "is not a list of module names")
+    if not qc["config_groups"]:
+        raise _bad(cfg, "config_groups", "is empty")
+    for name, group in qc["config_groups"].items():
+        key = f"config_groups.{name}"
+        if not isinstance(group, dict):
+            raise _bad(cfg, key, "is not an object")
+        for part in ("targets", "weights", "input_activations"):
+            if part not in group:
+                raise _bad(cfg, f"{key}.{part}", "is missing")
+        if not _str_list(group["targets"]) or not group["targets"]:
+            raise _bad(cfg, f"{key}.targets", "is not a non-empty list of names")
+        if not isinstance(group["weights"], dict):
+            raise _bad(cfg, f"{key}.weights", "is not an object")
+    if "transform_config" in qc:
+        _check_transform_config(qc["transform_config"], cfg)
+
+
+def _check_transform_config(tc, cfg: Path) -> None:
+    """transform_config: schemes with apply entries naming targets and a location."""
+    if not isinstance(tc, dict) or not isinstance(tc.get("config_groups"), dict):
+        raise _bad(cfg, "transform_config.config_groups", "is missing or not an object")
+    for name, scheme in tc["config_groups"].items():
+        key = f"transform_config.config_groups.{name}"
+        if not isinstance(scheme, dict):
+            raise _bad(cfg, key, "is not an object")
+        apply = scheme.get("apply")
+        if not isinstance(apply, list) or not apply:
+            raise _bad(cfg, f"{key}.apply", "is missing or empty")
+        for entry in apply:
+            if not isinstance(entry, dict) or not isinstance(entry.get("location"), str):
+                raise _bad(cfg, f"{key}.apply", "has an entry without a location")
+            if not _str_list(entry.get("targets")) or not entry["targets"]:
+                raise _bad(cfg, f"{key}.apply.targets", "is not a non-empty list of names")
+        dim = scheme.get("head_dim")
+        if dim is not None and (type(dim) is not int or not 0 < dim <= 2**16):
+            raise _bad(cfg, f"{key}.head_dim", f"is {dim!r}, not a block size")
+
+
+def read_header(file: Path) -> dict[str, Entry]:
+    """The tensors a safetensors file holds, from its header, checked against the file: the
+    header length is bounded by the file size before it is read, every entry has a known dtype,
+    a shape and offsets whose size matches, and the offsets cover the data exactly."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ExportError(f"{file}: truncated ({size} bytes; no safetensors header)")
+            n = int.from_bytes(head, "little")
+            if n > min(HEADER_MAX_BYTES, size - 8):
+                raise ExportError(
+                    f"{file}: header length {n} exceeds the file ({size} bytes): truncated or "
+                    "not a safetensors file"
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise ExportError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise ExportError(f"{file}: the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{file}: the safetensors header is not a JSON object")
+    out, spans = {}, []
+    for name, e in header.items():
+        if name == "__metadata__":
+            if not isinstance(e, dict) or not all(isinstance(v, str) for v in e.values()):
+                raise ExportError(f"{file}: the header's __metadata__ is not a string map")
+            continue
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise ExportError(f"{file}: tensor {name!r}: malformed header entry")
+        dtype = _ST_DTYPES.get(e["dtype"]) if isinstance(e["dtype"], str) else None
+        shape, offs = e["shape"], e["data_offsets"]
+        ints = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ok_offs = (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(type(o) is int for o in offs)
+            and 0 <= offs[0] <= offs[1]
+        )
+        if dtype is None or not ints or len(shape) > 8 or not ok_offs:
+            raise ExportError(f"{file}: tensor {name!r}: bad dtype, shape or offsets in header")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != offs[1] - offs[0]:
+            raise ExportError(
+                f"{file}: tensor {name!r}: shape {shape} {e['dtype']} needs {nbytes} bytes, its "
+                f"offsets give {offs[1] - offs[0]}"
+            )
+        spans.append((offs[0], offs[1], name))
+        out[name] = Entry(file, dtype, tuple(shape))
+    pos, data = 0, size - 8 - n
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise ExportError(f"{file}: tensor {name!r}: data offsets overlap or leave a gap")
+        pos = end
+    if pos != data:
+        raise ExportError(
+            f"{file}: its tensors need {pos} bytes of data, the file has {data}: "
+            f"{'truncated' if pos > data else 'trailing bytes'}"
+        )
+    return out
+
+
+def _shard_name(value, index: Path, key: str) -> str:
+    """A shard named by the index: a plain safetensors file name inside the export."""
+    if (
+        not isinstance(value, str)
+        or value != Path(value).name
+        or "\\" in value
+        or not value.endswith(".safetensors")
+    ):
+        raise ExportError(f"{index}: weight_map[{key!r}] = {value!r} is not a shard file name")
+    return value
+
+
+def read_headers(path: Path) -> dict[str, Entry]:
+    """Every tensor of the export (its single file, or the shards its index names), from the
+    headers only, each shard checked to hold exactly the tensors the index gives it."""
+    index = path / INDEX_FILE
+    if not index.is_file():
+        file = path / WEIGHTS_FILE
+        if not file.is_file():
+            raise ExportError(f"{path}: no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+        return read_header(file)
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ExportError(f"{index}: weight_map is missing or not a non-empty object")
+    shards: dict[str, set[str]] = {}
+    for key, value in weight_map.items():
+        shards.setdefault(_shard_name(value, index, key), set()).add(key)
+    entries: dict[str, Entry] = {}
+    for shard, want in sorted(shards.items()):
+        file = path / shard
+        if not file.is_file():
+            raise ExportError(f"{index}: names {shard}, which is missing")
+        part = read_header(file)
+        if set(part) != want:
+            odd = sorted(set(part) ^ want)[:3]
+            raise ExportError(f"{file}: does not hold the tensors {INDEX_FILE} names ({odd})")
+        entries.update(part)
+    return entries
+
+
+def _read_tensors(entries: dict[str, Entry]) -> dict[str, Tensor]:
+    """The tensors themselves (headers already checked), file by file."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for file in sorted({e.file for e in entries.values()}):
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # noqa: BLE001 - the reader's own error, whatever its type
+            raise ExportError(f"{file}: cannot be read ({' '.join(str(exc).split())})") from None
+    return state
+
+
+def _check_size(config, entries: dict[str, Entry], cfg: Path) -> None:
+    """Before the model is built: its config must not describe far more weights than the export's
+    tensors hold (a corrupt size would allocate without bound)."""
+    dims = {}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        value = getattr(config, key, None)
+        if type(value) is not int:  # absent, or a family's own layout: no bound from it
+            value = 0
+        elif not 0 < value < 2**31:
+            raise ExportError(f"{cfg}: {key} is {value!r}, not a positive size")
+        dims[key] = value
+    h, layers = dims["hidden_size"], dims["num_hidden_layers"]
+    weights = 2 * dims["vocab_size"] * h + layers * (4 * h * h + 3 * h * dims["intermediate_size"])
+    stored = sum(math.prod(e.shape) * e.dtype.itemsize for e in entries.values())
+    if weights > 8 * stored + 2**24:
+        raise ExportError(
+            f"{cfg}: describes a model of about {weights} weights, far more than the "
+            f"{stored} bytes of tensors the export holds"
+        )
+
+
+def _tied_copies(expected: dict[str, Tensor], traw: dict | None) -> dict[str, str]:
+    """Transform matrices the config ties: {copy's key: stored key}. A scheme's targets share one
+    matrix; the one of its first target (in the config's order) is stored, the others are tied
+    copies (the built model shares their storage). Any other matrix must be stored."""
+    out: dict[str, str] = {}
+    for name, scheme in _online_only(traw or {})["config_groups"].items():
+        for entry in scheme["apply"]:
+            suffix = f".{name}_{entry['location']}.weight"
+            order = {t: i for i, t in enumerate(entry["targets"])}
+            keys = sorted(
+                (k for k in expected if k.endswith(suffix)),
+                key=lambda k: order.get(k[: -len(suffix)], len(order)),
+            )
+            first: dict[int, str] = {}
+            for k in keys:
+                ptr = expected[k].untyped_storage().data_ptr()
+                if ptr in first:
+                    out[k] = first[ptr]
+                else:
+                    first[ptr] = k
+    return out
+
+
+def check_tensors(
+    entries: dict[str, Entry],
+    expected: dict[str, Tensor],
+    tied: dict[str, str],
+    tied_weights: set[str],
+    build_dtype: torch.dtype,
+    where: Path,
+    cfg: Path,
+) -> None:
+    """The export's tensors against the model built from its config: none it does not have, every
+    one it needs (but tied copies), each with the shape and dtype the model holds."""
+    unexpected = [k for k in entries if k not in expected]
+    if unexpected:
+        k = unexpected[0]
+        raise ExportError(
+            f"{entries[k].file}: tensors the model does not have: {unexpected[:3]} (the model "
+            f"{cfg.name} describes, with its quantization_config and transform_config)"
+        )
+    missing = [k for k in expected if k not in entries and k not in tied and k not in tied_weights]
+    if missing:
+        raise ExportError(
+            f"{where}: tensors missing from the checkpoint: {missing[:3]}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
+    plain: dict[torch.dtype, list[str]] = {}
+    for k, e in entries.items():
+        want = expected[k]
+        if e.shape != tuple(want.shape):
+            raise ExportError(
+                f"{e.file}: tensor {k!r} has shape {list(e.shape)}, the model {cfg.name} "
+                f"describes has {list(want.shape)}"
+            )
+        exact = (
+            k.endswith(QUANT_SUFFIXES)
+            or k in tied
+            or k in tied.values()
+            or not want.dtype.is_floating_point
+            or want.dtype != build_dtype
+        )
+        if exact and e.dtype != want.dtype:
+            raise ExportError(
+                f"{e.file}: tensor {k!r} is {e.dtype}, the model {cfg.name} describes has "
+                f"{want.dtype}"
+            )
+        if not exact:
+            if not e.dtype.is_floating_point:
+                raise ExportError(f"{e.file}: tensor {k!r} is {e.dtype}, not a float")
+            plain.setdefault(e.dtype, []).append(k)
+    if len(plain) > 1:  # one dtype for every full-precision tensor: the run's
+        k = min(plain.values(), key=len)[0]
+        major = max(plain, key=lambda d: len(plain[d]))
+        raise ExportError(
+            f"{entries[k].file}: tensor {k!r} is {entries[k].dtype}, the export's other "
+            f"tensors are {major}"
+        )
+
+
+def check_values(state: dict[str, Tensor], entries: dict[str, Entry], e8m0: bool) -> None:
+    """Floats (weights, scales, transforms) finite; E8M0 scale bytes not 255 (NaN)."""
+    for k, t in state.items():
+        if t.dtype.is_floating_point:
+            ok = bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+        elif e8m0 and t.dtype == torch.uint8 and k.endswith("weight_scale"):
+            ok = not bool((t == 255).any())
+        else:
+            continue
+        if not ok:
+            raise ExportError(f"{entries[k].file}: tensor {k!r} holds NaN or infinite values")
+
+
+def check_sidecar(path: Path, traw: dict | None) -> None:
+    """When the export has duquant's sidecar, the transforms it records (scheme -> targets) must
+    be the config's: a target dropped from the config would leave a rotated weight unrotated."""
+    side = path / SIDECAR
+    if not side.is_file():
+        return  # written by another tool: nothing to cross-check
+    recorded = read_json(side).get("transforms")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(_str_list(v) for v in recorded.values()):
+        raise ExportError(f"{side}: 'transforms' is not a map of scheme to target names")
+    declared = {
+        name: [t for a in scheme["apply"] for t in a["targets"]]
+        for name, scheme in _online_only(traw or {})["config_groups"].items()
+    }
+    if declared != recorded:
+        odd = sorted(set(declared) ^ set(recorded)) or [
+            k for k in declared if declared[k] != recorded[k]
+        ]
+        raise ExportError(
+            f"{path / 'config.json'}: quantization_config.transform_config differs from the "
+            f"transforms {side.name} records (scheme {odd[0]!r})"
+        )
+
+
+@contextlib.contextmanager
+def _building(cfg: Path):
+    """Errors of building the model from a (validated) config: one ExportError naming it."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, AssertionError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise ExportError(f"{cfg}: cannot build the model it describes ({why})") from None
 
 
 def _online_only(tconfig: dict) -> dict:
@@ -582,7 +994,9 @@ def _online_only(tconfig: dict) -> dict:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load an export through compressed-tensors' own APIs, transforms applied: (model, tokenizer)."""
+    """Load an export through compressed-tensors' own APIs, transforms applied: (model, tokenizer).
+
+    Every file is validated before it is used (see above); a violation is one ExportError line."""
     try:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -592,55 +1006,68 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cp
             f"{path} is a compressed-tensors checkpoint; loading it needs compressed-tensors "
             f'(pip install "duquant[export]"): {exc}'
         ) from exc
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    cfg = path / "config.json"
+    raw = read_json(cfg)
+    check_quantization_config(raw.get("quantization_config"), cfg)
     qraw = dict(raw["quantization_config"])
     traw = qraw.pop("transform_config", None)
-    config = AutoConfig.from_pretrained(str(path))
+    entries = read_headers(path)  # headers only: nothing large is read yet
+    with _building(cfg):
+        config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # transformers' own loader would drop the transforms
-    # built directly in the target dtype: a cast afterwards would round RoPE's inv_freq
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if traw:
-        apply_transform_config(model, TransformConfig.model_validate(_online_only(traw)))
-    qconfig = QuantizationConfig.model_validate(qraw)
-    apply_quantization_config(model, qconfig)
-    ModelCompressor(quantization_config=qconfig).compress_model(model)
-    state = _read_state(path, load_file)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _check_size(config, entries, cfg)
+    with _building(cfg):
+        # built directly in the target dtype: a cast afterwards would round RoPE's inv_freq
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if traw:
+            apply_transform_config(model, TransformConfig.model_validate(_online_only(traw)))
+        qconfig = QuantizationConfig.model_validate(qraw)
+        apply_quantization_config(model, qconfig)
+        ModelCompressor(quantization_config=qconfig).compress_model(model)
+    expected = model.state_dict()
+    tied = _tied_copies(expected, traw)
+    tied_weights = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if not hasattr(model, "all_tied_weights_keys") and getattr(config, "tie_word_embeddings", 0):
+        tied_weights.add("lm_head.weight")  # transformers before 5: the head tied to the embedding
+    where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() else WEIGHTS_FILE)
+    check_tensors(entries, expected, tied, tied_weights, dtype, where, cfg)
+    check_sidecar(path, traw)
+    state = _read_tensors(entries)
+    check_values(state, entries, e8m0=qraw["format"].startswith("mxfp4"))
+    for copy, first in tied.items():
+        if copy in state and first in state and not torch.equal(state[copy], state[first]):
+            raise ExportError(
+                f"{entries[copy].file}: tensor {copy!r} differs from {first!r}, which the "
+                "config ties it to"
+            )
+    _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise ExportError(f"{path}: tensors the model does not have: {unexpected[:5]}")
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
-    bad = [k for k in missing if not (k in tied or _is_tied_transform(k))]
-    if bad:
-        raise ExportError(f"{path}: tensors missing from the checkpoint: {bad[:5]}")
+        raise ExportError(f"{where}: tensors the model does not have: {unexpected[:3]}")
     model.tie_weights()
     ModelCompressor(quantization_config=qconfig).decompress_model(model)
     _to_dtype(model, dtype)
     _check_transforms_present(model, traw)
     model.to(device).eval()
-    has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(str(path)) if has_tok else None
-    return model, tokenizer
+    return model, _load_tokenizer(path, AutoTokenizer)
 
 
-def _read_state(path: Path, load_file) -> dict[str, Tensor]:
-    """Every tensor of the export, from its single file or from the shards its index names (all
-    in memory at once: the reloaded model is evaluated whole)."""
-    index = path / INDEX_FILE
-    if not index.is_file():
-        return load_file(str(path / WEIGHTS_FILE))
-    weight_map = json.loads(index.read_text())["weight_map"]
-    state: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        part = load_file(str(path / shard))
-        if set(part) != {k for k, v in weight_map.items() if v == shard}:
-            raise ExportError(f"{path}: {shard} does not hold the tensors {INDEX_FILE} names")
-        state.update(part)
-    return state
+def _load_tokenizer(path: Path, auto):
+    """The export's tokenizer, or None when it has none; a corrupt one is one ExportError."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    if not any((path / f).is_file() for f in names):
+        return None
+    for name in names:
+        if (path / name).is_file():
+            read_json(path / name)  # bounded, valid JSON, an object
+    try:
+        return auto.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tokenizer library's own error, whatever its type
+        why = " ".join(str(exc).split())[:300]
+        raise ExportError(f"{path}: its tokenizer files cannot be loaded ({why})") from None
 
 
 def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -655,11 +1082,6 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         new = nn.Parameter(w.data.to(dtype), requires_grad=False)
         with disable_onloading():  # the offload cache would copy into the bfloat16 tensor
             module._parameters["weight"] = new
-
-
-def _is_tied_transform(key: str) -> bool:
-    """A transform matrix of a scheme's second or later target (a tied copy of the first)."""
-    return key.endswith("_input.weight") or key.endswith("_output.weight")
 
 
 def _check_transforms_present(model: nn.Module, traw: dict | None) -> None:

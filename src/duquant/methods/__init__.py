@@ -20,6 +20,7 @@ Stage kinds and their options: duquant.stages.STAGES (each class documents its o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,7 @@ def get_method(name: str, **overrides: Any) -> Recipe:
 
 def recipe_from_dict(data: Any, where: str) -> Recipe:
     """A recipe from its file form (see the module docstring); RecipeError naming `where`."""
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise RecipeError(f"{where}: a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}")
     unknown = sorted(set(data) - set(RECIPE_KEYS))
     if unknown:
@@ -251,6 +252,16 @@ def recipe_from_dict(data: Any, where: str) -> Recipe:
     name = data.get("name", Path(where).stem)
     if not isinstance(name, str) or not name:
         raise RecipeError(f"{where}: name {name!r}: must be a non-empty string")
+    for i, s in enumerate(stages):
+        if (
+            not isinstance(s, dict)
+            or not all(isinstance(k, str) for k in s)
+            or (not isinstance(s.get("stage"), str))
+        ):
+            raise RecipeError(
+                f"{where} stage {i + 1}: each stage is a mapping of option names with a 'stage' "
+                f"key naming one of {', '.join(STAGES)}"
+            )
     try:
         parsed = tuple(stage_from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages))
     except StageError as exc:
@@ -258,21 +269,61 @@ def recipe_from_dict(data: Any, where: str) -> Recipe:
     return Recipe(name, parsed, fold=fold, source=where)
 
 
+# a recipe is a few hundred bytes: anything far larger is not one (and is not read whole)
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 10_000  # values in a recipe, aliases counted each time they are used
+MAX_OPTION = 2**31 - 1  # no stage option is larger (epochs, steps, candidates, rows)
+
+
+def check_values(data: Any, where: str) -> None:
+    """Every number in a recipe's data is finite and at most MAX_OPTION in size, and the data
+    hold at most MAX_RECIPE_NODES values (YAML aliases cannot make a small file huge); RecipeError
+    naming the file and the key."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    seen = 0
+    while todo:
+        key, value = todo.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise RecipeError(f"{where}: more than {MAX_RECIPE_NODES} values; not a recipe")
+        if isinstance(value, dict):
+            todo.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value if abs(value) <= MAX_OPTION else math.inf):
+                raise RecipeError(
+                    f"{where}: {key} {value!r}: not a finite number of at most {MAX_OPTION}"
+                )
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """The recipe in YAML file `path`, validated; RecipeError (one line) for any fault."""
     import yaml
 
+    if Path(path).exists() and not Path(path).is_file():  # a folder, a pipe (would block)
+        raise RecipeError(f"--recipe {path}: not a regular file; give a YAML recipe file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"--recipe {path}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe file"
+            )
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
+        message = " ".join(str(exc).split())
         raise RecipeError(
-            f"--recipe {path}: cannot read it ({exc}); give a YAML recipe file"
+            f"--recipe {path}: cannot read it ({message}); give a UTF-8 YAML recipe file"
         ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = " ".join(str(exc).split())
         raise RecipeError(f"--recipe {path}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise RecipeError(f"--recipe {path}: nested too deeply; not a recipe") from None
+    check_values(data, str(path))
     return recipe_from_dict(data, str(path))
 
 

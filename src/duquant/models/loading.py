@@ -53,6 +53,8 @@ def check_model_source(source: str) -> None:
                 f"model {source}: the folder has no config.json, so it is not a Hugging Face model "
                 "folder; give the folder holding config.json and the weights, or a .gguf file"
             )
+        read_config(path)
+        check_weight_files(path)
         check_architecture(str(path))
     elif source.startswith((".", "/", "~")) or not HF_ID.match(source):
         raise ModelSourceError(
@@ -123,7 +125,7 @@ def load_model(
         log.info("loading %s (%s on %s)", source, dtype, device)
         tokenizer, model = _from_pretrained(where, source, DTYPES[dtype])
     model.to(device).eval()
-    check_finite_weights(model)
+    check_finite_weights(model, source)
     check_vocabulary(model, tokenizer, source)
     return LoadedModel(model, tokenizer, source)
 
@@ -131,10 +133,123 @@ def load_model(
 def _quantization_config(folder: Path) -> dict | None:
     """The `quantization_config` of a model folder's config.json, if any."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = read_config(folder)
     except (OSError, ValueError):
         return None
-    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return cfg.get("quantization_config")
+
+
+MAX_JSON_BYTES = 64 << 20  # config.json and the safetensors index: far under this
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _read_json_object(file: Path, what: str) -> dict:
+    """`file` parsed as a JSON object (bounded in size), else one ModelSourceError naming it."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{size} bytes, over the {MAX_JSON_BYTES >> 20} MiB a {what} can be")
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelSourceError(f"{file}: not a valid {what} ({why})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(
+            f"{file}: not a valid {what} (a JSON {type(data).__name__}, not an object)"
+        )
+    return data
+
+
+def read_config(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict; an unreadable or invalid one is refused in one line
+    naming it."""
+    file = Path(folder) / "config.json"
+    cfg = _read_json_object(file, "config.json")
+    for key in ("architectures",):
+        if key in cfg and not (
+            isinstance(cfg[key], list) and all(isinstance(a, str) for a in cfg[key])
+        ):
+            raise ModelSourceError(
+                f"{file}: not a valid config.json ({key} is not a list of names)"
+            )
+    if "model_type" in cfg and not isinstance(cfg["model_type"], str):
+        raise ModelSourceError(f"{file}: not a valid config.json (model_type is not a name)")
+    return cfg
+
+
+def load_config(folder: str | Path):
+    """The transformers config of a model folder; a config.json it cannot take (a field of the
+    wrong type, an unknown model_type) is one ModelSourceError naming the file."""
+    from transformers import AutoConfig
+
+    file = Path(folder) / "config.json"
+    read_config(folder)
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise many kinds
+        why = " ".join(" ".join(str(exc).splitlines()[:2]).split()) or type(exc).__name__
+        raise ModelSourceError(f"{file}: {why[:300]}") from None
+
+
+def safetensors_index(folder: str | Path) -> dict[str, str] | None:
+    """The weight map (tensor -> shard file) of a folder's model.safetensors.index.json, checked:
+    a JSON object whose weight_map names shards of this folder; None when it has no index."""
+    folder = Path(folder)
+    file = folder / "model.safetensors.index.json"
+    if not file.is_file():
+        return None
+    data = _read_json_object(file, "safetensors index")
+    wmap = data.get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        raise ModelSourceError(f"{file}: not a valid safetensors index (no weight_map)")
+    for name, shard in wmap.items():
+        if (
+            not isinstance(shard, str)
+            or Path(shard).name != shard
+            or not shard.endswith(".safetensors")
+        ):
+            raise ModelSourceError(
+                f"{file}: not a valid safetensors index (tensor {name} maps to {str(shard)[:60]!r})"
+            )
+        if not (folder / shard).is_file():
+            raise ModelSourceError(f"{file}: tensor {name} is in {shard}, which is missing")
+    return wmap
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuse a model folder whose weights cannot be trusted, before anything loads: pickle
+    weights only (never unpickled), a damaged safetensors shard (its header does not parse or does
+    not cover the file: truncated), an index naming tensors its shards lack. One line, the file."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelSourceError(
+                f"{folder / pickles[0]}: pickle weights, which duquant never loads (they can run "
+                "code); give the model with safetensors weights"
+            )
+        return
+    wmap = safetensors_index(folder)
+    held: dict[str, set[str]] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                held[shard.name] = set(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ModelSourceError(
+                f"{shard}: the safetensors file is damaged ({' '.join(str(exc).split())}); fetch or "
+                "write it again"
+            ) from None
+    if wmap is not None:
+        for name, shard in wmap.items():
+            if name not in held.get(shard, ()):
+                raise ModelSourceError(
+                    f"{folder / shard}: holds no tensor {name}, which "
+                    "model.safetensors.index.json places there"
+                )
 
 
 def _load_gguf(
@@ -149,7 +264,9 @@ def _load_gguf(
     if entry is not None and entry.is_dir():
         log.info("loading %s (%s on %s) from its converted copy %s", source, dtype, device, entry)
         try:
-            return _from_pretrained(str(entry), source, dtype)
+            tokenizer, model = _from_pretrained(str(entry), source, dtype)
+            check_finite_weights(model, str(entry))  # a damaged entry, not a damaged GGUF
+            return tokenizer, model
         except ModelSourceError as exc:  # a damaged entry: ours to rebuild
             gguf_cache.drop_entry(entry, str(exc))
     log.info("loading %s (%s on %s): converting the GGUF", source, dtype, device)
@@ -171,9 +288,21 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf or {}
+    # safetensors only: a folder's pickle weights are never read (check_weight_files refuses them)
+    # and a tensor of the wrong shape reported in the loading info (check_loading_info refuses it)
+    safe = {} if gguf else {"use_safetensors": True, "ignore_mismatched_sizes": True}
+    from transformers.utils import logging as hf_logging
+
+    if not gguf and Path(where).is_dir():
+        load_config(where)  # config.json that transformers cannot take: one line naming it
+    verbosity = hf_logging.get_verbosity()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **gguf)
+        # its load report (missing / unexpected tensors) is check_loading_info's one line instead
+        hf_logging.set_verbosity_error()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, output_loading_info=True, **gguf, **safe
+        )
     except (struct.error, EOFError, IndexError) as exc:  # the GGUF reader on a cut-off file
         raise ModelSourceError(
             f"model {source}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
@@ -190,7 +319,59 @@ def _from_pretrained(
                 "it may be truncated or of an architecture transformers cannot load"
             ) from None
         raise ModelSourceError(f"model {source}: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading_info(info, where if not gguf else source)
+    if not gguf:
+        check_file_dtypes(Path(where), model)
     return tokenizer, model
+
+
+def check_file_dtypes(folder: Path, model: nn.Module) -> None:
+    """Refuse integer tensors in a folder's safetensors where the model holds floating-point
+    weights (transformers would cast them silently), naming the file and the tensor."""
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return
+    state = model.state_dict()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                t = state.get(name)
+                if t is not None and t.is_floating_point() and not dtype.startswith(("F", "BF")):
+                    raise ModelSourceError(
+                        f"{shard}: tensor {name} is {dtype}, the model expects floating-point "
+                        "weights; the weights do not match config.json"
+                    )
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    """Refuse a model whose weights file did not fill it (a weight left randomly initialised) or
+    held tensors it has no place for (an export stripped of its quantization_config, a checkpoint
+    of another layout); tied weights the config declares are not reported by transformers."""
+    files = "the weights"
+    folder = Path(where)
+    if folder.is_dir():
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = str(folder / names[0]) if len(names) == 1 else f"the safetensors files of {folder}"
+    for key, what in (
+        ("missing_keys", "lacks tensor"),
+        ("mismatched_keys", "holds a tensor of the wrong shape:"),
+        ("unexpected_keys", "holds tensor"),
+    ):
+        keys = sorted(info.get(key) or [])
+        if keys:
+            first = keys[0] if isinstance(keys[0], str) else keys[0][0]
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            tail = " that the model has no place for" if key == "unexpected_keys" else ""
+            raise ModelSourceError(
+                f"{files}: {what} {first}{tail}{more}; the weights do not match config.json"
+            )
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise ModelSourceError(f"{files}: {' '.join(str(errors[0]).split())[:300]}")
 
 
 def _check_hub_for(source: str) -> None:
@@ -221,7 +402,7 @@ def architectures_of(source: str) -> tuple[str, ...]:
     `architectures` for a folder, `general.architecture` for a GGUF; () when unknown."""
     path = Path(source).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return tuple(json.loads((path / "config.json").read_text()).get("architectures") or ())
+        return tuple(read_config(path).get("architectures") or ())
     if path.suffix == ".gguf" and path.is_file():
         arch = gguf_architecture(path)
         return (arch,) if arch else ()
@@ -273,13 +454,21 @@ def check_architecture(where: str) -> None:
     config = Path(where) / "config.json"
     if not config.is_file():
         return  # a hub id or a GGUF file: checked once the model is built
-    archs = json.loads(config.read_text()).get("architectures") or []
+    archs = read_config(config.parent).get("architectures") or []
     if archs:
         adapter_for_names(*archs)
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with NaN/Inf weights: nothing downstream can quantize it meaningfully."""
+def check_finite_weights(model: nn.Module, source: str | None = None) -> None:
+    """Refuse a model with NaN/Inf weights: nothing downstream can quantize it meaningfully.
+    With `source` (the model argument), the message names it and, for a folder, the file."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(f"parameter {name} of the model holds NaN or Inf values")
+            where = "of the model"
+            if source is not None:
+                where = f"of model {source}"
+                folder = Path(source).expanduser()
+                if folder.is_dir():
+                    wmap = safetensors_index(folder) or {}
+                    where = f"of {folder / wmap.get(name, 'model.safetensors')}"
+            raise ModelSourceError(f"parameter {name} {where} holds NaN or Inf values")
