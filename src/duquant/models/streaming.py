@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from duquant.data import file_sha256
 from duquant.models.adapters import Adapter
 from duquant.models.moe import stack_expert_tensors
 
@@ -600,14 +601,6 @@ class _Decoder:
         return o
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_block(block: nn.Module, path: Path, pristine: nn.Module) -> str:
     """Write `block` to `path` atomically as tensors and a description (no pickled objects),
     without its forward hooks (local functions); the sha256 of the file written."""
@@ -624,7 +617,7 @@ def _save_block(block: nn.Module, path: Path, pristine: nn.Module) -> str:
         tree = json.dumps({"root": root, "objects": enc.objects})
         tmp = path.with_suffix(".tmp")
         torch.save({"format": BLOCK_FORMAT, "tree": tree, "tensors": enc.tensors}, tmp)
-        digest = _file_sha256(tmp)
+        digest = file_sha256(tmp)
         tmp.replace(path)
     finally:
         block._forward_hooks = hooks
@@ -634,7 +627,7 @@ def _save_block(block: nn.Module, path: Path, pristine: nn.Module) -> str:
 def _load_block(path: Path, pristine: nn.Module, device, digest: str | None) -> nn.Module:
     """Block kept at `path` (never unpickled: tensors and a description), over a copy of
     `pristine`; refused in one line unless it is the file written (sha256 `digest`)."""
-    if digest is not None and _file_sha256(path) != digest:
+    if digest is not None and file_sha256(path) != digest:
         raise WorkDirError(
             f"{path}: the block file changed since this run wrote it; remove the work folder"
         )
