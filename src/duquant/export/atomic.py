@@ -251,6 +251,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def _appeared(dest: Path, tmp: Path) -> ExportError:
+    """The refusal when something appeared at `dest` while the export was staged at `tmp`."""
     return ExportError(
         f"--save {dest} was created or filled by someone else while this export was being "
         f"written; it was left untouched (pass --overwrite to replace it); the finished export "

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from duquant.data import file_sha256
+from duquant.jsonio import write_json
 from duquant.models.adapters import Adapter
 from duquant.models.moe import stack_expert_tensors
 
@@ -254,7 +255,7 @@ class StreamedBlocks:
     def _write_manifest(self) -> None:
         """Record the kept blocks' digests beside the fingerprint (with one; atomically)."""
         if self.fingerprint is not None:
-            _write_json(self.work_dir / MANIFEST, _manifest(self.fingerprint, self._digests))
+            write_json(_manifest(self.fingerprint, self._digests), self.work_dir / MANIFEST)
 
     def _load_outer(self, name: str) -> None:
         """Load the top-level module `name` (embedding, final norm, head) from the checkpoint."""
@@ -435,6 +436,7 @@ class _Encoder:
         self.tensor_ids: dict[int, str] = {}
 
     def tensor(self, t: Tensor) -> dict:
+        """A reference to tensor `t`, stored once however often it is shared."""
         if id(t) not in self.tensor_ids:
             name = f"t{len(self.tensors)}"
             self.tensor_ids[id(t)] = name
@@ -449,6 +451,7 @@ class _Encoder:
         }
 
     def value(self, v, where: str):
+        """The JSON form of an attribute value (plain data, a tensor or one of our objects)."""
         if v is None or isinstance(v, (bool, int, str)):
             return v
         if isinstance(v, float):
@@ -472,6 +475,7 @@ class _Encoder:
         return {"O": self.obj(v, where)}
 
     def obj(self, o, where: str) -> int:
+        """The index of object `o` in the description (described once, by class and state)."""
         if id(o) in self.ids:
             return self.ids[id(o)]
         index = len(self.objects)
@@ -527,6 +531,7 @@ class _Decoder:
         self.built: dict[int, object] = {}
 
     def value(self, v):
+        """An attribute value back from its JSON form, checked as it is read."""
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if not isinstance(v, dict) or len(v) == 0:
@@ -565,6 +570,7 @@ class _Decoder:
         raise ValueError(f"unexpected entry kind {kind!r}")
 
     def obj(self, index: int):
+        """Object `index`, built once (only our classes and a few torch containers)."""
         if not isinstance(index, int) or not 0 <= index < len(self.objects):
             raise ValueError(f"object {index!r} out of range")
         if index in self.built:
@@ -667,16 +673,11 @@ MANIFEST = "duquant-work.json"
 
 
 def _manifest(fingerprint: dict, digests: dict[int, str]) -> dict:
+    """The work folder's record: the run's fingerprint and each kept block file's sha256."""
     return {
         "fingerprint": fingerprint,
         "blocks": {f"block_{i:05d}.pt": d for i, d in sorted(digests.items())},
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
 
 
 FULL_HASH_BYTES = 64 << 20  # shards up to this size are hashed whole, larger ones sampled
