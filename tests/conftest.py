@@ -59,6 +59,20 @@ def offline_zeroshot(monkeypatch, shared_data) -> Path:
     return shared_data
 
 
+def forbid_model_loading(monkeypatch, why: str = "a model was loaded despite bad input") -> None:
+    """Make every model load fail the test (refusals must come before it): the orchestration
+    layer's loader, the plain loader it calls, and the models package's."""
+    import duquant.api
+    import duquant.models
+
+    def boom(*a, **k):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(duquant.api, "load_model", boom)
+    monkeypatch.setattr(duquant.api, "load_plain_model", boom)
+    monkeypatch.setattr(duquant.models, "load_model", boom)
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The real default model (SmolLM2-135M-Instruct GGUF) loaded once per session via `load_model()`.

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import forbid_model_loading, make_tiny_llama
 
 import duquant.api
 import duquant.models
@@ -22,13 +22,7 @@ from duquant.config import AnalyzeConfig, ConfigError, RunConfig
 @pytest.fixture(autouse=True)
 def no_model_loading(monkeypatch):
     """Any model load in these tests is a failure: bad input must be caught before it."""
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded despite bad input")
-
-    monkeypatch.setattr(duquant.api, "load_model", boom)
-    monkeypatch.setattr(duquant.api, "load_plain_model", boom)
-    monkeypatch.setattr(duquant.models, "load_model", boom)
+    forbid_model_loading(monkeypatch)
 
 
 def one_line_error(capsys, code, *needles: str) -> str:

@@ -304,15 +304,9 @@ def test_config_validates_with_compressed_tensors(tmp_path: Path) -> None:
 
 def _no_model_load(monkeypatch) -> None:
     """Make any model load fail the test: refusals must come before it."""
-    import duquant.api
-    import duquant.models
+    from conftest import forbid_model_loading
 
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the request was refused")
-
-    monkeypatch.setattr(duquant.models, "load_model", boom)
-    monkeypatch.setattr(duquant.api, "load_model", boom)
-    monkeypatch.setattr(duquant.api, "load_plain_model", boom)
+    forbid_model_loading(monkeypatch, "the model was loaded before the request was refused")
 
 
 def test_non_empty_directory_refused_before_loading(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import forbid_model_loading, make_tiny_llama
 
 import duquant.api
 import duquant.data
@@ -57,13 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Any model load is a failure: the fault must be refused before it."""
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded despite bad input")
-
-    monkeypatch.setattr(duquant.api, "load_model", boom)
-    monkeypatch.setattr(duquant.api, "load_plain_model", boom)
-    monkeypatch.setattr(duquant.models, "load_model", boom)
+    forbid_model_loading(monkeypatch)
 
 
 @pytest.fixture
