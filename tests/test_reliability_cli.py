@@ -660,3 +660,33 @@ def test_ctrl_c_while_writing_json_leaves_the_old_file_and_no_temp(tmp_path, mon
         write_json({"a": 2}, target)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_compare_out_overlapping_the_model_is_refused(
+    tmp_path, model_dir, no_loading, capsys, where
+):
+    """`duquant compare --out` may not be, be inside or contain the model folder."""
+    before = snapshot(model_dir)
+    out = {
+        "same": model_dir,
+        "inside": model_dir / "results",
+        "contains": model_dir.parent,
+    }[where]
+    code = main(
+        [
+            "compare",
+            "--model",
+            str(model_dir),
+            "--methods",
+            "fp",
+            "--evals",
+            "wikitext2",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+    assert snapshot(model_dir) == before
+    assert not (model_dir / "results").exists()

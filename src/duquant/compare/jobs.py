@@ -4,6 +4,7 @@ from the same validated settings as `duquant run`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from duquant import api
@@ -99,10 +100,17 @@ def resolve(cfg: CompareConfig, job: Job) -> tuple[Recipe, Any, RunConfig]:
 
 def check_compare(cfg: CompareConfig) -> None:
     """Everything a compare can refuse before loading: every job's recipe and options, the
-    evaluations' settings (ConfigError, one line)."""
+    evaluations' settings, an --out folder overlapping the model (ConfigError, one line)."""
     api.check_evals(cfg.evals, cfg)
     for job in jobs_of(cfg):
         resolve(cfg, job)
+    if cfg.out is not None and cfg.model is not None and Path(cfg.model).expanduser().exists():
+        how = api.path_overlap(cfg.out, cfg.model)
+        if how is not None:
+            raise ConfigError(
+                f"--out {cfg.out}: {how} --model {cfg.model}; write the output apart from the "
+                "inputs"
+            )
 
 
 def jobs_of(cfg: CompareConfig) -> list[Job]:
