@@ -33,3 +33,38 @@ def write_json(obj: dict, path: str | Path) -> None:
         err = OSError(f"could not write {path}: {exc.strerror or exc}{hint}")
         err.errno = exc.errno
         raise err from exc
+
+
+class JSONFileError(ValueError):
+    """A JSON file is unreadable, too large, not UTF-8, not JSON or not an object (one line)."""
+
+
+def _no_constant(word: str):
+    """JSON's non-standard NaN / Infinity literals are refused."""
+    raise ValueError(f"{word} is not JSON")
+
+
+def read_json_object(path: str | Path, max_bytes: int, constants: bool = False) -> dict:
+    """The JSON object in `path`, its size bounded before it is read; JSONFileError whose one-line
+    message says what is wrong (the caller names the file). `constants`: accept NaN / Infinity
+    literals as floats (for records whose own checks refuse them where a number must be finite)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise JSONFileError(f"{size} bytes, over the {max_bytes >> 20} MiB such a file can be")
+        raw = path.read_bytes().decode("utf-8")
+        data = json.loads(raw, parse_constant=float if constants else _no_constant)
+    except JSONFileError:
+        raise
+    except OSError as exc:
+        raise JSONFileError(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise JSONFileError("not UTF-8 text") from None
+    except RecursionError:
+        raise JSONFileError("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise JSONFileError(f"not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise JSONFileError(f"a JSON {type(data).__name__}, not an object")
+    return data

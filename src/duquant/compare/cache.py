@@ -14,6 +14,7 @@ from duquant._version import __version__
 from duquant.compare.jobs import CompareConfig, Job, needs_calibration, resolve
 from duquant.data import DataNotFoundError, wikitext2_rows
 from duquant.eval.registry import evaluation_for, metrics_key
+from duquant.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ def load_cached(path: Path, name: str | None = None) -> dict | None:
     if not path.is_file():
         return None
     try:
-        if path.stat().st_size > MAX_CACHE_BYTES:
-            raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
-        rec = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_constant)
+        # NaN / Infinity read as floats: the checks refuse them where a number must be finite
+        # (a zero-shot average over no task is legitimately NaN)
+        rec = read_json_object(path, MAX_CACHE_BYTES, constants=True)
         problem = record_problem(rec, path, name)
     # JSONDecodeError and UnicodeDecodeError are ValueErrors; the rest guard the checks themselves
     except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
@@ -125,12 +126,6 @@ def load_cached(path: Path, name: str | None = None) -> dict | None:
 MAX_CACHE_BYTES = 64 << 20
 STATUSES = ("ok", "nonfinite")
 MAX_COUNT = 10**12  # more windows, tokens or examples than any evaluation has
-
-
-def _constant(word: str) -> float:
-    """JSON's non-standard NaN / Infinity, read as floats (the checks below refuse them where a
-    number must be finite; a zero-shot average over no task is legitimately NaN)."""
-    return float(word)
 
 
 def _finite(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from duquant.jsonio import write_json
+from duquant.jsonio import read_json_object, write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +90,7 @@ def read_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        if path.stat().st_size > MAX_CHECKPOINT_BYTES:
-            raise ValueError(f"larger than {MAX_CHECKPOINT_BYTES} bytes")
-        ck = json.loads(path.read_bytes().decode("utf-8"), parse_constant=float)
+        ck = read_json_object(path, MAX_CHECKPOINT_BYTES, constants=True)
         problem = checkpoint_problem(ck)
     # JSONDecodeError and UnicodeDecodeError are ValueErrors; the rest guard the checks themselves
     except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:

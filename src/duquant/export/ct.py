@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from duquant._version import __version__
 from duquant.export.atomic import ExportError
 from duquant.formats import QuantizedWeight, QuantSpec, mxfp4, nvfp4
+from duquant.jsonio import JSONFileError, read_json_object
 from duquant.qlinear import InputQuantizer, QuantLinear
 from duquant.transforms.base import BlockRotation, Sequence, Transform
 from duquant.transforms.hadamard import KroneckerHadamard
@@ -612,21 +613,9 @@ def _no_constants(name: str):
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, its size bounded before it is read; ExportError otherwise."""
     try:
-        size = path.stat().st_size
-        if size > JSON_MAX_BYTES:
-            raise ExportError(f"{path}: {size} bytes, more than a JSON file of an export holds")
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constants)
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: not UTF-8 text") from None
-    except RecursionError:
-        raise ExportError(f"{path}: JSON nested too deeply") from None
-    except ValueError as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: holds a JSON {type(data).__name__}, not an object")
-    return data
+        return read_json_object(path, JSON_MAX_BYTES)
+    except JSONFileError as exc:
+        raise ExportError(f"{path}: {exc}") from None
 
 
 def is_checkpoint(path: str | Path) -> bool:

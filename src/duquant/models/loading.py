@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from duquant.jsonio import JSONFileError, read_json_object
 from duquant.models.adapters import UnsupportedArchitectureError, adapter_for_names
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 def _read_json_object(file: Path, what: str) -> dict:
     """`file` parsed as a JSON object (bounded in size), else one ModelSourceError naming it."""
     try:
-        size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise ValueError(f"{size} bytes, over the {MAX_JSON_BYTES >> 20} MiB a {what} can be")
-        data = json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        why = " ".join(str(exc).split()) or type(exc).__name__
-        raise ModelSourceError(f"{file}: not a valid {what} ({why})") from None
-    if not isinstance(data, dict):
-        raise ModelSourceError(
-            f"{file}: not a valid {what} (a JSON {type(data).__name__}, not an object)"
-        )
-    return data
+        return read_json_object(file, MAX_JSON_BYTES)
+    except JSONFileError as exc:
+        raise ModelSourceError(f"{file}: not a valid {what} ({exc})") from None
 
 
 def read_config(folder: str | Path) -> dict:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from duquant.data import file_sha256
-from duquant.jsonio import write_json
+from duquant.jsonio import read_json_object, write_json
 from duquant.models.adapters import Adapter
 from duquant.models.moe import stack_expert_tensors
 
@@ -769,9 +769,7 @@ def claim_work_dir(work_dir: Path, fingerprint: dict) -> dict[int, str]:
     digests: dict[int, str] = {}
     if manifest.is_file():
         try:
-            if manifest.stat().st_size > 64 << 20:
-                raise ValueError("over 64 MiB")
-            data = json.loads(manifest.read_text())
+            data = read_json_object(manifest, 64 << 20)
             blocks = data["blocks"]
             old = data["fingerprint"]
             for name, d in blocks.items():
