@@ -132,15 +132,6 @@ def export_tensors(qw: QuantizedWeight) -> dict[str, Tensor]:
     return writers[qw.spec.format](qw)
 
 
-def import_tensors(spec: QuantSpec, tensors: dict[str, Tensor]) -> QuantizedWeight:
-    """Inverse of `export_tensors` (NVFP4: up to the rounding of the global scale's reciprocal)."""
-    if spec.format == "nvfp4":
-        ts = 1.0 / tensors["weight_global_scale"].float().reshape(())
-        return QuantizedWeight(spec, tensors["weight_packed"], tensors["weight_scale"].float(), ts)
-    scales = mxfp4.e8m0_scales(tensors["weight_scale"])
-    return QuantizedWeight(spec, tensors["weight_packed"], scales, None)
-
-
 def check_request(method, quant) -> None:
     """Refuse, before any model is loaded, a recipe or format this exporter cannot express (each
     stage says what of its result has no compressed-tensors form)."""

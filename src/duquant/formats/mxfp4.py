@@ -234,11 +234,6 @@ def e8m0_bytes(scales: Tensor) -> Tensor:
     return (exp - 1 + E8M0_BIAS).to(torch.uint8)
 
 
-def e8m0_scales(codes: Tensor) -> Tensor:
-    """The float32 powers of two 2^(byte - 127) of E8M0 scale bytes (`e8m0_bytes`' inverse)."""
-    return _pow2(codes.to(torch.int32) - E8M0_BIAS)
-
-
 def _encode(
     x: Tensor, rule: str, rounding: str, name: str, inplace: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
