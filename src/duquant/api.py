@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from duquant import distributed as dist
 from duquant import export
 from duquant._version import __version__
 from duquant.config import ConfigError, QuantSettings, RunConfig, WeightQuantizer
@@ -222,6 +223,7 @@ def check(cfg: RunConfig) -> Plan:
         cfg.check_stream()
     check_evals(cfg.evals, cfg, streamed=cfg.stream)
     check_data(cfg, needs_windows(recipe, quant))
+    check_distributed(cfg, needs_windows(recipe, quant))
     if cfg.stream and recipe.whole_model_step:
         raise ConfigError(
             f"--stream: method {recipe.name} {recipe.whole_model_step}; drop --stream to "
@@ -239,6 +241,20 @@ def check(cfg: RunConfig) -> Plan:
         except export.ExportError as exc:
             raise ConfigError(str(exc)) from None
     return Plan(cfg, recipe, quant)
+
+
+def check_distributed(cfg: QuantSettings, calibrates: bool) -> None:
+    """Under torchrun: a valid launch, a device this rank has, and calibration windows the world
+    shares evenly (each rank must carry the same number through the blocks)."""
+    if not dist.launched():
+        return
+    try:
+        _, world, _ = dist.env_world()
+        dist.check_device(cfg.device)
+        if calibrates:
+            dist.check_divides(cfg.nsamples, "calibration windows (--nsamples)", world)
+    except dist.DistributedError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_data(cfg: RunConfig, calibrates: bool) -> None:
@@ -431,6 +447,7 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None, plan: Plan | None = N
     """Check, load (unless `loaded`), quantize, evaluate and (with cfg.save) export one run;
     return {'config': ..., 'metrics': ...[, 'export': ...]}."""
     plan = plan or check(cfg)
+    dist.init(cfg.device, cfg.dist_timeout)
     if cfg.stream:
         return run_streamed(plan)
     torch.manual_seed(cfg.seed)
@@ -450,10 +467,37 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None, plan: Plan | None = N
     if report.layer_errors:
         metrics["layer_errors"] = report.layer_errors
     metrics.update(evaluate(model, session, cfg.evals, plan.recipe.name))
+    _ranks(metrics, report.peak_rss_mb)
     result = {"config": config, "metrics": metrics}
     if cfg.save is not None:
-        export_model(plan, loaded, result)
+        on_main(lambda: export_model(plan, loaded, result))
     return result
+
+
+def _ranks(metrics: dict, quantize_peak_mb: float) -> None:
+    """The world size and every rank's peak memory (quantization, whole run) in `metrics`."""
+    metrics["world_size"] = dist.world()
+    if dist.active():
+        metrics["quantize_peak_rss_mb_per_rank"] = dist.gather_list([quantize_peak_mb])
+        metrics["peak_rss_mb_per_rank"] = dist.gather_list([peak_rss_mb()])
+
+
+def on_main(fn) -> None:
+    """Run `fn` (a write: export, results) on rank 0 only; every rank learns whether it worked,
+    so a failed write ends them all instead of leaving them waiting."""
+    if not dist.active():
+        fn()
+        return
+    error = None
+    if dist.is_main():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            error = exc
+    if not dist.agree(error is None):
+        if error is not None:
+            raise error
+        raise dist.PeerFailed("rank 0 could not write the results (its message says why)")
 
 
 def export_model(plan: Plan, loaded: LoadedModel, result: dict) -> None:
@@ -481,12 +525,15 @@ def run_streamed(plan: Plan) -> dict:
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model)
+    work_root = cfg.work_dir
     session = prepare_evals(cfg, cfg.evals, tok, AutoConfig.from_pretrained(cfg.model).vocab_size)
     config = record(plan, cfg.model)
     windows, calib, _ = calibrate(plan, tok)
     if calib is not None:
         config["calibration"] = calib
-    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="duquant-stream-"))
+    work = Path(work_root) if work_root else Path(tempfile.mkdtemp(prefix="duquant-stream-"))
+    if work_root and dist.active():  # each rank keeps its own quantized blocks
+        work = work / f"rank-{dist.rank()}-of-{dist.world()}"
     try:
         from duquant.models.streaming import work_fingerprint
 
@@ -516,14 +563,19 @@ def run_streamed(plan: Plan) -> dict:
                 **provenance(session, name),
             }
         metrics["peak_rss_mb"] = peak_rss_mb()
+        _ranks(metrics, report.peak_rss_mb)
         result = {"config": config, "metrics": metrics}
         if cfg.save is not None:
-            figures = export.save_streamed(
-                model, adapter, store, tok, cfg.save, result, cfg.overwrite
-            )
-            result["export"] = {"dir": str(cfg.save), **figures}
-            metrics["peak_rss_mb_after_export"] = peak_rss_mb()  # the process high-water mark
-            log.info("exported to %s", cfg.save)
+
+            def save() -> None:
+                figures = export.save_streamed(
+                    model, adapter, store, tok, cfg.save, result, cfg.overwrite
+                )
+                result["export"] = {"dir": str(cfg.save), **figures}
+                metrics["peak_rss_mb_after_export"] = peak_rss_mb()  # the process high-water mark
+                log.info("exported to %s", cfg.save)
+
+            on_main(save)
     finally:
         if cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

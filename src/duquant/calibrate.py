@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from duquant import distributed as dist
 from duquant.gptq import HessianAccumulator
 from duquant.models.adapters import Adapter, InputGroup
 
@@ -184,10 +185,17 @@ def collect_input_stats(
     moments: bool = False,
 ) -> dict[str, InputStats]:
     """Per input group: per-channel absmax and a seeded row sample (and with `moments` the raw
-    second moments Σ x xᵀ, for GPTQ's `fp` Hessians), in one pass."""
+    second moments Σ x xᵀ, for GPTQ's `fp` Hessians), in one pass.
+
+    Under torch.distributed `inputs` are this rank's share of the windows (contiguous, in window
+    order): the statistics are combined so that every rank holds the single-process ones (absmax
+    by max, rows and moments by sum, samples gathered in window order).
+    """
     stats: dict[str, InputStats] = {}
-    per_sample = max(1, sample_rows // max(1, len(inputs.hidden)))
+    total_windows = dist.sum_int(len(inputs.hidden))
+    per_sample = max(1, sample_rows // max(1, total_windows))
     gen = torch.Generator().manual_seed(seed)
+    _skip_earlier_windows(gen, block, groups, inputs, total_windows)
 
     def make_hook(gname: str):
         def hook(_module, args):
@@ -215,4 +223,46 @@ def collect_input_stats(
     finally:
         for h in handles:
             h.remove()
+    if dist.active():
+        stats = _combine_stats(stats, block, groups, moments)
     return stats
+
+
+def _skip_earlier_windows(
+    gen: torch.Generator, block: nn.Module, groups, inputs: BlockInputs, total: int
+) -> None:
+    """Advance `gen` past the row draws of the windows that ranks before this one hold, so each
+    window's sample is the one a single process draws (dense blocks: one draw of each window's
+    rows per group; a routed group's row count depends on the router, so MoE blocks draw from a
+    rank-seeded generator instead: the same distribution, not the same rows)."""
+    if not dist.active():
+        return
+    if any(g.observe is not None for g in groups):
+        gen.manual_seed(gen.initial_seed() + 7919 * dist.rank())
+        return
+    earlier = dist.shard_start(total)
+    rows = inputs.hidden[0].reshape(-1, inputs.hidden[0].shape[-1]).shape[0] if inputs.hidden else 0
+    for _ in range(earlier * len(groups)):
+        torch.randperm(rows, generator=gen)
+
+
+def _combine_stats(
+    stats: dict[str, InputStats], block: nn.Module, groups, moments: bool
+) -> dict[str, InputStats]:
+    """Every rank's statistics combined in group order (a group no token of this rank reached
+    takes part with empty ones); groups no rank saw are left out, as in one process."""
+    out: dict[str, InputStats] = {}
+    for g in groups:
+        dim = block.get_submodule(g.linears[0]).weight.shape[1]
+        cur = stats.get(g.name)
+        if cur is None:
+            acc = HessianAccumulator(product_dtype=torch.float32) if moments else None
+            cur = InputStats(torch.zeros(dim), torch.zeros(0, dim), 0, acc)
+        rows = dist.sum_int(cur.rows)
+        absmax = dist.all_reduce_(cur.absmax.float().contiguous(), "max")
+        sample = dist.gather_cat(cur.sample)
+        if cur.moments is not None:
+            cur.moments.all_reduce(dim)
+        if rows > 0:
+            out[g.name] = InputStats(absmax, sample, rows, cur.moments)
+    return out

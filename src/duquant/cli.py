@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from duquant import compare
+from duquant import distributed as dist
 from duquant.compare import CompareConfig, default_out, table_markdown
 from duquant.config import (
     AnalyzeConfig,
@@ -63,11 +64,48 @@ def one_line(exc: BaseException) -> str:
     return message
 
 
-def fail(prog: str, exc: BaseException) -> int:
+def fail(prog: str, exc: BaseException, checking: bool = False) -> int:
     """Report a user-fixable error in one line (the whole message, not its first line only: a
-    wrapped error names the file, key or tensor further down); exit status 2."""
+    wrapped error names the file, key or tensor further down); exit status 2.
+
+    Under torchrun one line per cause: a check before the model loads fails alike on every rank
+    of a node (its local rank 0 reports it), a rank stopped by another's failure stays silent
+    (the failing rank reports), a rank other than 0 names itself.
+    """
+    if dist.launched():
+        r, w, local = _launch_ranks()
+        if (checking and local != 0) or (isinstance(exc, dist.PeerFailed) and r != 0):
+            return 2
+        if _peer_lost(exc):
+            exc = dist.PeerFailed(
+                f"another rank stopped or could not be reached ({_gist(exc)}); the failing "
+                "rank's message says why"
+            )
+        if r != 0:
+            print(f"{prog}: error: rank {r} of {w}: {one_line(exc)}", file=sys.stderr)
+            return 2
     print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
     return 2
+
+
+def _launch_ranks() -> tuple[int, int, int]:
+    """(rank, world, local rank) of a torchrun launch; (0, 1, 0) when its variables are broken
+    (that error is reported as such)."""
+    try:
+        return dist.env_world()
+    except dist.DistributedError:
+        return 0, 1, 0
+
+
+def _gist(exc: BaseException) -> str:
+    """The first sentence of a backend's error, without its source location ("[file:line] ")."""
+    text = one_line(exc).rsplit("] ", 1)[-1]
+    return text.split(". ")[0].rstrip(".")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank went away."""
+    return dist.active() and isinstance(exc, RuntimeError) and not isinstance(exc, ValueError)
 
 
 def _table(results: list[dict]) -> str:
@@ -136,8 +174,9 @@ def _compare(args: argparse.Namespace) -> int:
         cfg = from_namespace(CompareConfig, args)
         compare.check_compare(cfg)
     except (ConfigError, ValueError, OSError) as exc:
-        return fail(prog, exc)
+        return fail(prog, exc, checking=True)
     try:
+        dist.init(cfg.device, cfg.dist_timeout)
         table = compare.run_compare(cfg)
     except KeyboardInterrupt:
         out = Path(cfg.out) if cfg.out else Path("results/<model>")
@@ -149,6 +188,10 @@ def _compare(args: argparse.Namespace) -> int:
         return INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as exc:
         return fail(prog, exc)
+    finally:
+        dist.shutdown()
+    if dist.launched() and _launch_ranks()[0] != 0:
+        return 0  # rank 0 prints the table and wrote the files
     print(table_markdown(table))
     out = Path(cfg.out) if cfg.out else default_out(table["model"])
     print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'table.png'}")
@@ -158,10 +201,15 @@ def _compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `duquant` console script."""
     args = build_parser().parse_args(argv)
+    quiet = dist.launched() and _launch_ranks()[0] != 0  # rank 0 logs for the world
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if quiet:  # nor do transformers' loading bars show once per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.command == "compare":
         return _compare(args)
     from duquant import api
@@ -175,19 +223,22 @@ def main(argv: list[str] | None = None) -> int:
             cfg = from_namespace(RunConfig, args)
             plans = api.check_demo(cfg) if args.command == "demo" else [api.check(cfg)]
     except (ConfigError, ValueError, OSError) as exc:
-        return fail(prog, exc)
+        return fail(prog, exc, checking=True)
     try:
         if isinstance(cfg, AnalyzeConfig):
             for path in api.analyze(cfg):
                 print(f"wrote {path}")
             return 0
         results = api.demo(plans) if args.command == "demo" else [api.run(cfg, plan=plans[0])]
-        _report(results, cfg.output)
+        if dist.is_main():
+            _report(results, cfg.output)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return INTERRUPTED
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         return fail(prog, exc)
+    finally:
+        dist.shutdown()
     return 0
 
 

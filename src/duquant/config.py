@@ -287,6 +287,12 @@ class QuantSettings:
     seed: int = opt(0, "seed of calibration sampling and random transforms", minimum=0)
     dtype: DType = opt(DType.FLOAT32, "model dtype")
     device: str = opt("cpu", "cpu or cuda[:N]")
+    dist_timeout: int = opt(
+        1800,
+        "under torchrun: seconds a rank waits for the others (the rendezvous, every exchange) "
+        "before the run ends with an error",
+        minimum=1,
+    )
     c4_windows: int = opt(256, "C4 windows drawn (protocol: 256)", minimum=1)
     limit: int | None = opt(None, "zero-shot / LAMBADA examples per task", minimum=1)
     tasks: list[str] | None = opt(None, "zero-shot tasks (default: all seven)", csv=True)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from duquant import distributed as dist
 from duquant.config import ActOrderScope, ScaleSearch
 from duquant.formats import QuantizedWeight, QuantSpec
 from duquant.formats.e2m1 import encode_e2m1, pack_nibbles
@@ -518,6 +519,18 @@ class HessianAccumulator:
         self._sum.add_((x2.T @ x2).to(self.dtype))
         self.count += x2.shape[0]
 
+    def all_reduce(self, dim: int) -> None:
+        """Sum the running sums and counts of every rank (torch.distributed), so each holds the
+        Hessian of all ranks' tokens; a rank that saw none takes part with zeros of size `dim`."""
+        if not dist.active():
+            return
+        if self._sum is None:
+            self._sum = torch.zeros(dim, dim, dtype=self.dtype)
+        dist.all_reduce_(self._sum)
+        self.count = dist.sum_int(self.count)
+        if self.count == 0:
+            self._sum = None
+
     def finalize(self) -> Tensor:
         """H = 2/N Σ x xᵀ over everything added so far."""
         if self._sum is None or self.count == 0:
@@ -545,6 +558,17 @@ class CrossAccumulator:
             self._sum = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=q.device)
         self._sum.add_(((r - q).T @ q).double())
         self.count += q.shape[0]
+
+    def all_reduce(self, dim: int) -> None:
+        """Sum the running sums and counts of every rank (see HessianAccumulator.all_reduce)."""
+        if not dist.active():
+            return
+        if self._sum is None:
+            self._sum = torch.zeros(dim, dim, dtype=torch.float64)
+        dist.all_reduce_(self._sum)
+        self.count = dist.sum_int(self.count)
+        if self.count == 0:
+            self._sum = None
 
     def finalize(self) -> Tensor:
         """D = 2/N Σ (x_ref − x)ᵀ x, on the scale of HessianAccumulator's H."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from duquant import distributed as dist
 from duquant.calibrate import (
     BlockInputs,
     capture_block_inputs,
@@ -136,6 +137,8 @@ def check_request(ctx: QuantContext) -> None:
             f"method {recipe.name} with {'gptq' if gptq else quant.weights} weights needs "
             "calibration windows"
         )
+    if ctx.windows is not None:
+        dist.check_divides(len(ctx.windows), "calibration windows (--nsamples)")
     if gptq and gptq.target != "quantized" and adapter.experts is not None:
         raise ValueError(
             f"--gptq-target {gptq.target} is not supported for the {adapter.name} family "
@@ -186,7 +189,8 @@ def quantize_model(
     for stage in method.stages:
         stage.transform_model(ctx)  # e.g. QuaRot's global rotation, end-to-end learning
     _capture_inputs(ctx)
-    for i in tqdm(range(len(adapter.blocks(model))), desc=f"quantize {method.name}", leave=False):
+    blocks = range(len(adapter.blocks(model)))
+    for i in tqdm(blocks, desc=f"quantize {method.name}", leave=False, disable=not dist.is_main()):
         _quantize_block(ctx, i)
     for stage in method.stages:
         stage.finish(ctx)  # e.g. norm tweaking
@@ -200,8 +204,13 @@ def _capture_inputs(ctx: QuantContext) -> None:
     full-precision stream too when a stage or GPTQ matches the unquantized model."""
     if not (ctx.recipe.needs_calibration or ctx.gptq):
         return
+    # under torch.distributed each rank carries its own contiguous share of the windows through
+    # the blocks; the statistics, Hessians and gradients are combined over ranks where read
+    mine = dist.shard(len(ctx.windows))
     with ctx.store.embedding(ctx.model):
-        ctx.inputs = capture_block_inputs(ctx.model, ctx.adapter, ctx.windows)
+        ctx.inputs = capture_block_inputs(
+            ctx.model, ctx.adapter, ctx.windows[mine.start : mine.stop]
+        )
     learner = ctx.recipe.get(BlockLearner)
     gptq = ctx.gptq
     if (learner is not None and learner.target == "model") or (gptq and gptq.target == "model"):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from duquant import distributed as dist
 from duquant.calibrate import capture_block_inputs, run_block
 from duquant.methods import Recipe
 from duquant.models.adapters import Adapter
@@ -98,12 +99,16 @@ def streamed_logits(model: nn.Module, adapter: Adapter, store, windows: Tensor, 
 
 @torch.no_grad()
 def streamed_nll(model, adapter, store, windows: Tensor) -> float:
-    """Mean next-token NLL of `windows` (n x seqlen), the model streamed block by block."""
-    it = iter(windows)  # streamed_logits hands the windows' logits over in order
+    """Mean next-token NLL of `windows` (n x seqlen), the model streamed block by block (under
+    torch.distributed each rank its share of the windows, the per-window sums gathered in order)."""
+    mine = dist.shard(windows.shape[0])
+    own = windows[mine.start : mine.stop]
+    it = iter(own)  # streamed_logits hands the windows' logits over in order
 
     def window_sum(logits: Tensor) -> float:
         w = next(it)
         return F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="sum").item()
 
-    total = sum(streamed_logits(model, adapter, store, windows, fn=window_sum))
+    sums = streamed_logits(model, adapter, store, own, fn=window_sum) if len(own) else []
+    total = sum(dist.gather_list(sums))
     return total / (windows.shape[0] * (windows.shape[1] - 1))

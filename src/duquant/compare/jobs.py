@@ -104,6 +104,7 @@ def check_compare(cfg: CompareConfig) -> None:
     api.check_evals(cfg.evals, cfg)
     for job in jobs_of(cfg):
         resolve(cfg, job)
+    api.check_distributed(cfg, any(needs_calibration(*resolve(cfg, j)[:2]) for j in jobs_of(cfg)))
     if cfg.out is not None and cfg.model is not None and Path(cfg.model).expanduser().exists():
         how = api.path_overlap(cfg.out, cfg.model)
         if how is not None:

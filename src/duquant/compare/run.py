@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from duquant import api
+from duquant import distributed as dist
 from duquant._version import __version__
 from duquant.compare.cache import (
     cache_path,
@@ -48,6 +49,7 @@ def environment() -> dict:
         "transformers_version": transformers.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "world_size": dist.world(),
     }
     try:
         import lm_eval
@@ -106,6 +108,12 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
     for job in jobs:  # fail on unsupported options before any long work
         resolve(cfg, job)
     cells = plan(cfg, out, model_source)
+    if (
+        dist.active()
+    ):  # what rank 0's cache holds decides for every rank (another node's may differ)
+        records = dist.broadcast_object([c.record for c in cells])
+        for c, rec in zip(cells, records, strict=True):
+            c.record = rec
     todo = [j for j in jobs if _pending(cells, j)]
     cached = sum(1 for c in cells if c.record is not None and c.record.get("finished"))
     if cfg.cached_only:
@@ -141,14 +149,19 @@ def run_compare(cfg: CompareConfig, loaded=None) -> dict:
             quant_info["quantize_seconds"] = report.seconds
         for cell in _pending(cells, job):
             cell.record = _evaluate(cell, model, session, quant_info)
-            write_json(cell.record, cell.path)
-            partial_path(cell.path).unlink(missing_ok=True)
+            api.on_main(lambda cell=cell: _keep(cell))
             log.info("compare: %s %s done in %.1f s", job.label, cell.name, cell.record["seconds"])
         if model is not loaded.model:
             del model
     table = build_table(cfg, cells, model_source)
-    write_outputs(table, out)
+    api.on_main(lambda: write_outputs(table, out))
     return table
+
+
+def _keep(cell: Cell) -> None:
+    """Write a finished cell to the cache (and drop its per-window progress)."""
+    write_json(cell.record, cell.path)
+    partial_path(cell.path).unlink(missing_ok=True)
 
 
 def _evaluate(cell: Cell, model: torch.nn.Module, s: Session, quant_info: dict) -> dict:

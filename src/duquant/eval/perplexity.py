@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from duquant import distributed as dist
 from duquant.jsonio import read_json_object, write_json
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ def perplexity(
     def window(i: int) -> torch.Tensor:
         return ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
 
+    if dist.active():
+        return _sharded(model, window, n_windows, seqlen, ids.numel() // seqlen, desc, start)
     done: list[float] = []
     spent = 0.0
     ck_path = Path(checkpoint) if checkpoint is not None else None
@@ -158,13 +161,34 @@ def perplexity(
         done, spent = _resume(model, window, ck_path, tokens, n_windows, desc)
     resumed = len(done)
     for i in tqdm(
-        range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows
-    ):
+        range(resumed, n_windows), desc=desc, leave=False, initial=resumed, total=n_windows,
+        disable=not dist.is_main(),
+    ):  # fmt: skip
         done.append(_window_nll(model, window(i), i))
         if ck_path is not None:
             seconds = spent + time.perf_counter() - start
             ck_path = _save_progress(ck_path, tokens, done, seconds)
     return _result(done, n_windows, seqlen, ids.numel() // seqlen, resumed, spent, start)
+
+
+def _sharded(
+    model: nn.Module,
+    window: Callable[[int], torch.Tensor],
+    n_windows: int,
+    seqlen: int,
+    total_windows: int,
+    desc: str,
+    start: float,
+) -> dict:
+    """`perplexity` under torch.distributed: each rank its contiguous share of the windows, the
+    per-window NLLs gathered in window order (the same list, hence the same sum, as one process;
+    no checkpoint: a rank's partial list would not resume another world size's)."""
+    mine = dist.shard(n_windows)
+    done = [
+        _window_nll(model, window(i), i)
+        for i in tqdm(mine, desc=desc, leave=False, disable=not dist.is_main())
+    ]
+    return _result(dist.gather_list(done), n_windows, seqlen, total_windows, 0, 0.0, start)
 
 
 def _resume(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from duquant import distributed as dist
 from duquant.calibrate import BlockInputs, block_output
 from duquant.formats import QuantSpec
 from duquant.models.adapters import InputGroup
@@ -207,36 +208,82 @@ def train_block(
     targets = [t.float() for t in targets]
     param_groups = [pg for g in learned.values() for pg in g.param_groups(lr)]
     params = [p for pg in param_groups for p in pg["params"]]
+    # under torch.distributed `hidden` are this rank's windows, from global index `first` on
+    n_total = dist.sum_int(len(hidden))
+    first = dist.shard_start(n_total)
+    mine = _Shard(first, len(hidden))
     with quantized_wrappers(block, groups, learned, quant, heads) as caches:
         # the reported losses: on the first windows only (a full pass costs an epoch's forwards)
-        probe = slice(0, batch)
-        loss0 = _mean_loss(block, hidden[probe], targets[probe], inputs.kwargs, caches)
+        probe = range(min(batch, n_total))
+        loss0 = _mean_loss(
+            block, hidden, targets, mine.local(probe), len(probe), inputs.kwargs, caches
+        )
         info = {"loss_before": loss0, "steps": 0}
         if not params or epochs <= 0:
             info["loss_after"] = loss0
             return info
         opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
-        n_batches = math.ceil(len(hidden) / batch)
+        n_batches = math.ceil(n_total / batch)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
-            order = torch.randperm(len(hidden), generator=gen).tolist()
+            order = torch.randperm(n_total, generator=gen).tolist()
             for b in range(n_batches):
                 idx = order[b * batch : (b + 1) * batch]
-                h = torch.cat([hidden[i] for i in idx])
-                t = torch.cat([targets[i] for i in idx])
+                opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():  # the pipeline runs under no_grad
-                    loss = F.mse_loss(block_output(block, h, inputs.kwargs).float(), t)
-                    opt.zero_grad(set_to_none=True)
-                    if normalize_loss and loss.item() > 0:
-                        loss = loss / loss.detach()
-                    loss.backward()
+                    local = mine.local(idx)
+                    _backward(
+                        block, hidden, targets, local, len(idx), inputs.kwargs, normalize_loss
+                    )
+                _sum_grads(params)
                 opt.step()
                 sched.step()
                 _clear(caches)
                 info["steps"] += 1
-        info["loss_after"] = _mean_loss(block, hidden[probe], targets[probe], inputs.kwargs, caches)
+        info["loss_after"] = _mean_loss(
+            block, hidden, targets, mine.local(probe), len(probe), inputs.kwargs, caches
+        )
         return info
+
+
+class _Shard:
+    """Which global window indices this rank holds (`count` windows from `first` on)."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+
+    def local(self, idx) -> list[int]:
+        """The local positions of the global indices `idx` this rank holds, in `idx`'s order."""
+        return [i - self.first for i in idx if self.first <= i < self.first + self.count]
+
+
+def _backward(block, hidden, targets, local: list[int], n_batch: int, kwargs, normalize: bool):
+    """Backpropagate this rank's part of one batch's MSE (weighted by its share of the batch, so
+    the gradients summed over ranks are those of the whole batch's mean)."""
+    loss = None
+    if local:
+        h = torch.cat([hidden[i] for i in local])
+        t = torch.cat([targets[i] for i in local])
+        loss = F.mse_loss(block_output(block, h, kwargs).float(), t)
+        if len(local) != n_batch:
+            loss = loss * (len(local) / n_batch)
+    if normalize:
+        whole = dist.all_reduce_(loss.detach().clone() if loss is not None else torch.zeros(()))
+        if whole.item() > 0:
+            loss = loss / whole if loss is not None else None
+    if loss is not None:
+        loss.backward()
+
+
+def _sum_grads(params: list[Tensor]) -> None:
+    """Gradients summed over ranks (a rank with no window in the batch adds zeros)."""
+    if not dist.active():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    dist.all_reduce_grads_([p.grad for p in params])
 
 
 def _clear(caches: list[dict]) -> None:
@@ -247,11 +294,20 @@ def _clear(caches: list[dict]) -> None:
 
 @torch.no_grad()
 def _mean_loss(
-    block: nn.Module, hidden: list[Tensor], targets: list[Tensor], kwargs: dict, caches: list[dict]
+    block: nn.Module,
+    hidden: list[Tensor],
+    targets: list[Tensor],
+    local: list[int],
+    count: int,
+    kwargs: dict,
+    caches: list[dict],
 ) -> float:
-    """Mean MSE of the (wrapped) block against the targets over all windows."""
+    """Mean MSE of the (wrapped) block against the targets over `count` windows, of which this
+    rank holds those at `local` (summed over ranks)."""
     total = 0.0
-    for h, t in zip(hidden, targets, strict=True):
-        total += F.mse_loss(block_output(block, h, kwargs).float(), t).item()
+    for i in local:
+        total += F.mse_loss(block_output(block, hidden[i], kwargs).float(), targets[i]).item()
         _clear(caches)
-    return total / max(1, len(hidden))
+    if dist.active():
+        total = sum(dist.gather_objects(total))
+    return total / max(1, count)

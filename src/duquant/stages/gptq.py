@@ -14,11 +14,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from duquant import distributed as dist
 from duquant.calibrate import BlockInputs, feed_block_until
 from duquant.config import ActOrderScope, GPTQTarget, HessianSource, ScaleSearch
 from duquant.formats import QuantSpec
 from duquant.gptq import (
     CrossAccumulator,
+    GPTQResult,
     HessianAccumulator,
     as_quantized_weight,
     asymmetric_target,
@@ -107,8 +109,14 @@ class GPTQ(Stage):
             hs, crosses = self._hessians(block, g, linears, inputs, given, refs, routed)
             w_fps = [lin.weight.data.float() for lin in linears]
             solves = [[i] for i in range(len(linears))] if routed else None
-            for idxs in solves or shared_solves(spec, len(linears)):
-                errors += self._solve(g, linears, w_fps, idxs, hs, crosses, spec, layer, clips)
+            for k, idxs in enumerate(solves or shared_solves(spec, len(linears))):
+                # under torch.distributed a solve of one linear (a routed expert, an NVFP4
+                # linear with its own tensor scale) is done whole by rank k mod world, a shared
+                # input's stacked MX rows are split over all ranks
+                owner = k % dist.world() if routed or spec.per_tensor_scale else None
+                errors += self._solve(
+                    g, linears, w_fps, idxs, hs, crosses, spec, layer, clips, owner
+                )
         return errors
 
     def _hessians(
@@ -136,10 +144,16 @@ class GPTQ(Stage):
             feed_block_until(block, inputs, iq, add, with_input=True)
         finally:
             iq.reset()
+        dim = linears[0].weight.shape[1]
+        acc.all_reduce(dim)  # each rank fed its own windows: the sums of all of them
+        if cross is not None:
+            cross.all_reduce(dim)
         hs = [acc.finalize() if acc.count else None] * len(linears)
         return hs, cross.finalize() if cross is not None and cross.count else None
 
-    def _solve(self, g, linears, w_fps, idxs, hs, crosses, spec, layer, clips) -> list[dict]:
+    def _solve(
+        self, g, linears, w_fps, idxs, hs, crosses, spec, layer, clips, owner=None
+    ) -> list[dict]:
         """GPTQ the linears `idxs` of group `g` as one stacked matrix; their error records."""
         h = hs[idxs[0]]
         if h is None:  # an expert no calibration token reached: nothing to weigh errors by
@@ -150,19 +164,59 @@ class GPTQ(Stage):
         w_stack = torch.cat([w_fps[i] for i in idxs])
         if g.observe is None and crosses is not None:
             w_stack = asymmetric_target(w_stack, h, crosses, self.target_damp)
+        clip = stacked_clip([clips.get(g.linears[i]) for i in idxs], w_fps, idxs)
+        if owner is not None and dist.active():
+            res = (
+                self._solve_rows(w_stack, h, spec, clip, split=False)
+                if dist.rank() == owner
+                else None
+            )
+            res = dist.broadcast_object(res, owner)
+        else:
+            res = self._solve_rows(w_stack, h, spec, clip)
+        return _store(g, linears, w_fps, idxs, h, res, spec, layer, clips)
+
+    def _solve_rows(
+        self, w: Tensor, h: Tensor, spec: QuantSpec, clip: Tensor | None, split: bool = True
+    ) -> GPTQResult:
+        """GPTQ of `w` given `h`; under torch.distributed each rank solves its share of the rows
+        and the quantized rows are gathered (GPTQ is independent per output row given H; a format
+        with a per-tensor scale couples the rows, so every rank solves it whole)."""
+        rows = range(w.shape[0])
+        if split and dist.active() and not spec.per_tensor_scale:
+            rows = dist.shard(w.shape[0])
+        part = slice(rows.start, rows.stop)
         res = gptq_quantize(
-            w_stack,
+            w[part],
             h,
             spec,
             blocksize=self.blocksize,
             percdamp=self.percdamp,
             act_order=self.act_order,
             static_groups=self.static_groups,
-            clip=stacked_clip([clips.get(g.linears[i]) for i in idxs], w_fps, idxs),
+            clip=None if clip is None else clip[part],
             act_order_scope=self.act_order_scope,
             scale_search=self.scale_search,
         )
-        return _store(g, linears, w_fps, idxs, h, res, spec, layer, clips)
+        if len(rows) == w.shape[0]:
+            return res
+        return GPTQResult(
+            weight=dist.gather_cat(res.weight),
+            scales=dist.gather_cat(res.scales),
+            codes=dist.gather_cat(res.codes),
+            tensor_scale=res.tensor_scale,
+            **_merged_diagnostics(res),
+        )
+
+
+def _merged_diagnostics(res: GPTQResult) -> dict:
+    """The fields of a row-split GPTQResult other than its tensors, agreed over ranks."""
+    parts = dist.gather_objects({f.name: getattr(res, f.name) for f in fields(res)[4:]})
+    merged = dict(parts[0])  # damping comes from H alone: the same on every rank
+    merged["seconds"] = max(p["seconds"] for p in parts)
+    merged["fallback"] = any(p["fallback"] for p in parts)
+    merged["loss"] = sum(p["loss"] for p in parts)
+    return merged
 
 
 def _rtn_fallback(g, linears, w_fps, idxs, spec, layer, clips) -> list[dict]:
@@ -238,6 +292,8 @@ def routed_hessians(
         for handle in handles:
             handle.remove()
         iq.reset()
+    for acc, lin in zip(accs, linears, strict=True):
+        acc.all_reduce(lin.weight.shape[1])  # an expert's tokens over every rank's windows
     return [a.finalize() if a.count else None for a in accs]
 
 
