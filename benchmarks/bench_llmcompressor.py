@@ -1,7 +1,8 @@
 """Accuracy and quantization cost side by side: duquant's methods vs llm-compressor's MXFP4 W4A4 recipes.
 
-Every case quantizes the default model (SmolLM2-135M, loaded by `duquant.models.load_model`) on the
-same calibration windows, `duquant.data.calibration_windows(tokenizer, --nsamples, --seqlen, seed)`
+Every case quantizes the same model, --model (a GGUF file, a Hugging Face folder or id: any model
+duquant loads; default SmolLM2-135M, as `duquant run`), loaded by `duquant.models.load_model` on
+both sides, on the same calibration windows, `duquant.data.calibration_windows(tokenizer, --nsamples, --seqlen, seed)`
 (WikiText-2 train, else validation offline), and is evaluated on the same evaluation windows: the
 first --eval-windows x --eval-seqlen tokens of WikiText-2 test tokenized as `duquant run` does
 (the evaluation registry's `wikitext2`, `duquant.eval.registry`). Both tensors are drawn once here and handed to every case as saved
@@ -34,6 +35,11 @@ case runs in its own subprocess:
     transform_type="random-hadamard", transform_block_size=32), GPTQModifier(targets="Linear",
     scheme="MXFP4", ignore=["lm_head"])], its best MXFP4 W4A4 recipe;
   - `gptq`: the GPTQModifier alone.
+  SmoothQuant's (norm -> linears) mappings come from duquant's adapter of the model's family where
+  they differ from llm-compressor's defaults (`smoothing_mappings`; recorded per run): on Gemma 3
+  its defaults smooth gate/up against post_attention_layernorm, a post-norm there, which changes
+  the FP model; duquant's adapter names pre_feedforward_layernorm. For Llama-like models (SmolLM2)
+  nothing is passed and the recipe is exactly as before.
 
 Facts about llmcompressor 0.14.0.1 / compressed-tensors 0.19.0 this relies on (checked in their code):
 * scheme "MXFP4" (compressed_tensors.quantization.quant_scheme.MXFP4) quantizes weights (static,
@@ -320,12 +326,38 @@ def second_text_path(args: argparse.Namespace) -> str | None:
     return str(path)
 
 
+def model_source(model: str | None) -> str:
+    """The model every case loads (--model: a GGUF file, a Hugging Face folder or id; default the
+    one `duquant run` loads), checked before anything loads; exits with status 2 when it cannot."""
+    use_src()
+    from duquant.models import default_model
+    from duquant.models.loading import ModelSourceError, check_model_source
+
+    try:
+        source = model or default_model()
+        check_model_source(source)
+    except (ModelSourceError, FileNotFoundError) as exc:
+        fail(f"--model: {exc}")
+    return source
+
+
+def load_tokenizer(source: str):
+    """The tokenizer exactly as load_model builds it, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(source)
+
+
 def cases_of(args: argparse.Namespace) -> list[str]:
     """The cases to run, checked before anything loads: ours first (the first is the base), then
     llm-compressor's; exits with status 2 on an unknown name or a bad number."""
     use_src()
     from duquant.api import check
     from duquant.config import ConfigError, RunConfig
+    from duquant.models.loading import refuse_method
 
     for name in ("nsamples", "seqlen", "eval_seqlen", "threads"):
         if getattr(args, name) < 1:
@@ -337,11 +369,15 @@ def cases_of(args: argparse.Namespace) -> list[str]:
         args.seed_list = parse_seeds(args.seeds)
     except ValueError as exc:
         fail(str(exc))
+    args.source = model_source(args.model)
     ours = split_list(args.ours_methods)
     for item in ours:
         method, _, hessian = item.partition("/")
         try:
-            check(RunConfig(method=method, weights="gptq", gptq_hessian=hessian or "quantized"))
+            plan = check(
+                RunConfig(method=method, weights="gptq", gptq_hessian=hessian or "quantized")
+            )
+            refuse_method(args.source, plan.recipe)  # e.g. quarot on Gemma 3, before loading
         except (ConfigError, ValueError) as exc:
             fail(f"--ours-methods {item}: {exc}")
     recipes = split_list(args.llmc_recipes)
@@ -446,8 +482,39 @@ def _llmc_grid_check(model) -> dict:
     }
 
 
-def llmc_recipe(name: str, scheme: str) -> list:
-    """llm-compressor's modifiers of recipe `name` (LLMC_RECIPES), GPTQ on `scheme` last."""
+# llm-compressor's DEFAULT_SMOOTHQUANT_MAPPINGS (0.14.0.1), as (norm, linears) by module name
+LLMC_DEFAULT_SMOOTHING = (
+    ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+    ("post_attention_layernorm", ("gate_proj", "up_proj")),
+)
+
+
+def smoothing_mappings(model: torch.nn.Module) -> list | None:
+    """SmoothQuant's (balance linears, smoothed norm) pairs read from duquant's adapter: each input
+    group a norm produces, as llm-compressor's `mappings`; None where they are llm-compressor's
+    defaults (Llama, SmolLM2: the recipe stays exactly as before) or the family has experts (its
+    own registry entry applies).
+
+    llm-compressor 0.14.0.1 maps Gemma3ForCausalLM to the Llama defaults, which smooth gate/up
+    against post_attention_layernorm; in Gemma 3 that norm is a post-norm on the attention output
+    and the MLP reads pre_feedforward_layernorm, so the defaults change the FP model (checked on a
+    tiny Gemma 3: max logit change 17 of 83 after SmoothQuant alone, 1.5e-5 with these mappings)."""
+    use_src()
+    from duquant.models import adapter_for
+
+    adapter = adapter_for(model)
+    pairs = [(g.norm, g.linears) for g in adapter.groups if g.norm is not None]
+    if any("{" in n for _, linears in pairs for n in linears):
+        return None
+    leaf = tuple((n.split(".")[-1], tuple(x.split(".")[-1] for x in ls)) for n, ls in pairs)
+    if leaf == LLMC_DEFAULT_SMOOTHING:
+        return None
+    return [[[f"re:.*{x}$" for x in linears], f"re:.*{norm}$"] for norm, linears in pairs]
+
+
+def llmc_recipe(name: str, scheme: str, mappings: list | None = None) -> list:
+    """llm-compressor's modifiers of recipe `name` (LLMC_RECIPES), GPTQ on `scheme` last;
+    `mappings` (None: llm-compressor's own) go to SmoothQuant."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     gptq = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
@@ -458,7 +525,8 @@ def llmc_recipe(name: str, scheme: str) -> list:
     quip = QuIPModifier(
         rotations=["v"], transform_type="random-hadamard", transform_block_size=ROTATION_BLOCK
     )
-    return [SmoothQuantModifier(smoothing_strength=SMOOTHING_STRENGTH), quip, gptq]
+    extra = {} if mappings is None else {"mappings": mappings}
+    return [SmoothQuantModifier(smoothing_strength=SMOOTHING_STRENGTH, **extra), quip, gptq]
 
 
 @contextmanager
@@ -571,7 +639,8 @@ def worker_llmc(args: argparse.Namespace, windows: torch.Tensor, texts: dict, tm
     ds = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
     )
-    recipe = llmc_recipe(args.recipe, args.llmc_scheme)
+    mappings = smoothing_mappings(model)
+    recipe = llmc_recipe(args.recipe, args.llmc_scheme, mappings)
     torch.manual_seed(args.seed)
     mem = start_quantize()
     start = time.perf_counter()
@@ -600,6 +669,7 @@ def worker_llmc(args: argparse.Namespace, windows: torch.Tensor, texts: dict, tm
             "recipe": args.recipe,
             "modifiers": [repr(m) for m in recipe],
             "scheme": args.llmc_scheme,
+            "smoothing_mappings": mappings if args.recipe != "gptq" else None,
             "resolved_scheme": scheme.model_dump() if scheme is not None else None,
             "gptq": {
                 k: str(getattr(gptq, k))
@@ -1038,22 +1108,9 @@ def main() -> None:
     info = machine()
     from dataclasses import asdict
 
-    from transformers import AutoTokenizer
-
     from duquant.data import calibration_windows, eval_text, file_sha256
-    from duquant.models import default_model
-    from duquant.models.loading import ModelSourceError, check_model_source
 
-    source = Path(args.model or default_model())
-    try:
-        check_model_source(str(source))
-    except ModelSourceError as exc:
-        fail(str(exc))
-    # the tokenizer exactly as load_model builds it, without loading the weights here
-    if source.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(source))
+    tok = load_tokenizer(args.source)
     eval_ids, eval_src = None, None
     if args.eval_windows:
         # as the evaluation registry's wikitext2: the whole WikiText-2 test text tokenized at once

@@ -440,3 +440,41 @@ def test_combine_partial_case_and_bad_files_exit_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_smoothing_mappings_follow_the_family():
+    """SmoothQuant's mappings come from duquant's adapter: none passed for Llama (llm-compressor's
+    defaults, the SmolLM2 recipe unchanged); Gemma 3's gate/up are smoothed against the norm that
+    feeds them (pre_feedforward_layernorm), not against its post-norm."""
+    from conftest import make_tiny_family, make_tiny_llama
+
+    assert bench.smoothing_mappings(make_tiny_llama()) is None
+    maps = bench.smoothing_mappings(make_tiny_family("gemma3"))
+    assert [norm for _, norm in maps] == [
+        "re:.*input_layernorm$",
+        "re:.*pre_feedforward_layernorm$",
+    ]
+    assert maps[1][0] == ["re:.*mlp.gate_proj$", "re:.*mlp.up_proj$"]
+
+
+def test_model_option_checked_before_loading(tmp_path, capsys):
+    """--model takes any source duquant loads (here a Hugging Face folder); a missing one and a
+    method the family refuses (QuaRot on Gemma 3) exit 2 with one line before anything loads."""
+    from conftest import make_tiny_family
+
+    folder = tmp_path / "gemma3"
+    make_tiny_family("gemma3").save_pretrained(folder)
+    args = bench.parser().parse_args(
+        ["--model", str(folder), "--ours-methods", "duquant++mx", "--llmc-recipes", ""]
+    )
+    assert bench.cases_of(args) == ["ours:duquant++mx"] and args.source == str(folder)
+    for argv, message in [
+        (["--model", str(tmp_path / "none.gguf")], "GGUF file does not exist"),
+        (["--model", str(folder), "--ours-methods", "quarot"], "post-norms"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            bench.cases_of(bench.parser().parse_args([*argv, "--llmc-recipes", ""]))
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines

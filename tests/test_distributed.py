@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_tiny_family, make_tiny_llama
+from safetensors.torch import load_file
 
 RUN_TIMEOUT = 240  # seconds; a hung collective fails the test instead of CI
 
@@ -58,7 +57,15 @@ def _env() -> dict:
 
 def _args(ckpt: Path, method: str, *extra: str) -> list[str]:
     """`duquant run` on the tiny checkpoint: 4 calibration windows and 6 evaluation windows of 32."""
-    args = ["run", "--model", str(ckpt), "--method", method, "--eval", str(ckpt.parent / "eval.txt")]
+    args = [
+        "run",
+        "--model",
+        str(ckpt),
+        "--method",
+        method,
+        "--eval",
+        str(ckpt.parent / "eval.txt"),
+    ]
     return [*args, "--seqlen", "32", "--nsamples", "4", "--calib-seqlen", "32", *extra]
 
 
@@ -93,9 +100,10 @@ def _our_lines(stderr: str) -> list[str]:
     "method, extra",
     [
         ("rtn", []),
-        ("duquant++", []),
+        # duquant++ with RTN weights runs in CI through test_compare_two_ranks_equal_one
+        pytest.param("duquant++", [], marks=pytest.mark.slow),
         ("duquant++", ["--weights", "gptq"]),
-        ("best", ["--norm-epochs", "1"]),
+        ("best", []),  # a norm-tweaking batch of 1 window: rank 1 idle in those steps
     ],
     ids=["rtn", "duquant++", "duquant++gptq", "best"],
 )
@@ -109,7 +117,7 @@ def test_two_ranks_equal_one(ckpt, tmp_path, method, extra):
     "family, method, extra",
     [
         ("llama", "duquant++", ["--weights", "gptq", "--format", "nvfp4"]),
-        ("moe", "smoothquant", ["--weights", "gptq"]),
+        pytest.param("moe", "smoothquant", ["--weights", "gptq"], marks=pytest.mark.slow),
     ],
     ids=["nvfp4-gptq", "moe-experts-gptq"],
 )
@@ -134,10 +142,10 @@ def _check_equal(ckpt: Path, tmp_path: Path, method: str, extra: list[str]) -> N
     one, two = _tensors(tmp_path / "x1"), _tensors(tmp_path / "x2")
     assert one.keys() == two.keys() and any("scale" in k for k in one)
     for k in one:
-        if one[k].is_floating_point():
+        if one[k].is_floating_point() and one[k].element_size() > 1:
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
-        else:  # packed codes: at most a rounding tie apart
-            same = (two[k] == one[k]).float().mean().item()
+        else:  # packed codes and FP8 scales: at most a rounding tie apart
+            same = (two[k].view(torch.uint8) == one[k].view(torch.uint8)).float().mean().item()
             assert same >= 0.999, (k, same)
     assert not list(tmp_path.glob("x2*/../*.partial-*")), "a rank left a staging folder"
 
@@ -163,15 +171,21 @@ def test_stream_two_ranks_equal_one(ckpt, tmp_path):
     assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
 
 
-def test_world_that_does_not_divide_the_windows_is_refused(ckpt, tmp_path):
+@pytest.mark.parametrize(
+    "method, extra, nsamples",
+    [("rtn", ["--weights", "gptq"], "3")],
+    ids=["calibration-windows"],
+)
+def test_world_that_does_not_divide_the_work_is_refused(ckpt, tmp_path, method, extra, nsamples):
     """3 calibration windows on 2 ranks: one line, nothing written, before any model loads."""
     out = tmp_path / "r.json"
-    args = _args(ckpt, "rtn", "--output", str(out), "--save", str(tmp_path / "x"))
-    args[args.index("--nsamples") + 1] = "3"
-    res = _run(2, [*args, "--weights", "gptq"])
+    args = _args(ckpt, method, "--output", str(out), "--save", str(tmp_path / "x"), *extra)
+    args[args.index("--nsamples") + 1] = nsamples
+    res = _run(2, args)
     assert res.returncode != 0
     lines = _our_lines(res.stderr)
     assert len(lines) == 1 and "cannot be shared evenly by 2 ranks" in lines[0], res.stderr
+    assert "Loading weights" not in res.stderr  # refused before the model loads
     assert not out.exists() and not (tmp_path / "x").exists()
 
 
@@ -242,7 +256,9 @@ def test_a_failing_rank_ends_the_job_with_one_line(ckpt, tmp_path):
     script.write_text(FAILING_RANK)
     out = tmp_path / "r.json"
     args = _args(ckpt, "duquant++", "--weights", "gptq", "--output", str(out))
-    res = _run(2, [*args, "--save", str(tmp_path / "x"), "--dist-timeout", "60"], script=str(script))
+    res = _run(
+        2, [*args, "--save", str(tmp_path / "x"), "--dist-timeout", "60"], script=str(script)
+    )
     assert res.returncode != 0
     lines = _our_lines(res.stderr)
     cause = [x for x in lines if "injected failure" in x]
@@ -253,11 +269,20 @@ def test_a_failing_rank_ends_the_job_with_one_line(ckpt, tmp_path):
 
 
 def test_compare_two_ranks_equal_one(ckpt, tmp_path):
-    """`duquant compare` under torchrun: rank 0 writes the cache and the table, equal to one process's."""
+    """`duquant compare` under torchrun (fp, duquant++ with RTN and with GPTQ weights): rank 0 writes
+    the cache and the table, equal to one process's."""
     tables = {}
     for n in (1, 2):
         out = tmp_path / f"c{n}"
-        args = ["compare", "--model", str(ckpt), "--methods", "fp,duquant++*", "--evals", "wikitext2"]
+        args = [
+            "compare",
+            "--model",
+            str(ckpt),
+            "--methods",
+            "fp,duquant++*",
+            "--evals",
+            "wikitext2",
+        ]
         args += ["--seqlen", "32", "--max-windows", "4", "--nsamples", "4", "--calib-seqlen", "32"]
         res = _run(n, [*args, "--out", str(out)])
         assert res.returncode == 0, res.stderr[-3000:]

@@ -198,11 +198,6 @@ def test_run_stream_equals_the_in_memory_run(tmp_path, capsys, monkeypatch):
             ["--model", str(ckpt), "--stream", "--method", "duquant++e2e"],
             "trains through the whole",
         ),
-        (["--model", str(ckpt), "--stream", "--method", "duquant++nt"], "drop --stream"),
-        (  # norm tweaking asked for on a block-wise method
-            ["--model", str(ckpt), "--stream", "--method", "duquant++mx", "--norm-epochs", "1"],
-            "trains through the whole",
-        ),
     ):
         assert main(["run", *bad, "--output", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err
@@ -296,3 +291,34 @@ def test_interrupted_stream_export_leaves_nothing(tmp_path, capsys, monkeypatch)
     assert rc != 0 and len(calls) == 2 and "model-00001-of-00004" in str(calls[0])
     assert not dest.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_streamed_best_on_the_command_line(tmp_path, capsys, monkeypatch):
+    """`run --stream --method best` equals the in-memory run's perplexity; rerun on the work folder
+    it filled (quantized, tweaked blocks, not the full-precision teacher) it is refused in one line."""
+    from duquant.cli import main
+
+    ckpt, args = _cli_checkpoint(tmp_path, monkeypatch, tie=True)
+    args[args.index("duquant++")] = "best"
+    ppl = {}
+    for mode, extra in (
+        ("memory", []),
+        ("stream", ["--stream", "--work-dir", str(tmp_path / "w")]),
+    ):
+        out = tmp_path / f"{mode}.json"
+        assert main([*args, *extra, "--output", str(out)]) == 0, capsys.readouterr().err
+        ppl[mode] = json.loads(out.read_text())["metrics"]["eval.txt"]["ppl"]
+    assert ppl["stream"] == pytest.approx(ppl["memory"], rel=1e-5)
+    capsys.readouterr()
+    again = [
+        *args,
+        "--stream",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--output",
+        str(tmp_path / "x.json"),
+    ]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give an empty --work-dir" in err, err
+    assert not (tmp_path / "x.json").exists()

@@ -47,7 +47,7 @@ from duquant.models import load_model as load_plain_model
 from duquant.models.loading import check_model_source, refuse_method
 from duquant.pipeline import QuantConfig, QuantizeReport, online_flops_per_token, peak_rss_mb
 from duquant.pipeline import quantize_model as run_stages
-from duquant.stages import GPTQ, StageError
+from duquant.stages import GPTQ, NormTweak, StageError
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def check(cfg: RunConfig) -> Plan:
     check_evals(cfg.evals, cfg, streamed=cfg.stream)
     check_data(cfg, needs_windows(recipe, quant))
     check_distributed(cfg, needs_windows(recipe, quant))
+    check_norm_batch(cfg, recipe)
     if cfg.stream and recipe.whole_model_step:
         raise ConfigError(
             f"--stream: method {recipe.name} {recipe.whole_model_step}; drop --stream to "
@@ -255,6 +256,19 @@ def check_distributed(cfg: QuantSettings, calibrates: bool) -> None:
             dist.check_divides(cfg.nsamples, "calibration windows (--nsamples)", world)
     except dist.DistributedError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_norm_batch(cfg: QuantSettings, recipe: Recipe) -> None:
+    """Norm tweaking's batch within the calibration windows."""
+    stage = recipe.get(NormTweak)
+    if stage is None or stage.epochs == 0:
+        return
+    from duquant.learn.norms import check_batch
+
+    try:
+        check_batch(stage.batch, cfg.nsamples)
+    except ValueError as exc:
+        raise ConfigError(f"--method {recipe.name}: {exc}") from None
 
 
 def check_data(cfg: RunConfig, calibrates: bool) -> None:
@@ -477,9 +491,8 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None, plan: Plan | None = N
 def _ranks(metrics: dict, quantize_peak_mb: float) -> None:
     """The world size and every rank's peak memory (quantization, whole run) in `metrics`."""
     metrics["world_size"] = dist.world()
-    if dist.active():
-        metrics["quantize_peak_rss_mb_per_rank"] = dist.gather_list([quantize_peak_mb])
-        metrics["peak_rss_mb_per_rank"] = dist.gather_list([peak_rss_mb()])
+    metrics["quantize_peak_rss_mb_per_rank"] = dist.gather_list([quantize_peak_mb])
+    metrics["peak_rss_mb_per_rank"] = dist.gather_list([peak_rss_mb()])
 
 
 def on_main(fn) -> None:

@@ -112,6 +112,7 @@ METHOD_OVERRIDES = (
     "learn_batch",
     "norm_epochs",
     "norm_lr",
+    "norm_batch",
 )
 
 
@@ -280,6 +281,12 @@ class QuantSettings:
         minimum=0,
     )
     norm_lr: float | None = opt(None, "learning rate of norm tweaking, > 0 (default: the method's)")
+    norm_batch: int | None = opt(
+        None,
+        "calibration windows per norm-tweaking step, shared by the ranks under torchrun (a multiple "
+        "of the rank count spreads the work; default: the method's)",
+        minimum=1,
+    )
     seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)
     max_windows: int | None = opt(None, "evaluate only the first N windows", minimum=1)
     nsamples: int = opt(128, "calibration windows", minimum=1)

@@ -228,7 +228,8 @@ def gptq_quantize(
         else:
             static, search_ref = _permute_groups(static, search_ref, perm, gs)
 
-    u, rel, damp = _inverse_cholesky(h, percdamp)
+    u, rel, damp = _inverse_cholesky(h, percdamp)  # damps h in place (our copy)
+    del h  # the column loop needs only the factor
     if u is None:
         return _rtn_fallback(weight, spec, clip, rel, damp, int(dead.numel()), start)
 
@@ -364,17 +365,23 @@ def _check_inputs(
 
 
 def _inverse_cholesky(h: Tensor, percdamp: float) -> tuple[Tensor | None, float, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure; None if every try fails."""
-    mean_diag = torch.diagonal(h).mean().item()
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure; None if every try fails.
+    The damping is added to `h` in place (the caller's own copy, left damped)."""
+    diag = torch.diagonal(h).clone()
+    mean_diag = diag.mean().item()
     rel = damp = 0.0
     for attempt in range(DAMP_RETRIES + 1):
         rel = percdamp * 10.0**attempt
         damp = rel * mean_diag
-        hd = h.clone()
-        hd.diagonal().add_(damp)
-        low, info = torch.linalg.cholesky_ex(hd)
+        # in place, from the undamped diagonal each try: no second [in, in] float64 matrix (134 MB
+        # at in = 4096), and every intermediate below is dropped as soon as it is used
+        torch.diagonal(h).copy_(diag).add_(damp)
+        low, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            inv = torch.cholesky_inverse(low)
+            del low
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info.item() == 0 and torch.isfinite(u).all():
                 return u, rel, damp
         logger.info("GPTQ: Cholesky failed at percdamp %.3g, retrying with more damping", rel)

@@ -96,7 +96,7 @@ class QuantContext:
     inputs: BlockInputs | None = None  # the current block's calibration inputs
     fp_stream: BlockInputs | None = None  # the full-precision model's, when a stage needs them
     fp_out: list | None = None  # the full-precision block's outputs on fp_stream
-    teacher: nn.Module | None = None  # kept by NormTweak.setup
+    teacher: list | None = None  # NormTweak.setup: the FP model's compact next-token targets
     block_plans: list[dict[str, GroupPlan]] | None = None  # set by EndToEnd: plans per block
     global_online: dict = field(default_factory=dict)  # set by QuaRot: online transform per input
 

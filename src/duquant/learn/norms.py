@@ -8,20 +8,34 @@ re-quantize, exported as they are. After GPTQ they are trained through the whole
 divergence from the full-precision model's next-token distribution over the calibration windows
 (the idea of Norm Tweaking, Li et al. 2024, with a distillation loss). Each weight is parametrised
 as (offset + w0)·exp(t) − offset, t = 0 at the start, so a step is relative to the weight's size.
+
+Training goes block by block through the pipeline's block store, so it needs neither the whole model
+in memory nor a teacher copy (the teacher's distributions are computed once beforehand,
+duquant.learn.teacher): a step runs the forward pass one block at a time keeping each block's input,
+the head and the loss, then the backward pass in reverse block order, each block's forward recomputed
+from its saved input with the gradient on. The trained tensors live outside the blocks (a streamed
+store reloads them from disk) and are written into the blocks, and the final norm, at the end. One
+step is a global batch of windows; under torch.distributed each rank runs its share and the gradients
+are summed over ranks, so any number of ranks follows the single-process trajectory (a batch smaller
+than the world, e.g. the default of one window, leaves the other ranks idle in that step: the same
+result as one process, no faster; `--norm-batch` a multiple of the ranks spreads the work).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
-import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, nn
-from tqdm import tqdm
+from torch.func import functional_call
+from tqdm.auto import tqdm
 
+from duquant import distributed as dist
+from duquant.calibrate import BlockInputs, capture_block_inputs
 from duquant.models.adapters import Adapter
 
-from .distill import distill_step
+from .teacher import HEAD_CHUNK, TopK, head_logits, top_k_kl
 
 log = logging.getLogger(__name__)
 
@@ -41,57 +55,202 @@ class RelativeScale(nn.Module):
         return torch.zeros_like(w)
 
 
+@dataclass
+class NormSlot:
+    """One trained norm weight, kept outside the model: its block (None: the final norm), its name
+    there, its parametrisation and the trained tensor t."""
+
+    block: int | None
+    name: str
+    scale: RelativeScale
+    t: Tensor
+
+    def weight(self) -> Tensor:
+        """The norm weight now (in the autograd graph of t when gradients are on)."""
+        return self.scale(self.t)
+
+
+def block_norm_names(block: nn.Module, adapter: Adapter) -> list[str]:
+    """The names of a block's pre-norms of quantized inputs (q/k/v and a router may share one)."""
+    return list(dict.fromkeys(g.norm for g in adapter.block_groups(block) if g.norm is not None))
+
+
 def tuned_norms(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
     """The norms whose weights are tuned: every block's pre-norms of quantized inputs, the final norm."""
     norms = [
-        block.get_submodule(g.norm)
+        block.get_submodule(name)
         for block in adapter.blocks(model)
-        for g in adapter.block_groups(block)
-        if g.norm is not None
+        for name in block_norm_names(block, adapter)
     ]
     norms.append(model.get_submodule(adapter.final_norm))
-    return list({id(m): m for m in norms}.values())  # q/k/v and a router may share a norm
+    return list({id(m): m for m in norms}.values())
+
+
+def _slot(block: int | None, name: str, weight: Tensor, offset: float) -> NormSlot:
+    """A slot starting at `weight` (t = 0, trained)."""
+    scale = RelativeScale(weight, offset)
+    return NormSlot(block, name, scale, scale.right_inverse(weight).requires_grad_(True))
+
+
+def collect_slots(model: nn.Module, adapter: Adapter, store) -> list[NormSlot]:
+    """A slot per tuned norm, the blocks' in block order, then the final norm's."""
+    slots = []
+    for i in range(len(adapter.blocks(model))):
+        block = store.load(i)
+        for name in block_norm_names(block, adapter):
+            w = block.get_submodule(name).weight
+            slots.append(_slot(i, name, w, adapter.norm_offset))
+        store.release(i)
+    with store.head():
+        w = model.get_submodule(adapter.final_norm).weight
+        slots.append(_slot(None, adapter.final_norm, w, adapter.norm_offset))
+    return slots
+
+
+class _Slots:
+    """The slots by block, for the passes."""
+
+    def __init__(self, slots: list[NormSlot]):
+        self.final = next(s for s in slots if s.block is None)
+        self.by_block: dict[int, list[NormSlot]] = {}
+        for s in slots:
+            if s.block is not None:
+                self.by_block.setdefault(s.block, []).append(s)
+
+    def weights(self, i: int) -> dict[str, Tensor]:
+        """Block `i`'s norm weights as the functional call's parameters."""
+        return {f"{s.name}.weight": s.weight() for s in self.by_block.get(i, [])}
+
+
+def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kwargs: dict):
+    """The block's hidden-state output with its norm weights replaced by `weights`."""
+    out = functional_call(block, weights, (hidden,), kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _forward(model, adapter: Adapter, store, windows: Tensor, slots: _Slots) -> list[BlockInputs]:
+    """Each block's inputs for `windows` (no gradient), then the last block's output."""
+    with store.embedding(model):
+        inputs = capture_block_inputs(model, adapter, windows)
+    saved = []
+    for i in range(len(adapter.blocks(model))):
+        block = store.load(i)
+        with torch.no_grad():
+            w = slots.weights(i)
+            out = [_block_call(block, w, h, inputs.kwargs) for h in inputs.hidden]
+        store.release(i)
+        saved.append(inputs)
+        inputs = inputs.next(out, i + 1)
+    saved.append(inputs)
+    return saved
+
+
+def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots: _Slots):
+    """The loss summed over windows (each the mean over its tokens) and its gradient with respect
+    to each window's last hidden state; the final norm's gradient accumulates. The head and loss
+    run HEAD_CHUNK tokens at a time (their logits and gradients are [tokens, vocab] float32)."""
+    total, grads = 0.0, []
+    with store.head(), torch.enable_grad():
+        for h, target in zip(last, targets, strict=True):
+            x = h.detach().requires_grad_(True)
+            n = x.shape[1]
+            for a in range(0, n, HEAD_CHUNK):
+                b = min(n, a + HEAD_CHUNK)
+                logits = head_logits(model, adapter, x[:, a:b], slots.final.weight())
+                # the window's loss is the mean over its n tokens: each chunk's mean times its share
+                loss = top_k_kl(logits[0], target.rows(a, b)) * ((b - a) / n)
+                loss.backward()
+                total += loss.item()
+                del logits, loss
+            grads.append(x.grad)
+    return total, grads
+
+
+def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots: _Slots) -> None:
+    """Back through the blocks in reverse order, each forward recomputed from its saved input; the
+    norm weights' gradients accumulate (the embedding is frozen: block 0's input needs none)."""
+    for i in reversed(range(len(saved) - 1)):
+        block = store.load(i)
+        inputs, new = saved[i], []
+        with torch.enable_grad():
+            for h, g in zip(inputs.hidden, grads, strict=True):
+                x = h.detach().requires_grad_(i > 0)
+                out = _block_call(block, slots.weights(i), x, inputs.kwargs)
+                if out.requires_grad:  # a first block without tuned norms needs nothing
+                    out.backward(g)
+                new.append(x.grad)
+                del out
+        store.release(i)
+        saved[i], grads = None, new  # this block's inputs are done with
+
+
+def step_grads(model, adapter: Adapter, store, windows, targets, slots: _Slots) -> float:
+    """Gradients of the loss summed over `windows` into the slots' t; the summed loss."""
+    saved = _forward(model, adapter, store, windows, slots)
+    total, grads = _head_grads(model, adapter, store, saved[-1].hidden, targets, slots)
+    _backward(store, saved, grads, slots)
+    return total
+
+
+def write_back(model: nn.Module, adapter: Adapter, store, slots: list[NormSlot]) -> None:
+    """The trained weights into the blocks (written again by a streamed store) and the final norm."""
+    by = _Slots(slots)
+    for i in range(len(adapter.blocks(model))):
+        block = store.load(i)
+        with torch.no_grad():
+            for s in by.by_block.get(i, []):
+                block.get_submodule(s.name).weight.copy_(s.weight())
+        store.update(i)
+        store.release(i)
+    with store.head(), torch.no_grad():
+        w = by.final.weight()
+        model.get_submodule(adapter.final_norm).weight.copy_(w)
+    store.set_outer(adapter.final_norm, {"weight": w})
+
+
+def check_batch(batch: int, windows: int) -> None:
+    """Refuse a global batch larger than the calibration."""
+    if batch > windows:
+        raise ValueError(
+            f"norm tweaking's batch of {batch} windows is larger than the {windows} calibration "
+            "windows: use a smaller --norm-batch or more windows"
+        )
+
+
+def _sync_step(slots: list[NormSlot], loss: float, batch: int) -> float:
+    """Sum the gradients (and the loss) over ranks and average them over the global batch."""
+    ts = [s.t for s in slots]
+    for t in ts:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    loss_t = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce_grads_([t.grad for t in ts] + [loss_t])
+    for t in ts:
+        t.grad.div_(batch)
+    return float(loss_t.item()) / batch
 
 
 def tune_norms(
     model: nn.Module,
-    teacher: nn.Module,
     adapter: Adapter,
+    store,
     windows: Tensor,
+    targets: list[TopK],
     *,
     epochs: int,
     lr: float,
+    batch: int = 1,
     seed: int = 0,
 ) -> dict:
-    """Train the quantized `model`'s norm weights towards `teacher` in place; the mean KL per epoch."""
-    norms = tuned_norms(model, adapter)
+    """Train the quantized model's norm weights towards the teacher's `targets` (one per window),
+    block by block through `store`; the weights end up in the model. The mean KL per epoch."""
+    check_batch(batch, len(windows))
+    # nothing of the model itself trains: no weight gradients (the trained tensors are the slots')
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
-    for m in norms:
-        parametrize.register_parametrization(
-            m, "weight", RelativeScale(m.weight.data, adapter.norm_offset)
-        )
-    params = [m.parametrizations.weight.original for m in norms]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batches = [windows[i : i + 1] for i in range(len(windows))]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(batches)))
-    gen = torch.Generator().manual_seed(seed)
-    info: dict = {"kl_per_epoch": [], "norms": len(norms), "steps": 0}
     try:
-        for _ in tqdm(range(epochs), desc="tune norms", leave=False):
-            total = 0.0
-            for i in torch.randperm(len(batches), generator=gen).tolist():
-                # each block's InputQuantizers drop their cached activation (and its graph) when
-                # the block's forward ends (qlinear.reset_caches_after_forward)
-                total += distill_step(model, teacher, batches[i], opt, sched)
-                info["steps"] += 1
-            info["kl_per_epoch"].append(total / max(1, len(batches)))
+        info = _train(model, adapter, store, windows, targets, epochs, lr, batch, seed)
     finally:
-        for m in norms:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            m.weight.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
     kls = info["kl_per_epoch"]
@@ -100,4 +259,33 @@ def tune_norms(
     return info
 
 
-__all__ = ["RelativeScale", "tune_norms", "tuned_norms"]
+def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed) -> dict:
+    """tune_norms' loop (the model frozen)."""
+    slots = collect_slots(model, adapter, store)
+    by = _Slots(slots)
+    opt = torch.optim.AdamW([s.t for s in slots], lr=lr, weight_decay=0.0)
+    steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
+    gen = torch.Generator().manual_seed(seed)
+    share = dist.shard(batch)
+    info: dict = {"kl_per_epoch": [], "norms": len(slots), "steps": 0}
+    for _ in tqdm(range(epochs), desc="tune norms", leave=False, disable=not dist.is_main()):
+        order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
+        for s in range(steps):
+            mine = order[s * batch : (s + 1) * batch][share.start : share.stop]
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0  # a rank with no window this step (batch < ranks) adds zero gradients
+            if mine:
+                loss = step_grads(
+                    model, adapter, store, windows[mine], [targets[j] for j in mine], by
+                )
+            total += _sync_step(slots, loss, batch)
+            opt.step()
+            sched.step()
+            info["steps"] += 1
+        info["kl_per_epoch"].append(total / max(1, steps))
+    write_back(model, adapter, store, slots)
+    return info
+
+
+__all__ = ["NormSlot", "RelativeScale", "collect_slots", "step_grads", "tune_norms", "tuned_norms"]

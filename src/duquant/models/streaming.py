@@ -55,6 +55,18 @@ class BlockStore(Protocol):
     def release(self, i: int) -> None:
         """Block `i` is done with: keep it, or write it away and drop it."""
 
+    def head(self):
+        """A context inside which the final norm and the head are loaded."""
+
+    def reused(self) -> bool:
+        """Whether blocks quantized by an earlier run are loaded instead of the model's own."""
+
+    def update(self, i: int) -> None:
+        """Loaded block `i` was changed in place: its release must keep the change."""
+
+    def set_outer(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Tensors of top-level module `name` that stay changed whenever it is loaded."""
+
 
 class InMemoryBlocks:
     """Every block already in memory: nothing to load or release."""
@@ -75,6 +87,21 @@ class InMemoryBlocks:
 
     def release(self, i: int) -> None:
         """Nothing to do: the block stays."""
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """Nothing to load: the final norm and the head are in memory."""
+        yield
+
+    def reused(self) -> bool:
+        """Nothing is reused: the blocks are the model's own."""
+        return False
+
+    def update(self, i: int) -> None:
+        """Nothing to do: a block changed in place stays changed."""
+
+    def set_outer(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Nothing to do: a top-level module changed in place stays changed."""
 
 
 class SafetensorsCheckpoint:
@@ -232,6 +259,8 @@ class StreamedBlocks:
         self.device = torch.device(device)
         self.blocks = adapter.blocks(model)
         self._from_disk: set[int] = set()
+        # top-level tensors changed after loading (a trained final norm): name -> {tensor: value}
+        self._outer_set: dict[str, dict[str, Tensor]] = {}
         # blocks kept in the work folder: index -> sha256 of the file as written (by this run, or
         # by an earlier run of the same fingerprint); any other file there is never read
         self._digests: dict[int, str] = {}
@@ -267,6 +296,9 @@ class StreamedBlocks:
             names = self.checkpoint.names(prefix)
         tensors = {n.removeprefix(prefix): t for n, t in self._read(names)}
         _assign(module, tensors, name, lambda k: self.checkpoint.file_of(prefix + k), prefix)
+        with torch.no_grad():
+            for k, t in self._outer_set.get(name, {}).items():
+                module.get_parameter(k).copy_(t)
 
     def _tied(self) -> bool:
         """Whether the config ties the head to the embedding (else a missing head is refused)."""
@@ -328,6 +360,19 @@ class StreamedBlocks:
             _assign(block, tensors, f"block {i}", where, prefix)
         self.blocks[i] = block
         return block
+
+    def reused(self) -> bool:
+        """Whether quantized blocks of an earlier run of the same fingerprint are being reused."""
+        return any(self._kept(i) for i in range(len(self.blocks)))
+
+    def update(self, i: int) -> None:
+        """Loaded block `i` was changed in place (norm tweaking): `release` writes it again."""
+        self._from_disk.discard(i)
+
+    def set_outer(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Tensors of top-level module `name` (a trained final norm) that replace the checkpoint's
+        whenever it is loaded from now on (evaluation, export)."""
+        self._outer_set[name] = {k: t.detach().clone() for k, t in tensors.items()}
 
     def release(self, i: int) -> None:
         """Write quantized block `i` to the work folder (unless it came from there); drop it."""

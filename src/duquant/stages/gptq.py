@@ -223,8 +223,9 @@ def _rtn_fallback(g, linears, w_fps, idxs, spec, layer, clips) -> list[dict]:
     """Round-to-nearest weights for linears GPTQ has no Hessian for."""
     errors = []
     for i in idxs:
-        w = quantize_weight(w_fps[i], spec, g.linears[i], clips.get(g.linears[i]))
-        linears[i].weight.data = w.to(linears[i].weight.dtype)
+        name = g.linears[i]
+        # codes and scales kept as for any quantized weight: the exporters write those
+        linears[i].set_quantized(spec.quantize_weight(w_fps[i].float(), name, clip=clips.get(name)))
         errors.append({"layer": layer, "linear": g.linears[i], "fallback": "rtn"})
     log.warning("layer %d %s: no calibration tokens, RTN weights", layer, g.name)
     return errors

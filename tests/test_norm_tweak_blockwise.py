@@ -1,0 +1,275 @@
+"""Norm tweaking block by block (duquant.learn.norms, duquant.learn.teacher): the gradient equals the
+whole model's, a streamed `best` equals the in-memory one, no copy of the model is made, and two ranks
+follow one rank's trajectory."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.utils.parametrize as parametrize
+from conftest import make_tiny_family, make_tiny_llama
+
+from duquant.learn.norms import (
+    RelativeScale,
+    _Slots,
+    check_batch,
+    collect_slots,
+    step_grads,
+    tune_norms,
+    tuned_norms,
+)
+from duquant.learn.teacher import teacher_targets, top_k, top_k_kl
+from duquant.methods import get_method
+from duquant.models import adapter_for
+from duquant.models.streaming import InMemoryBlocks
+from duquant.pipeline import QuantConfig, quantize_model
+
+
+def _ids(n: int = 4, seqlen: int = 24, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _quantized_mx(seed: int = 4, ids=None, family: str = "llama"):
+    """A tiny model of `family` and its duquant++mx (RTN weights) quantization, on `ids`."""
+    fp = make_tiny_llama(seed) if family == "llama" else make_tiny_family(family, seed)
+    if family == "gemma3":  # Gemma's final soft cap of the logits, on
+        fp.config.final_logit_softcapping = 3.0
+    model = copy.deepcopy(fp)
+    ids = _ids() if ids is None else ids
+    quantize_model(model, adapter_for(model), get_method("duquant++mx"), QuantConfig(), ids)
+    return fp, model, ids
+
+
+def _targets(fp, ids, k: int):
+    adapter = adapter_for(fp)
+    return teacher_targets(fp, adapter, InMemoryBlocks(adapter.blocks(fp)), ids, k)
+
+
+def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary():
+    """k = vocab − 1 (the rest bucket is one token) gives the exact KL; a small k a lower bound."""
+    gen = torch.Generator().manual_seed(0)
+    t, s = torch.randn(5, 40, generator=gen) * 3, torch.randn(5, 40, generator=gen) * 3
+    tl, sl = t.log_softmax(-1), s.log_softmax(-1)
+    full = (tl.exp() * (tl - sl)).sum(-1).mean()
+    torch.testing.assert_close(top_k_kl(s, top_k(t, 1000)), full)
+    assert 0 <= top_k_kl(s, top_k(t, 4)) <= full + 1e-6
+
+
+@pytest.mark.parametrize(
+    "k,family,chunk",
+    [
+        (8, "llama", 256),
+        (1000, "llama", 256),
+        (8, "llama", 5),
+        (8, "gemma3", 7),
+        (8, "qwen3_moe", 256),
+    ],
+)
+def test_blockwise_gradient_equals_the_whole_model_gradient(k, family, chunk, monkeypatch):
+    """One step's gradient of every norm's t, block by block (forward keeping inputs, backward
+    recomputing each block; the head and loss `chunk` tokens at a time), equals autograd through
+    the whole model of the same loss (Gemma's 1 + w norms and final soft cap, routed experts
+    included)."""
+    import duquant.learn.norms as norms_mod
+    import duquant.learn.teacher as teacher_mod
+
+    monkeypatch.setattr(norms_mod, "HEAD_CHUNK", chunk)
+    monkeypatch.setattr(teacher_mod, "HEAD_CHUNK", chunk)
+    fp, model, ids = _quantized_mx(family=family)
+    adapter = adapter_for(model)
+    targets = _targets(fp, ids, k)
+    model.requires_grad_(False)
+    store = InMemoryBlocks(adapter.blocks(model))
+    slots = collect_slots(model, adapter, store)
+    loss = step_grads(model, adapter, store, ids, targets, _Slots(slots))
+    got = [s.t.grad for s in slots]
+
+    norms = tuned_norms(model, adapter)  # the same norms in the same order
+    for m in norms:
+        scale = RelativeScale(m.weight.data, adapter.norm_offset)
+        parametrize.register_parametrization(m, "weight", scale)
+    params = [m.parametrizations.weight.original.requires_grad_(True) for m in norms]
+    with torch.enable_grad():
+        logits = model(ids).logits
+        ref = sum(top_k_kl(logits[j], targets[j]) for j in range(len(ids)))
+        ref.backward()
+    assert abs(loss - ref.item()) < 1e-5 * max(1.0, abs(loss))
+    assert len(got) == len(params) == 2 * 2 + 1
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_streamed_best_equals_in_memory_best(tmp_path):
+    """`best` streamed from a safetensors checkpoint (one block in memory at a time) gives the
+    in-memory run's norm weights and perplexity with the same seed; it is no longer refused."""
+    from transformers import AutoModelForCausalLM
+
+    from duquant.stream import quantize_streaming, streamed_nll
+
+    m = make_tiny_llama(seed=2, num_hidden_layers=3)
+    m.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    ckpt, ids = tmp_path / "ckpt", _ids(4, 32, seed=5)
+    recipe, quant = get_method("best"), QuantConfig(weights="gptq")
+
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    adapter = adapter_for(ref)
+    before = [w.weight.detach().clone() for w in tuned_norms(ref, adapter)]
+    rep = quantize_model(ref, adapter, recipe, quant, ids, seed=1)
+    assert rep.norm_tuning["steps"] > 0
+    want = [w.weight.detach() for w in tuned_norms(ref, adapter)]
+    assert not any(torch.equal(a, b) for a, b in zip(before, want, strict=True))
+    with torch.no_grad():
+        logits = ref(ids).logits
+    nll_ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    model, adapter, store, rep_s = quantize_streaming(
+        ckpt, recipe, quant, ids, tmp_path / "work", seed=1
+    )
+    assert rep_s.norm_tuning["kl_per_epoch"] == pytest.approx(rep.norm_tuning["kl_per_epoch"])
+    got = []
+    for i in range(3):  # the trained weights are in the kept blocks, read back from disk
+        block = store.load(i)
+        got += [block.get_submodule(n).weight.clone() for n in ("input_layernorm",)]
+        got += [block.post_attention_layernorm.weight.clone()]
+        store.release(i)
+    with store.head():
+        got.append(model.get_submodule(adapter.final_norm).weight.clone())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert abs(streamed_nll(model, adapter, store, ids) - nll_ref.item()) < 1e-4
+
+
+def test_no_copy_of_the_model_is_made(monkeypatch):
+    """Norm tweaking keeps no teacher model: nothing deep-copies the model, and what setup keeps
+    is the teacher's compact distributions (k per token), not a module."""
+    model, ids = make_tiny_llama(6), _ids()
+    copied = []
+    real = copy.deepcopy
+
+    def spy(obj, memo=None):
+        copied.append(type(obj).__name__)
+        return real(obj, memo)
+
+    monkeypatch.setattr(copy, "deepcopy", spy)
+    stage = get_method("best").stages[-1]
+    kept = {}
+
+    setup = type(stage).setup
+
+    def keep_setup(self, ctx):
+        setup(self, ctx)
+        kept["teacher"] = ctx.teacher
+
+    monkeypatch.setattr(type(stage), "setup", keep_setup)
+    rep = quantize_model(
+        model, adapter_for(model), get_method("best"), QuantConfig(weights="gptq"), ids
+    )
+    assert rep.norm_tuning["steps"] > 0
+    assert "LlamaForCausalLM" not in copied and "LlamaModel" not in copied
+    teacher = kept["teacher"]
+    assert isinstance(teacher, list) and len(teacher) == len(ids)
+    assert not any(isinstance(t, torch.nn.Module) for t in teacher)
+    assert teacher[0].logp.shape == (ids.shape[1], min(stage.topk, 127))
+
+
+def test_a_batch_larger_than_the_calibration_is_refused():
+    """A global batch larger than the calibration is refused in one line before any work."""
+    check_batch(4, 4)
+    with pytest.raises(ValueError, match="larger than the 4 calibration windows") as err:
+        check_batch(5, 4)
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ two ranks (gloo, 127.0.0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tweak(batch: int) -> list[torch.Tensor]:
+    """Norm tweaking of one tiny Llama towards another (built from seeds in every process: no
+    model crosses a process boundary); the trained weights."""
+    fp, model, ids = make_tiny_llama(8), make_tiny_llama(9), _ids(4, 16, seed=8)
+    targets = _targets(fp, ids, 16)
+    adapter = adapter_for(model)
+    store = InMemoryBlocks(adapter.blocks(model))
+    with torch.no_grad():  # as the pipeline calls it
+        tune_norms(model, adapter, store, ids, targets, epochs=2, lr=2e-2, batch=batch, seed=7)
+    return [m.weight.detach().clone() for m in tuned_norms(model, adapter)]
+
+
+def _rank_main(rank: int, world: int, port: int, out, batch: int) -> None:
+    """One rank of the test's process group: tweak, write its weights."""
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.save(_tweak(batch), f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def _run_ranks(world: int, out, batch: int, timeout_s: float = 120.0) -> None:
+    """Start `world` ranks on 127.0.0.1, wait at most `timeout_s`, stop them whatever happens."""
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(world, _free_port(), str(out), batch),
+        nprocs=world,
+        join=False,
+        start_method="fork",  # the parent has imported everything: seconds, not tens
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish within {timeout_s:g} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_two_ranks_give_one_ranks_norm_weights(tmp_path, batch):
+    """Two gloo ranks sharing each batch of windows (2: one each; 3: two and one; 1: rank 1 idle)
+    train the same norm weights as one process (gradients summed over ranks, divided by the
+    global batch)."""
+    one = _tweak(batch=batch)
+    start = [m.weight for m in tuned_norms(make_tiny_llama(9), adapter_for(make_tiny_llama(9)))]
+    assert not any(torch.equal(a, b) for a, b in zip(one, start, strict=True))  # trained at all
+    _run_ranks(2, tmp_path, batch=batch)
+    for r in range(2):
+        two = torch.load(tmp_path / f"rank{r}.pt")
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_targets_in_chunks_equal_one_pass(monkeypatch):
+    """The teacher's head run a few tokens at a time gives the targets of one pass over the window."""
+    import duquant.learn.teacher as teacher_mod
+
+    fp, ids = make_tiny_llama(3), _ids()
+    whole = _targets(fp, ids, 8)
+    monkeypatch.setattr(teacher_mod, "HEAD_CHUNK", 5)
+    for a, b in zip(whole, _targets(fp, ids, 8), strict=True):
+        torch.testing.assert_close(a.logp, b.logp, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.index, b.index) and a.logp.shape[0] == ids.shape[1] > 5
+        torch.testing.assert_close(a.tail, b.tail, rtol=1e-5, atol=1e-6)
