@@ -450,7 +450,11 @@ def test_sidecar_records_the_run(tmp_path: Path) -> None:
 @pytest.mark.model
 def test_real_model_export_round_trip(tmp_path: Path, offline_data, smollm) -> None:
     """duquant++mx with GPTQ on SmolLM2: the reloaded export's logits and PPL equal in-process."""
+    from duquant.models import default_model
+
+    # the model this process found, whatever install the subprocess's PYTHONPATH resolves to
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env["DUQUANT_MODEL"] = str(default_model())
     cmd = [
         sys.executable,
         str(REPO / "benchmarks" / "export_roundtrip.py"),
