@@ -192,9 +192,8 @@ def step_grads(model, adapter: Adapter, store, windows, targets, slots: _Slots) 
     return total
 
 
-def write_back(model: nn.Module, adapter: Adapter, store, slots: list[NormSlot]) -> None:
+def write_back(model: nn.Module, adapter: Adapter, store, by: _Slots) -> None:
     """The trained weights into the blocks (written again by a streamed store) and the final norm."""
-    by = _Slots(slots)
     for i in range(len(adapter.blocks(model))):
         block = store.load(i)
         with torch.no_grad():
@@ -284,7 +283,7 @@ def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed) -> 
             sched.step()
             info["steps"] += 1
         info["kl_per_epoch"].append(total / max(1, steps))
-    write_back(model, adapter, store, slots)
+    write_back(model, adapter, store, by)
     return info
 
 

@@ -45,6 +45,11 @@ class TopK:
         """Tokens a..b of the window."""
         return TopK(self.logp[a:b], self.index[a:b], self.tail[a:b])
 
+    @staticmethod
+    def join(parts: list[TopK], fn) -> TopK:
+        """One TopK whose every field is `fn` of the parts' fields (torch.cat, a stack, ...)."""
+        return TopK(*(fn([getattr(p, f) for p in parts]) for f in ("logp", "index", "tail")))
+
 
 def head_logits(
     model: nn.Module, adapter: Adapter, hidden: Tensor, norm_weight: Tensor | None = None
@@ -91,7 +96,7 @@ def _window_top_k(model: nn.Module, adapter: Adapter, hidden: Tensor, k: int) ->
         top_k(head_logits(model, adapter, hidden[:, a : a + HEAD_CHUNK])[0], k)
         for a in range(0, hidden.shape[1], HEAD_CHUNK)
     ]
-    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logp", "index", "tail")))
+    return TopK.join(parts, torch.cat)
 
 
 @torch.no_grad()
@@ -101,7 +106,8 @@ def teacher_targets(
     """Each window's compact teacher distribution from the model as it is now (full precision),
     one block in memory at a time; under torch.distributed each rank computes its share and
     every rank gets them all."""
-    mine = windows[dist.shard(len(windows)).start : dist.shard(len(windows)).stop]
+    share = dist.shard(len(windows))
+    mine = windows[share.start : share.stop]
     with store.embedding(model):
         inputs = capture_block_inputs(model, adapter, mine)
     for i in tqdm(
@@ -116,11 +122,8 @@ def teacher_targets(
     if not dist.active():
         return out
     # tensors, not pickled objects: 128 windows x 2048 tokens x k = 256 is 0.5 GiB
-    parts = [
-        dist.gather_cat(torch.stack([getattr(t, f) for t in out]))
-        for f in ("logp", "index", "tail")
-    ]
-    return [TopK(*row) for row in zip(*parts, strict=True)]
+    every = TopK.join(out, lambda xs: dist.gather_cat(torch.stack(xs)))
+    return [TopK(*row) for row in zip(every.logp, every.index, every.tail, strict=True)]
 
 
 __all__ = ["HEAD_CHUNK", "TopK", "head_logits", "teacher_targets", "top_k", "top_k_kl"]
