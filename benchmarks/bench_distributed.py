@@ -205,6 +205,8 @@ def parse_result(case: Case, rec: dict) -> dict:
         "eval_windows": ev.get("windows"),
         "quantize_peak_rss_mb": m.get("quantize_peak_rss_mb"),
         "peak_rss_mb_per_rank": per_rank,
+        # norm tweaking's record (best): steps, KL per epoch, whether each step split by tokens
+        "norm_tuning": m.get("norm_tuning"),
         "notes": notes,
     }
 

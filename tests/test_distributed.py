@@ -139,6 +139,14 @@ def _check_equal(ckpt: Path, tmp_path: Path, method: str, extra: list[str]) -> N
     assert out[2]["world_size"] == 2 and len(out[2]["peak_rss_mb_per_rank"]) == 2
     assert out[2]["eval.txt"]["windows"] == out[1]["eval.txt"]["windows"] == 6
     assert out[2]["eval.txt"]["ppl"] == pytest.approx(out[1]["eval.txt"]["ppl"], rel=1e-6)
+    # GPTQ's error records: each rank sums its share of the rows, the sums all-reduced
+    errs = {n: out[n].get("layer_errors", []) for n in (1, 2)}
+    assert len(errs[1]) == len(errs[2])
+    for a, b in zip(errs[1], errs[2], strict=True):
+        assert (a["layer"], a["linear"]) == (b["layer"], b["linear"])
+        for key in ("rtn_error", "gptq_error"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-9), (a, b)
     one, two = _tensors(tmp_path / "x1"), _tensors(tmp_path / "x2")
     assert one.keys() == two.keys() and any("scale" in k for k in one)
     for k in one:

@@ -313,6 +313,22 @@ def test_accumulator_matches_one_shot_hessian() -> None:
     assert acc.count == 150
     torch.testing.assert_close(acc.finalize(), 2.0 / 150 * flat.T @ flat)
     torch.testing.assert_close(hessian_from_inputs(x), acc.finalize())
+    kept = acc.finalize()
+    consumed = acc.finalize(consume=True)  # scaled in the running sum's storage, bit for bit
+    assert torch.equal(consumed, kept) and acc.count == 0
+    with pytest.raises(ValueError, match="no inputs"):
+        acc.finalize()
+
+
+def test_float32_products_add_into_the_float64_sum_exactly() -> None:
+    """The float32 product added in place equals the product converted to float64 first."""
+    x = torch.randn(4, 64, 96, generator=torch.Generator().manual_seed(5))
+    acc = HessianAccumulator(product_dtype=torch.float32)
+    ref = torch.zeros(96, 96, dtype=torch.float64)
+    for xi in x:
+        acc.add(xi)
+        ref += (xi.T @ xi).double()
+    assert torch.equal(acc.finalize(), ref * (2.0 / 256))
 
 
 def test_accumulator_rejects_bad_input() -> None:

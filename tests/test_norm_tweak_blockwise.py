@@ -24,6 +24,7 @@ from duquant.learn.norms import (
     tune_norms,
     tuned_norms,
 )
+from duquant.learn.sequence import causal, share_mask
 from duquant.learn.teacher import teacher_targets, top_k, top_k_kl
 from duquant.methods import get_method
 from duquant.models import adapter_for
@@ -196,19 +197,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tweak(batch: int) -> list[torch.Tensor]:
-    """Norm tweaking of one tiny Llama towards another (built from seeds in every process: no
-    model crosses a process boundary); the trained weights."""
-    fp, model, ids = make_tiny_llama(8), make_tiny_llama(9), _ids(4, 16, seed=8)
+def _tweak(batch: int, family: str = "llama", seqlen: int = 16) -> list[torch.Tensor]:
+    """Norm tweaking of one tiny model towards another (built from seeds in every process: no
+    model crosses a process boundary); the trained weights, then whether steps split by tokens."""
+    make = make_tiny_llama if family == "llama" else lambda s: make_tiny_family(family, s)
+    fp, model, ids = make(8), make(9), _ids(4, seqlen, seed=8)
     targets = _targets(fp, ids, 16)
     adapter = adapter_for(model)
     store = InMemoryBlocks(adapter.blocks(model))
     with torch.no_grad():  # as the pipeline calls it
-        tune_norms(model, adapter, store, ids, targets, epochs=2, lr=2e-2, batch=batch, seed=7)
-    return [m.weight.detach().clone() for m in tuned_norms(model, adapter)]
+        info = tune_norms(
+            model, adapter, store, ids, targets, epochs=2, lr=2e-2, batch=batch, seed=7
+        )
+    weights = [m.weight.detach().clone() for m in tuned_norms(model, adapter)]
+    return weights + [torch.tensor(info["sequence_parallel"])]
 
 
-def _rank_main(rank: int, world: int, port: int, out, batch: int) -> None:
+def _rank_main(rank: int, world: int, port: int, out, batch: int, family: str, seqlen: int) -> None:
     """One rank of the test's process group: tweak, write its weights."""
     import torch.distributed as tdist
 
@@ -221,16 +226,18 @@ def _rank_main(rank: int, world: int, port: int, out, batch: int) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        torch.save(_tweak(batch), f"{out}/rank{rank}.pt")
+        torch.save(_tweak(batch, family, seqlen), f"{out}/rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
 
-def _run_ranks(world: int, out, batch: int, timeout_s: float = 120.0) -> None:
+def _run_ranks(
+    world: int, out, batch: int, family="llama", seqlen=16, timeout_s: float = 120.0
+) -> None:
     """Start `world` ranks on 127.0.0.1, wait at most `timeout_s`, stop them whatever happens."""
     ctx = mp.start_processes(
         _rank_main,
-        args=(world, _free_port(), str(out), batch),
+        args=(world, _free_port(), str(out), batch, family, seqlen),
         nprocs=world,
         join=False,
         start_method="fork",  # the parent has imported everything: seconds, not tens
@@ -247,19 +254,45 @@ def _run_ranks(world: int, out, batch: int, timeout_s: float = 120.0) -> None:
                 p.join(5)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3])
-def test_two_ranks_give_one_ranks_norm_weights(tmp_path, batch):
-    """Two gloo ranks sharing each batch of windows (2: one each; 3: two and one; 1: rank 1 idle)
-    train the same norm weights as one process (gradients summed over ranks, divided by the
-    global batch)."""
-    one = _tweak(batch=batch)
-    start = [m.weight for m in tuned_norms(make_tiny_llama(9), adapter_for(make_tiny_llama(9)))]
+@pytest.mark.parametrize(
+    ("batch", "family", "seqlen"),
+    [(1, "llama", 16), (2, "llama", 16), (3, "llama", 16), (1, "gemma3", 24), (1, "llama", 15)],
+)
+def test_two_ranks_give_one_ranks_norm_weights(tmp_path, batch, family, seqlen):
+    """Two gloo ranks train the same norm weights as one process: a batch of 2 windows one each, 3
+    two and one (gradients summed over ranks, divided by the global batch); one window a step is
+    split by tokens (attention over the gathered keys and values: Gemma 3's sliding window of 8
+    within 12-token shares too), or, 15 tokens not splitting evenly, rank 1 idles."""
+    *one, one_split = _tweak(batch, family, seqlen)
+    assert not one_split  # one process never splits
+    make = make_tiny_llama if family == "llama" else lambda s: make_tiny_family(family, s)
+    start = [m.weight for m in tuned_norms(make(9), adapter_for(make(9)))]
     assert not any(torch.equal(a, b) for a, b in zip(one, start, strict=True))  # trained at all
-    _run_ranks(2, tmp_path, batch=batch)
+    _run_ranks(2, tmp_path, batch=batch, family=family, seqlen=seqlen)
     for r in range(2):
-        two = torch.load(tmp_path / f"rank{r}.pt")
+        *two, split = torch.load(tmp_path / f"rank{r}.pt")
+        assert bool(split) == (batch == 1 and seqlen % 2 == 0)
         for a, b in zip(one, two, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bidirectional_model_is_not_split_by_tokens():
+    """Only causal attention splits (the share's mask is causal): Gemma 3 run bidirectionally does not."""
+    model = make_tiny_family("gemma3", 1)
+    assert causal(model.config)
+    model.config.use_bidirectional_attention = True
+    assert not causal(model.config)
+
+
+def test_share_mask_is_the_causal_sliding_mask_rows():
+    """A share's mask is rows start..stop of the full causal (sliding-window) mask, cut at stop."""
+    n = 12
+    for window in (None, 4):
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        full = (j <= i) & ((i - j) < window if window else True)
+        for start, stop in [(0, 6), (6, 12), (4, 8)]:
+            got = share_mask(start, stop, window, torch.float32, "cpu")[0, 0] == 0
+            assert torch.equal(got, full[start:stop, :stop])
 
 
 def test_teacher_targets_in_chunks_equal_one_pass(monkeypatch):

@@ -480,6 +480,8 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None, plan: Plan | None = N
     metrics["online_flops_per_token"] = online_flops_per_token(model)
     if report.layer_errors:
         metrics["layer_errors"] = report.layer_errors
+    if report.norm_tuning:  # norm tweaking's KL per epoch, steps, whether steps split by tokens
+        metrics["norm_tuning"] = report.norm_tuning
     metrics.update(evaluate(model, session, cfg.evals, plan.recipe.name))
     _ranks(metrics, report.peak_rss_mb)
     result = {"config": config, "metrics": metrics}
@@ -558,6 +560,8 @@ def run_streamed(plan: Plan) -> dict:
             model, adapter, plan.recipe, plan.quant, windows, seed=cfg.seed, store=store
         )
         metrics: dict = {"quantize_seconds": report.seconds, "quantize_peak_rss_mb": peak_rss_mb()}
+        if report.norm_tuning:
+            metrics["norm_tuning"] = report.norm_tuning
         for name in cfg.evals:
             start = time.perf_counter()
             ids = evaluation_for(name).token_ids(session)

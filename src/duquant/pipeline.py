@@ -268,20 +268,36 @@ def _block_stats(ctx: QuantContext, block: nn.Module, groups, i: int) -> dict | 
 
 
 def _plan_block(ctx: QuantContext, block: nn.Module, groups, stats: dict | None, i: int) -> dict:
-    """Each input group's plan from the recipe's transform stages."""
+    """Each input group's plan from the recipe's transform stages. Under torch.distributed every
+    rank holds the same statistics (samples gathered, maxima all-reduced), so group j is planned
+    by rank j mod world alone and its plan broadcast: the same plan, its search not repeated."""
     recipe = ctx.recipe
-    return {
-        g.name: plan_group(
-            block,
-            g,
-            _group_recipe(recipe, stats, g, i),
-            ctx.quant,
-            stats.get(g.name) if stats and recipe.needs_calibration else None,
-            ctx.heads,
-            seed=ctx.seed * 1000 + i * 10 + j,
+
+    def plan(j: int, g: InputGroup):
+        stat = stats.get(g.name) if stats and recipe.needs_calibration else None
+        rec = _group_recipe(recipe, stats, g, i)
+        return plan_group(
+            block, g, rec, ctx.quant, stat, ctx.heads, seed=ctx.seed * 1000 + i * 10 + j
         )
-        for j, g in enumerate(groups)
-    }
+
+    if not dist.active():
+        return {g.name: plan(j, g) for j, g in enumerate(groups)}
+    w, me = dist.world(), dist.rank()
+    mine: dict[int, tuple] = {}
+    for j, g in enumerate(groups):  # all of this rank's searches first: they run side by side
+        if j % w != me:
+            continue
+        try:
+            mine[j] = (plan(j, g), None)
+        except Exception as exc:  # every rank raises it, none waits for a plan never sent
+            mine[j] = (None, exc)
+            break
+    plans = {}
+    for j, g in enumerate(groups):
+        plans[g.name], err = dist.broadcast_object(mine.get(j, (None, None)), j % w)
+        if err is not None:
+            raise err
+    return plans
 
 
 def _gptq(ctx: QuantContext, block, groups, plans: dict, stats, fp_seen, i: int) -> list[dict]:

@@ -17,6 +17,7 @@ from duquant.methods import Recipe
 from duquant.models.adapters import Adapter
 from duquant.models.streaming import activation_bytes, open_streamed
 from duquant.pipeline import QuantConfig, QuantizeReport, quantize_model
+from duquant.utils import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def open_for_quantization(
     `fingerprint` ties to the run: models.streaming.work_fingerprint), refusing calibration
     activations over `max_activation_mb`: (model skeleton, adapter, block store)."""
     model, adapter, store = open_streamed(path, work_dir, device, fingerprint=fingerprint)
+    # streaming exists to bound memory: freed block buffers go back to the system at once
+    if return_freed_memory():
+        log.info("large allocations are mmap-served: freed block buffers return to the system")
     if calib_windows is not None:
         need = activation_bytes(
             calib_windows.shape[0], calib_windows.shape[1], model.config.hidden_size

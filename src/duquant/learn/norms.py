@@ -16,14 +16,17 @@ the head and the loss, then the backward pass in reverse block order, each block
 from its saved input with the gradient on. The trained tensors live outside the blocks (a streamed
 store reloads them from disk) and are written into the blocks, and the final norm, at the end. One
 step is a global batch of windows; under torch.distributed each rank runs its share and the gradients
-are summed over ranks, so any number of ranks follows the single-process trajectory (a batch smaller
-than the world, e.g. the default of one window, leaves the other ranks idle in that step: the same
-result as one process, no faster; `--norm-batch` a multiple of the ranks spreads the work).
+are summed over ranks, so any number of ranks follows the single-process trajectory. The default step
+of one window is split by tokens instead (duquant.learn.sequence: each rank a contiguous share of the
+window, attention over the gathered keys and values), the same gradient up to float summation order;
+a window whose length the ranks do not divide, or another batch smaller than the world, leaves ranks
+idle in that step (the same result as one process, no faster).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,7 @@ from duquant import distributed as dist
 from duquant.calibrate import BlockInputs, capture_block_inputs
 from duquant.models.adapters import Adapter
 
+from . import sequence
 from .teacher import HEAD_CHUNK, TopK, head_logits, top_k_kl
 
 log = logging.getLogger(__name__)
@@ -128,10 +132,15 @@ def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kw
     return out[0] if isinstance(out, tuple) else out
 
 
-def _forward(model, adapter: Adapter, store, windows: Tensor, slots: _Slots) -> list[BlockInputs]:
-    """Each block's inputs for `windows` (no gradient), then the last block's output."""
+def _forward(
+    model, adapter: Adapter, store, windows: Tensor, slots: _Slots, tokens: range | None = None
+) -> list[BlockInputs]:
+    """Each block's inputs for `windows` (no gradient), then the last block's output; only
+    `tokens` of them under sequence parallelism."""
     with store.embedding(model):
         inputs = capture_block_inputs(model, adapter, windows)
+    if tokens is not None:
+        inputs = sequence.token_slice(inputs, tokens)
     saved = []
     for i in range(len(adapter.blocks(model))):
         block = store.load(i)
@@ -145,17 +154,18 @@ def _forward(model, adapter: Adapter, store, windows: Tensor, slots: _Slots) -> 
     return saved
 
 
-def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots: _Slots):
-    """The loss summed over windows (each the mean over its tokens) and its gradient with respect
-    to each window's last hidden state; the final norm's gradient accumulates. The head and loss
-    run HEAD_CHUNK tokens at a time (their logits and gradients are [tokens, vocab] float32)."""
+def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots: _Slots, n: int):
+    """The loss summed over windows (each the mean over its `n` tokens, of which `last` may hold a
+    share starting at the targets' first row) and its gradient with respect to each window's last
+    hidden state; the final norm's gradient accumulates. The head and loss run HEAD_CHUNK tokens
+    at a time (their logits and gradients are [tokens, vocab] float32)."""
     total, grads = 0.0, []
     with store.head(), torch.enable_grad():
         for h, target in zip(last, targets, strict=True):
             x = h.detach().requires_grad_(True)
-            n = x.shape[1]
-            for a in range(0, n, HEAD_CHUNK):
-                b = min(n, a + HEAD_CHUNK)
+            m = x.shape[1]
+            for a in range(0, m, HEAD_CHUNK):
+                b = min(m, a + HEAD_CHUNK)
                 logits = head_logits(model, adapter, x[:, a:b], slots.final.weight())
                 # the window's loss is the mean over its n tokens: each chunk's mean times its share
                 loss = top_k_kl(logits[0], target.rows(a, b)) * ((b - a) / n)
@@ -184,10 +194,16 @@ def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots: _Slot
         saved[i], grads = None, new  # this block's inputs are done with
 
 
-def step_grads(model, adapter: Adapter, store, windows, targets, slots: _Slots) -> float:
-    """Gradients of the loss summed over `windows` into the slots' t; the summed loss."""
-    saved = _forward(model, adapter, store, windows, slots)
-    total, grads = _head_grads(model, adapter, store, saved[-1].hidden, targets, slots)
+def step_grads(
+    model, adapter: Adapter, store, windows, targets, slots: _Slots, tokens: range | None = None
+) -> float:
+    """Gradients of the loss summed over `windows` into the slots' t; the summed loss. With
+    `tokens` (sequence parallelism, inside `sequence.parallel`), this rank's tokens' part of both."""
+    saved = _forward(model, adapter, store, windows, slots, tokens)
+    if tokens is not None:
+        targets = [t.rows(tokens.start, tokens.stop) for t in targets]
+    n = windows.shape[1]
+    total, grads = _head_grads(model, adapter, store, saved[-1].hidden, targets, slots, n)
     _backward(store, saved, grads, slots)
     return total
 
@@ -240,15 +256,20 @@ def tune_norms(
     lr: float,
     batch: int = 1,
     seed: int = 0,
+    split_tokens: bool = True,
 ) -> dict:
     """Train the quantized model's norm weights towards the teacher's `targets` (one per window),
-    block by block through `store`; the weights end up in the model. The mean KL per epoch."""
+    block by block through `store`; the weights end up in the model. The mean KL per epoch.
+    `split_tokens`: whether a one-window step may be split by tokens over the ranks (False when
+    the activation format scales each tensor as a whole, NVFP4: a share's scale would differ)."""
     check_batch(batch, len(windows))
     # nothing of the model itself trains: no weight gradients (the trained tensors are the slots')
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
     try:
-        info = _train(model, adapter, store, windows, targets, epochs, lr, batch, seed)
+        info = _train(
+            model, adapter, store, windows, targets, epochs, lr, batch, seed, split_tokens
+        )
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -258,7 +279,7 @@ def tune_norms(
     return info
 
 
-def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed) -> dict:
+def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, split) -> dict:
     """tune_norms' loop (the model frozen)."""
     slots = collect_slots(model, adapter, store)
     by = _Slots(slots)
@@ -266,25 +287,43 @@ def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed) -> 
     steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
-    share = dist.shard(batch)
+    tokens = _token_share(model, adapter, store, windows, batch) if split else None
+    # one window a step split by tokens over the ranks, else the batch's windows shared by them
+    share = range(batch) if tokens is not None else dist.shard(batch)
     info: dict = {"kl_per_epoch": [], "norms": len(slots), "steps": 0}
-    for _ in tqdm(range(epochs), desc="tune norms", leave=False, disable=not dist.is_main()):
-        order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
-        for s in range(steps):
-            mine = order[s * batch : (s + 1) * batch][share.start : share.stop]
-            opt.zero_grad(set_to_none=True)
-            loss = 0.0  # a rank with no window this step (batch < ranks) adds zero gradients
-            if mine:
-                loss = step_grads(
-                    model, adapter, store, windows[mine], [targets[j] for j in mine], by
-                )
-            total += _sync_step(slots, loss, batch)
-            opt.step()
-            sched.step()
-            info["steps"] += 1
-        info["kl_per_epoch"].append(total / max(1, steps))
+    info["sequence_parallel"] = tokens is not None
+    split = sequence.parallel(model, tokens) if tokens is not None else nullcontext()
+    with split:
+        for _ in tqdm(range(epochs), desc="tune norms", leave=False, disable=not dist.is_main()):
+            order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
+            for s in range(steps):
+                mine = order[s * batch : (s + 1) * batch][share.start : share.stop]
+                opt.zero_grad(set_to_none=True)
+                loss = 0.0  # a rank with no window this step (batch < ranks) adds zero gradients
+                if mine:
+                    loss = step_grads(
+                        model, adapter, store, windows[mine], [targets[j] for j in mine], by, tokens
+                    )
+                total += _sync_step(slots, loss, batch)
+                opt.step()
+                sched.step()
+                info["steps"] += 1
+            info["kl_per_epoch"].append(total / max(1, steps))
     write_back(model, adapter, store, by)
     return info
+
+
+def _token_share(model, adapter: Adapter, store, windows: Tensor, batch: int) -> range | None:
+    """This rank's tokens of each step's window when steps are split by tokens (one window a step,
+    several ranks, a family whose block calls split by token), else None."""
+    if not sequence.applies(batch, windows.shape[1]) or not sequence.causal(model.config):
+        return None
+    with store.embedding(model):
+        probe = capture_block_inputs(model, adapter, windows[:1])
+    if not all(sequence.splittable(k) for k in [probe.kwargs, *probe.layer_kwargs]):
+        log.info("norm tweaking: this family's blocks do not split by tokens; one rank a step")
+        return None
+    return dist.shard(windows.shape[1])
 
 
 __all__ = ["NormSlot", "RelativeScale", "collect_slots", "step_grads", "tune_norms", "tuned_norms"]

@@ -148,7 +148,7 @@ class GPTQ(Stage):
         acc.all_reduce(dim)  # each rank fed its own windows: the sums of all of them
         if cross is not None:
             cross.all_reduce(dim)
-        hs = [acc.finalize() if acc.count else None] * len(linears)
+        hs = [acc.finalize(consume=True) if acc.count else None] * len(linears)
         return hs, cross.finalize() if cross is not None and cross.count else None
 
     def _solve(
@@ -233,21 +233,19 @@ def _rtn_fallback(g, linears, w_fps, idxs, spec, layer, clips) -> list[dict]:
 
 def _store(g, linears, w_fps, idxs, h, res, spec, layer, clips) -> list[dict]:
     """Give each solved linear its codes and scales; its RTN vs GPTQ output error record."""
-    h32 = h.float()  # the error report's precision, converted once for all its products
     rows = [w_fps[i].shape[0] for i in idxs]
     qw = as_quantized_weight(res, spec)
     starts = [sum(rows[:k]) for k in range(len(rows))]
+    energies = _error_energies(g, w_fps, idxs, h, res.weight, spec, clips)
     errors = []
-    for k, (i, w_q) in enumerate(zip(idxs, res.weight.split(rows), strict=True)):
-        name, w_fp = g.linears[i], w_fps[i]
-        w_rtn = quantize_weight(w_fp, spec, name, clips.get(name))
-        den = hessian_row_energy(h32, w_fp).sum().item()
+    for k, i in enumerate(idxs):
+        den, rtn, gptq = energies[k].tolist()
         errors.append(
             {
                 "layer": layer,
-                "linear": name,
-                "rtn_error": energy_ratio(hessian_row_energy(h32, w_fp - w_rtn).sum().item(), den),
-                "gptq_error": energy_ratio(hessian_row_energy(h32, w_fp - w_q).sum().item(), den),
+                "linear": g.linears[i],
+                "rtn_error": energy_ratio(rtn, den),
+                "gptq_error": energy_ratio(gptq, den),
                 "fallback": res.fallback,
                 "solve_seconds": res.seconds,  # of the stacked solve
                 "solved_with": [g.linears[j] for j in idxs],
@@ -256,6 +254,31 @@ def _store(g, linears, w_fps, idxs, h, res, spec, layer, clips) -> list[dict]:
         # the weight decoded from the codes and scales it keeps: w_q bit for bit (tested)
         linears[i].set_quantized(qw.rows(starts[k], starts[k] + rows[k]))
     return errors
+
+
+def _error_energies(g, w_fps, idxs, h, w_q_stack, spec, clips) -> Tensor:
+    """Per linear of the stacked solve, the H-weighted energies [its weight, RTN's error, GPTQ's
+    error] (float64 [len(idxs), 3]). Under torch.distributed each rank sums its share of the
+    stacked rows and the sums are all-reduced: the report's cost is spread like the solve (a
+    format with a per-tensor scale rounds RTN over whole matrices, so there each rank does all)."""
+    h32 = h.float()  # the error report's precision, converted once for all its products
+    rows = [w_fps[i].shape[0] for i in idxs]
+    split = dist.active() and not spec.per_tensor_scale
+    mine = dist.shard(sum(rows)) if split else range(sum(rows))
+    out = torch.zeros(len(idxs), 3, dtype=torch.float64, device=h.device)
+    start = 0
+    for k, (i, w_q) in enumerate(zip(idxs, w_q_stack.split(rows), strict=True)):
+        a, b = max(mine.start - start, 0), min(mine.stop - start, rows[k])
+        start += rows[k]
+        if a >= b:
+            continue
+        name, w_fp = g.linears[i], w_fps[i]
+        clip = clips.get(name)
+        w_part = w_fp[a:b]
+        w_rtn = quantize_weight(w_part, spec, name, None if clip is None else clip[a:b])
+        for j, d in enumerate((w_part, w_part - w_rtn, w_part - w_q[a:b])):
+            out[k, j] = hessian_row_energy(h32, d).sum().item()
+    return dist.all_reduce_(out) if split else out
 
 
 def stacked_clip(parts: list[Tensor | None], w_fps: list[Tensor], idxs: list[int]) -> Tensor | None:
@@ -295,7 +318,7 @@ def routed_hessians(
         iq.reset()
     for acc, lin in zip(accs, linears, strict=True):
         acc.all_reduce(lin.weight.shape[1])  # an expert's tokens over every rank's windows
-    return [a.finalize() if a.count else None for a in accs]
+    return [a.finalize(consume=True) if a.count else None for a in accs]
 
 
 def shared_solves(spec: QuantSpec, n: int) -> list[list[int]]:

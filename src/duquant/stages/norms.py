@@ -87,5 +87,7 @@ class NormTweak(Stage):
             lr=self.lr,
             batch=self.batch,
             seed=ctx.seed,
+            # NVFP4 activations take one scale per tensor: a share of the tokens would get another
+            split_tokens=not (ctx.quant.act is not None and ctx.quant.act.per_tensor_scale),
         )
         ctx.teacher = None
