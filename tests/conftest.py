@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +231,58 @@ def transformed_fp_logits(base, method: str, ids, max_steps: int):
     with torch.no_grad():
         out = m(ids).logits
     return ref, out, m
+
+
+# ------------------------------------------------------------------ ranks on loopback (gloo)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple) -> None:
+    """One forked rank: join the gloo group on 127.0.0.1, run `fn(rank, *args)`, leave."""
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        fn(rank, *args)
+    finally:
+        tdist.destroy_process_group()
+
+
+def run_gloo_ranks(
+    fn, world: int, args: tuple = (), timeout_s: float = 120.0, why: str = ""
+) -> None:
+    """Run `fn(rank, *args)` in `world` forked processes joined in one gloo group on 127.0.0.1; wait
+    at most `timeout_s` (then TimeoutError, `why` or the default reason) and stop them whatever
+    happens."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _gloo_rank,
+        args=(fn, world, free_port(), args),
+        nprocs=world,
+        join=False,
+        start_method="fork",  # the parent has imported everything: seconds, not tens
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(why or f"{world} ranks did not finish within {timeout_s:g} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_family, make_tiny_llama
+from conftest import free_port, make_tiny_family, make_tiny_llama
 from safetensors.torch import load_file
 
 RUN_TIMEOUT = 240  # seconds; a hung collective fails the test instead of CI
@@ -77,17 +76,10 @@ def _run(nproc: int, args: list[str], script: str | None = None, env: dict | Non
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
         cmd += ["--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1"]
-        cmd += ["--master-port", str(_free_port()), *target, *args]
+        cmd += ["--master-port", str(free_port()), *target, *args]
     return subprocess.run(
         cmd, env=env or _env(), capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _our_lines(stderr: str) -> list[str]:
@@ -201,7 +193,7 @@ def test_unreachable_rendezvous_is_one_line(ckpt, tmp_path):
     """A rank whose rendezvous never answers ends after --dist-timeout with one line, exit 2."""
     env = _env()
     env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1")
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     out = tmp_path / "r.json"
     args = _args(ckpt, "rtn", "--output", str(out), "--dist-timeout", "5")
     res = subprocess.run(
@@ -223,7 +215,7 @@ def test_cuda_on_a_rank_without_gpu_is_one_line(ckpt, tmp_path):
         pytest.skip("this machine has a GPU")
     env = _env()
     env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     out = tmp_path / "r.json"
     res = subprocess.run(
         [sys.executable, "-m", "duquant", *_args(ckpt, "rtn", "--output", str(out))]

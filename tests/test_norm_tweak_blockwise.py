@@ -5,15 +5,11 @@ follow one rank's trajectory."""
 from __future__ import annotations
 
 import copy
-import datetime
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.utils.parametrize as parametrize
-from conftest import make_tiny_family, make_tiny_llama
+from conftest import make_tiny_family, make_tiny_llama, run_gloo_ranks
 
 from duquant.learn.norms import (
     RelativeScale,
@@ -191,12 +187,6 @@ def test_a_batch_larger_than_the_calibration_is_refused():
 # ------------------------------------------------------------------ two ranks (gloo, 127.0.0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tweak(batch: int, family: str = "llama", seqlen: int = 16) -> list[torch.Tensor]:
     """Norm tweaking of one tiny model towards another (built from seeds in every process: no
     model crosses a process boundary); the trained weights, then whether steps split by tokens."""
@@ -213,45 +203,9 @@ def _tweak(batch: int, family: str = "llama", seqlen: int = 16) -> list[torch.Te
     return weights + [torch.tensor(info["sequence_parallel"])]
 
 
-def _rank_main(rank: int, world: int, port: int, out, batch: int, family: str, seqlen: int) -> None:
+def _rank_main(rank: int, out, batch: int, family: str, seqlen: int) -> None:
     """One rank of the test's process group: tweak, write its weights."""
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    tdist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.save(_tweak(batch, family, seqlen), f"{out}/rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
-
-
-def _run_ranks(
-    world: int, out, batch: int, family="llama", seqlen=16, timeout_s: float = 120.0
-) -> None:
-    """Start `world` ranks on 127.0.0.1, wait at most `timeout_s`, stop them whatever happens."""
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(world, _free_port(), str(out), batch, family, seqlen),
-        nprocs=world,
-        join=False,
-        start_method="fork",  # the parent has imported everything: seconds, not tens
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish within {timeout_s:g} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+    torch.save(_tweak(batch, family, seqlen), f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize(
@@ -268,7 +222,7 @@ def test_two_ranks_give_one_ranks_norm_weights(tmp_path, batch, family, seqlen):
     make = make_tiny_llama if family == "llama" else lambda s: make_tiny_family(family, s)
     start = [m.weight for m in tuned_norms(make(9), adapter_for(make(9)))]
     assert not any(torch.equal(a, b) for a, b in zip(one, start, strict=True))  # trained at all
-    _run_ranks(2, tmp_path, batch=batch, family=family, seqlen=seqlen)
+    run_gloo_ranks(_rank_main, 2, (str(tmp_path), batch, family, seqlen))
     for r in range(2):
         *two, split = torch.load(tmp_path / f"rank{r}.pt")
         assert bool(split) == (batch == 1 and seqlen % 2 == 0)

@@ -279,7 +279,7 @@ def tune_norms(
     return info
 
 
-def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, split) -> dict:
+def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, split_tokens) -> dict:
     """tune_norms' loop (the model frozen)."""
     slots = collect_slots(model, adapter, store)
     by = _Slots(slots)
@@ -287,13 +287,12 @@ def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, spl
     steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
-    tokens = _token_share(model, adapter, store, windows, batch) if split else None
+    tokens = _token_share(model, adapter, store, windows, batch) if split_tokens else None
     # one window a step split by tokens over the ranks, else the batch's windows shared by them
     share = range(batch) if tokens is not None else dist.shard(batch)
     info: dict = {"kl_per_epoch": [], "norms": len(slots), "steps": 0}
     info["sequence_parallel"] = tokens is not None
-    split = sequence.parallel(model, tokens) if tokens is not None else nullcontext()
-    with split:
+    with sequence.parallel(model, tokens) if tokens is not None else nullcontext():
         for _ in tqdm(range(epochs), desc="tune norms", leave=False, disable=not dist.is_main()):
             order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
             for s in range(steps):
