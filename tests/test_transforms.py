@@ -244,3 +244,50 @@ def test_block_rotation_moves_with_its_module() -> None:
     assert rot.rotation.dtype == torch.float64
     x = torch.randn(2, 64, dtype=torch.float64)
     assert torch.equal(seq(x), x)
+
+
+def test_output_error_matches_a_hand_computed_layer_error():
+    """The output objective is ‖Q(x)Q(w)ᵀ − xwᵀ‖² / ‖xwᵀ‖², Q the MX fake quantizer, by hand."""
+    from duquant.formats import QuantSpec
+    from duquant.formats.reference import mx_quantize_dequantize
+    from duquant.transforms.rotation import output_error
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(8, 64, generator=g)
+    spec = QuantSpec()
+    ref = x @ w.T
+    want = ((mx_quantize_dequantize(x) @ mx_quantize_dequantize(w).T - ref) ** 2).sum() / (
+        ref**2
+    ).sum()
+    assert output_error(x, w, spec, spec) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_alpha_search_picks_the_grid_alpha_with_the_least_output_error():
+    """Smooth(alpha_search) returns the α of ALPHA_GRID a brute-force loop finds best."""
+    from types import SimpleNamespace
+
+    from duquant.formats import QuantSpec
+    from duquant.stages.transforms import ALPHA_GRID, Smooth, _smoothed_output_error
+    from duquant.transforms.smooth import smoothing_scale
+
+    g = torch.Generator().manual_seed(1)
+    x = (
+        torch.randn(256, 128, generator=g)
+        * torch.logspace(0, 2, 128)[torch.randperm(128, generator=g)]
+    )
+    w = torch.randn(96, 128, generator=g)
+    stats = SimpleNamespace(absmax=x.abs().amax(0))
+    group = SimpleNamespace(name="qkv", linears=("q",), heads=False)
+    quant = SimpleNamespace(act=QuantSpec(), weight=QuantSpec())
+    steps, xs, ws, info = Smooth(alpha_search=True).plan(x, w, [w], stats, group, None, quant, None)
+    errs = [
+        _smoothed_output_error(x, w, smoothing_scale(stats.absmax, [w], a), quant)
+        for a in ALPHA_GRID
+    ]
+    best = ALPHA_GRID[min(range(len(errs)), key=errs.__getitem__)]
+    assert info["alpha"] == best and info["alpha_errors"] == errs
+    assert torch.equal(steps[0].scale, smoothing_scale(stats.absmax, [w], best))
+    plain = Smooth().plan(x, w, [w], stats, group, None, quant, None)
+    assert (
+        torch.equal(plain[0][0].scale, smoothing_scale(stats.absmax, [w], 0.6)) and plain[3] == {}
+    )
