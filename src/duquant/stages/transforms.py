@@ -19,13 +19,7 @@ from duquant.stages.base import Stage, StageError, at_least, one_of
 from duquant.transforms.base import BlockRotation, ChannelScale, Permutation, Transform
 from duquant.transforms.hadamard import block_hadamard, random_signs
 from duquant.transforms.permutation import zigzag_permutation
-from duquant.transforms.rotation import (
-    OBJECTIVES,
-    best_start,
-    greedy_rotation,
-    output_error,
-    per_block_greedy,
-)
+from duquant.transforms.rotation import best_start, greedy_rotation, per_block_greedy
 from duquant.transforms.smooth import share_over_heads, smoothing_scale
 
 SEARCH_ROWS = 512  # calibration activation rows (tokens) the statistics pass samples per input
@@ -51,8 +45,6 @@ class Smooth(TransformStage):
     KIND: ClassVar[str] = "smooth"
     OVERRIDES: ClassVar[dict[str, str]] = {"alpha": "alpha"}
     alpha: float = 0.6
-    # per input, the α of ALPHA_GRID with the smallest quantized output error (instead of `alpha`)
-    alpha_search: bool = False
 
     def check(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
@@ -76,38 +68,10 @@ class Smooth(TransformStage):
         return None
 
     def plan(self, x, w, weights, stats, group, heads, quant, gen) -> tuple:
-        alphas = ALPHA_GRID if self.alpha_search else (self.alpha,)
-        scales = [self._scale(a, stats, weights, group, heads) for a in alphas]
-        info = {}
-        if len(scales) > 1:
-            errs = [_smoothed_output_error(x, w, s, quant) for s in scales]
-            pick = min(range(len(errs)), key=errs.__getitem__)
-            scales = [scales[pick]]
-            info = {"alpha": alphas[pick], "alpha_errors": errs}
-        scale = scales[0]
-        return [ChannelScale(scale)], x / scale, w * scale, info
-
-    @staticmethod
-    def _scale(alpha, stats, weights, group, heads) -> Tensor:
-        """Λ for one α (shared over the heads that read one KV head where they feed o_proj)."""
-        scale = smoothing_scale(stats.absmax, weights, alpha)
+        scale = smoothing_scale(stats.absmax, weights, self.alpha)
         if fed_by_heads(group, heads):
             scale = share_over_heads(scale, heads.n_heads, heads.n_kv_heads)
-        return scale
-
-
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # what `alpha_search` chooses from, per input
-
-
-def _smoothed_output_error(x: Tensor, w: Tensor, scale: Tensor, quant) -> float:
-    """Output error of the layer smoothed by `scale` with a B = 32 block Hadamard after it (the
-    rotation stage's stand-in) and both sides quantized, on sampled rows."""
-    a_spec = (quant.act if quant else None) or QuantSpec()
-    w_spec = (quant.weight if quant else None) or QuantSpec()
-    h = block_hadamard(32).float()
-    xs = (_rows(x, 512).float() / scale).reshape(-1, 32) @ h
-    ws = (_rows(w, 256).float() * scale).reshape(-1, 32) @ h
-    return output_error(xs.view(-1, x.shape[-1]), ws.view(-1, w.shape[-1]), a_spec, w_spec)
+        return [ChannelScale(scale)], x / scale, w * scale, {}
 
 
 def _power_of_two(stage: Stage) -> None:
@@ -149,8 +113,7 @@ def _rows(t: Tensor, n: int) -> Tensor:
 class GreedyRotation(TransformStage):
     """DuQuant's outlier-aware greedy search for ONE block rotation shared by all blocks.
 
-    `objective`: range (the paper: peak range), mx (the MXFP4 error of activations and weights) or
-    output (the quantized layer's output error on the sampled rows);
+    `objective`: range (the paper: peak range) or mx (the MXFP4 error of activations and weights);
     `start`: identity (the paper) or the best of `start_candidates` randomized block Hadamards."""
 
     KIND: ClassVar[str] = "greedy-rotation"
@@ -167,7 +130,7 @@ class GreedyRotation(TransformStage):
     def check(self) -> None:
         _power_of_two(self)
         at_least(self, "max_steps", 0)
-        one_of(self, "objective", OBJECTIVES)
+        one_of(self, "objective", ("range", "mx"))
         one_of(self, "start", ("identity", "random-hadamard"))
         at_least(self, "start_candidates", 1)
         at_least(self, "objective_rows", 1)
@@ -196,11 +159,7 @@ class GreedyRotation(TransformStage):
             return None, {}
         b = self.block_size
         cands = [block_hadamard(b, random_signs(b, gen)) for _ in range(self.start_candidates)]
-        # the start is ranked by the MX error unless the search's objective is the output error
-        rank = "output" if self.objective == "output" else "mx"
-        pick, errs = (
-            best_start(xs, cands, a_spec, ws, w_spec, rank) if len(cands) > 1 else (0, [])
-        )
+        pick, errs = best_start(xs, cands, a_spec, ws, w_spec) if len(cands) > 1 else (0, [])
         return cands[pick], {"start_errors": errs, "start_pick": pick}
 
     def _search(self, x, w, quant, gen) -> tuple:
@@ -218,7 +177,7 @@ class GreedyRotation(TransformStage):
             spec=a_spec,
             w_spec=w_spec,
         )
-        if self.objective != "range":  # the range objective keeps every sampled row
+        if self.objective == "mx":  # the range objective keeps every sampled row
             return start, xs, ws, kw, info0
         return start, x, None, kw, info0
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from duquant.formats import QuantSpec
 from duquant.utils import single_thread
 
-OBJECTIVES = ("range", "mx", "output")
+OBJECTIVES = ("range", "mx")
 
 
 def helmert_spread(n: int) -> Tensor:
@@ -76,29 +76,13 @@ def _rel_err(m: Tensor, spec: QuantSpec) -> Tensor:
     return (spec.fake_quant(m) - m).pow(2).sum() / m.pow(2).sum().clamp(min=1e-30)
 
 
-def output_error(x: Tensor, w: Tensor, spec: QuantSpec, w_spec: QuantSpec) -> float:
-    """‖Q(x)·Q(w)ᵀ − x·wᵀ‖² / ‖x·wᵀ‖²: the layer's relative output error with both quantized
-    (x [rows, K] and w [out, K] already transformed; an orthogonal transform leaves x·wᵀ as is)."""
-    ref = x @ w.T
-    err = spec.fake_quant(x) @ w_spec.fake_quant(w).T - ref
-    return float(err.pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
-
-
 def _objective(
-    m: Tensor,
-    kind: str,
-    spec: QuantSpec | None,
-    w: Tensor | None,
-    w_spec: QuantSpec | None = None,
-    cols: int | None = None,
+    m: Tensor, kind: str, spec: QuantSpec | None, w: Tensor | None, w_spec: QuantSpec | None = None
 ) -> float:
-    """Search objective of rotated rows `m` (and rotated weight rows `w`), both viewed as
-    (-1, B): peak range, MX error, or (`output`, `cols` = K) the layer's output error."""
+    """Search objective of rotated rows `m` (and rotated weight rows `w`): peak range or MX error."""
     if kind == "range":
         lo, hi = torch.aminmax(m)
         return float(hi - lo)
-    if kind == "output":
-        return output_error(m.view(-1, cols), w.view(-1, cols), spec, w_spec or spec)
     err = _rel_err(m, spec)
     if w is not None:
         err = err + _rel_err(w, w_spec or spec)
@@ -111,23 +95,14 @@ def best_start(
     spec: QuantSpec,
     weight: Tensor | None = None,
     w_spec: QuantSpec | None = None,
-    objective: str = "mx",
 ) -> tuple[int, list[float]]:
-    """Index of the B x B rotation among `candidates` with the smallest MX error of x·R (and W·R),
-    or with `objective` output the smallest output error of the quantized layer."""
+    """Index of the B x B rotation among `candidates` with the smallest MX error of x·R (and W·R)."""
     b = candidates[0].shape[0]
     m = x.float().reshape(-1, b)
     w = None if weight is None else weight.float().reshape(-1, b)
     with single_thread():
         errs = [
-            _objective(
-                m @ r.float(),
-                objective,
-                spec,
-                None if w is None else w @ r.float(),
-                w_spec,
-                x.shape[-1],
-            )
+            _objective(m @ r.float(), "mx", spec, None if w is None else w @ r.float(), w_spec)
             for r in candidates
         ]
     return min(range(len(errs)), key=errs.__getitem__), errs
@@ -157,10 +132,8 @@ def _greedy_rotation(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective in ("mx", "output") and spec is None:
-        raise ValueError(f"the {objective} objective needs the quantization spec")
-    if objective == "output" and weight is None:
-        raise ValueError("the output objective needs the weight")
+    if objective == "mx" and spec is None:
+        raise ValueError("the mx objective needs the quantization spec")
     gen = generator or torch.Generator().manual_seed(0)
     b = block_size
     # rows in float32 (the search only ranks candidates); the 32 x 32 product accumulates in float64
@@ -175,7 +148,7 @@ def _greedy_rotation(
     best_obj = (
         float(m.view(-1)[hi] - m.view(-1)[lo])
         if fast
-        else _objective(m, objective, spec, w, w_spec, x.shape[-1])
+        else _objective(m, objective, spec, w, w_spec)
     )
     best_steps, best, first_obj = 0, cur.clone(), best_obj
     for step in range(1, max_steps + 1):
@@ -190,7 +163,7 @@ def _greedy_rotation(
         if fast:  # the same float32 difference as a global aminmax gives
             obj = float(m.view(-1)[hi] - m.view(-1)[lo])
         else:
-            obj = _objective(m, objective, spec, w, w_spec, x.shape[-1])
+            obj = _objective(m, objective, spec, w, w_spec)
         if obj < best_obj:
             best_obj, best_steps, best = obj, step, cur.clone()
     return best, {"steps": best_steps, "objective": objective, "start": first_obj, "best": best_obj}
