@@ -235,6 +235,51 @@ def test_end_to_end_learning_lowers_the_kl_and_keeps_an_exact_plan():
         assert kl_from_teacher(fp(ids).logits, model(ids).logits) < 1e-6
 
 
+def test_end_to_end_makes_no_copy_of_the_model_and_plans_on_one_block_copy_at_a_time(monkeypatch):
+    """duquant++e2e without a second model: the searched starting plans come from copies of one
+    block at a time (`ScratchBlocks`), equal to the plans a quantization of a whole copy gives,
+    and the training runs on the model itself (its own teacher, wrappers passing through),
+    which is left exactly as it was; nothing deep-copies the model."""
+    from duquant.learn.e2e import learn_end_to_end
+    from duquant.models.streaming import InMemoryBlocks, ScratchBlocks
+
+    model = make_tiny_llama(3)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(7))
+    method = get_method("duquant++e2e", learn_epochs=1).without(EndToEnd)
+    quant = QuantConfig(weight=MX, act=MX)
+    whole = quantize_model(copy.deepcopy(model), adapter_for(model), method, quant, ids).plans
+    before = copy.deepcopy(model.state_dict())
+    copied, deepcopy = [], copy.deepcopy
+
+    def recording(obj, *args, **kw):
+        copied.append(id(obj))
+        return deepcopy(obj, *args, **kw)
+
+    monkeypatch.setattr(copy, "deepcopy", recording)
+    adapter = adapter_for(model)
+    scratch = ScratchBlocks(InMemoryBlocks(adapter.blocks(model)))
+    plans = quantize_model(model, adapter, method, quant, ids, store=scratch).plans
+    assert len(plans) == len(whole)
+    compared = 0
+    for mine, ref in zip(plans, whole, strict=True):
+        for name, plan in mine.items():
+            ours, theirs = (
+                plan.weight_transform.state_dict(),
+                ref[name].weight_transform.state_dict(),
+            )
+            assert ours.keys() == theirs.keys()
+            for k, x in ours.items():
+                assert torch.equal(x, theirs[k])
+                compared += 1
+    assert compared >= 2 * len(plans)  # a smoothing scale and a rotation per input at least
+    assert id(model) not in copied and all(id(b) in copied for b in adapter.blocks(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    learn_end_to_end(model, adapter, plans, quant, ids, epochs=1, lr=1e-2, batch=1)
+    assert id(model) not in copied
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_kl_from_teacher_matches_torch():
     """The distillation loss is torch's KL(teacher || student) averaged over tokens."""
     gen = torch.Generator().manual_seed(8)

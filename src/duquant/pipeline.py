@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import time
@@ -30,7 +29,7 @@ from duquant.gptq import check_gptq_options
 from duquant.methods import Recipe
 from duquant.models.adapters import Adapter, InputGroup
 from duquant.models.moe import unfuse_block
-from duquant.models.streaming import BlockStore, InMemoryBlocks
+from duquant.models.streaming import BlockStore, InMemoryBlocks, ScratchBlocks
 from duquant.plan import GroupPlan, HeadShape, plan_group
 from duquant.qlinear import (
     InputQuantizer,
@@ -112,13 +111,15 @@ class QuantContext:
         return q.gptq if q.weights == "gptq" else None
 
     def plan_scratch(self) -> list[dict[str, GroupPlan]]:
-        """Every block's plans as the recipe's transform stages search them, on a copy of the
-        model quantized with RTN weights (for EndToEnd, which trains them)."""
-        scratch = copy.deepcopy(self.model)
+        """Every block's plans as the recipe's transform stages search them, the model quantized
+        with RTN weights block by block on copies of one block at a time (for EndToEnd, which
+        trains them); the model is left as it was."""
         recipe = self.recipe.without(EndToEnd).without(NormTweak)
         quant = replace(self.quant, weights="rtn")
-        rep = quantize_model(scratch, self.adapter, recipe, quant, self.windows, self.seed)
-        del scratch
+        scratch = ScratchBlocks(self.store)
+        rep = quantize_model(
+            self.model, self.adapter, recipe, quant, self.windows, self.seed, scratch
+        )
         return rep.plans
 
 

@@ -19,8 +19,9 @@ def kl_from_teacher(student: Tensor, teacher: Tensor) -> Tensor:
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def distill_step(student: nn.Module, teacher: nn.Module, batch: Tensor, opt, sched) -> float:
-    """One optimizer step of `student` on its KL from `teacher` over `batch`; the loss."""
+def distill_step(student: nn.Module, teacher, batch: Tensor, opt, sched) -> float:
+    """One optimizer step of `student` on its KL from `teacher` (a model or any callable giving
+    logits as one) over `batch`; the loss."""
     with torch.no_grad():
         target = teacher(batch).logits
     with torch.enable_grad():  # quantize_model runs under no_grad

@@ -11,7 +11,6 @@ rotation per input, so the online cost and the export are DuQuant++'s.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from contextlib import ExitStack
@@ -26,13 +25,25 @@ from duquant.plan import GroupPlan, HeadShape, plan_from_steps
 
 from . import rotation_learner
 from .distill import distill_step, kl_from_teacher
-from .trainer import LearnedGroup, _clear, quantized_wrappers
+from .trainer import LearnedGroup, _clear, full_precision, quantized_wrappers
 
 log = logging.getLogger(__name__)
 
 
+class _Teacher:
+    """The wrapped model called with its wrappers computing as the linears they wrap: the
+    full-precision model, without a copy of it."""
+
+    def __init__(self, model: nn.Module, caches: list[dict]):
+        self.model, self.caches = model, caches
+
+    def __call__(self, ids: Tensor):
+        with full_precision(self.caches):
+            return self.model(ids)
+
+
 @torch.no_grad()
-def _mean_kl(student: nn.Module, teacher: nn.Module, windows: Tensor, caches) -> float:
+def _mean_kl(student: nn.Module, teacher: _Teacher, windows: Tensor, caches) -> float:
     """KL of the wrapped model from the teacher, averaged over the windows."""
     total = 0.0
     for w in windows:
@@ -55,11 +66,16 @@ def learn_end_to_end(
     fold: bool = True,
     per_block: bool = False,
 ) -> tuple[list[dict[str, GroupPlan]], dict]:
-    """`plans` of every block (as searched) after joint training; `model` is left as it was."""
+    """`plans` of every block (as searched) after joint training. The model itself is the student
+    (its linears wrapped while training) and, with the wrappers passing through, the teacher: no
+    copy of it is made; it is left as it was (stacked experts unfused, as the pipeline does)."""
     heads = HeadShape.of(model.config)
-    student = copy.deepcopy(model).requires_grad_(False)
+    student = model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)  # only the learned transforms train
     learned: list[dict[str, LearnedGroup]] = []
     with ExitStack() as stack:
+        stack.callback(lambda: [p.requires_grad_(True) for p in trainable])
         caches = []
         for i, block in enumerate(adapter.blocks(student)):
             unfuse_block(block, adapter)
@@ -71,10 +87,11 @@ def learn_end_to_end(
                     lgs[g.name] = lg
             learned.append(lgs)
             caches += stack.enter_context(quantized_wrappers(block, groups, lgs, quant, heads))
+        teacher = _Teacher(model, caches)
         params = [p for lgs in learned for lg in lgs.values() for p in lg.parameters()]
         n_windows = len(windows)
         probe = windows[: min(4, n_windows)]
-        info = {"loss_before": _mean_kl(student, model, probe, caches), "steps": 0, "loss": "kl"}
+        info = {"loss_before": _mean_kl(student, teacher, probe, caches), "steps": 0, "loss": "kl"}
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         batch = max(1, batch)
         n_batches = math.ceil(n_windows / batch)
@@ -85,13 +102,13 @@ def learn_end_to_end(
             order = torch.randperm(n_windows, generator=gen)
             for b in range(n_batches):
                 idx = order[b * batch : (b + 1) * batch]
-                loss = distill_step(student, model, windows[idx], opt, sched)
+                loss = distill_step(student, teacher, windows[idx], opt, sched)
                 _clear(caches)
                 info["steps"] += 1
                 bar.update(1)
                 bar.set_postfix(kl=f"{loss:.4f}")
         bar.close()
-        info["loss_after"] = _mean_kl(student, model, probe, caches)
+        info["loss_after"] = _mean_kl(student, teacher, probe, caches)
     log.info("end-to-end: KL %.4g -> %.4g", info["loss_before"], info["loss_after"])
     out = []
     for i, block in enumerate(adapter.blocks(student)):

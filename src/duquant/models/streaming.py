@@ -104,6 +104,45 @@ class InMemoryBlocks:
         """Nothing to do: a top-level module changed in place stays changed."""
 
 
+class ScratchBlocks:
+    """Another store's blocks, each handed out as a copy that is dropped on release: a quantization
+    through it leaves the model as it was and holds one extra block at a time (a planning pass:
+    duquant++e2e's searched starting plans), where a copy of the whole model held them all."""
+
+    def __init__(self, inner: BlockStore):
+        self.inner = inner
+        self.whole_model = inner.whole_model
+        self._copies: dict[int, nn.Module] = {}
+
+    def embedding(self, model: nn.Module):
+        """The inner store's embedding (read, never changed here)."""
+        return self.inner.embedding(model)
+
+    def load(self, i: int) -> nn.Module:
+        """A copy of the inner store's block `i` (whose own is released unchanged)."""
+        self._copies[i] = copy.deepcopy(self.inner.load(i))
+        self.inner.release(i)
+        return self._copies[i]
+
+    def release(self, i: int) -> None:
+        """Drop the copy."""
+        self._copies.pop(i, None)
+
+    def head(self):
+        """The inner store's final norm and head."""
+        return self.inner.head()
+
+    def reused(self) -> bool:
+        """As the inner store."""
+        return self.inner.reused()
+
+    def update(self, i: int) -> None:
+        """Nothing to keep: a copy's changes are dropped with it."""
+
+    def set_outer(self, name: str, tensors: dict[str, Tensor]) -> None:
+        """Nothing to keep: a scratch pass leaves the model's top-level modules as they are."""
+
+
 class SafetensorsCheckpoint:
     """Tensor names of a Hugging Face checkpoint folder and the shard holding each, read lazily."""
 
@@ -872,6 +911,7 @@ def open_streamed(
 __all__ = [
     "BlockStore",
     "InMemoryBlocks",
+    "ScratchBlocks",
     "SafetensorsCheckpoint",
     "StreamedBlocks",
     "WorkDirError",
