@@ -4,6 +4,7 @@ block training, and that what was learned folds into an exactly equivalent full-
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -278,6 +279,37 @@ def test_end_to_end_makes_no_copy_of_the_model_and_plans_on_one_block_copy_at_a_
     assert id(model) not in copied
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_full_precision_makes_the_wrapped_model_its_own_exact_teacher():
+    """With the training wrappers installed, `full_precision` gives the unwrapped model's logits
+    bit for bit (the e2e teacher without a copy); outside it the wrapped model differs."""
+    from duquant.learn import rotation_learner
+    from duquant.learn.trainer import full_precision, quantized_wrappers
+
+    model = make_tiny_llama(3)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(7))
+    adapter = adapter_for(model)
+    method = get_method("duquant++e2e").without(EndToEnd)
+    quant = QuantConfig(weight=MX, act=MX)
+    plans = quantize_model(copy.deepcopy(model), adapter, method, quant, ids).plans
+    with torch.no_grad():
+        ref = model(ids).logits
+    heads = HeadShape.of(model.config)
+    with ExitStack() as stack:
+        caches = []
+        for i, block in enumerate(adapter.blocks(model)):
+            groups = adapter.block_groups(block)
+            lgs = {
+                g.name: rotation_learner(block, g, plans[i][g.name], None, heads) for g in groups
+            }
+            caches += stack.enter_context(quantized_wrappers(block, groups, lgs, quant, heads))
+        with torch.no_grad():
+            with full_precision(caches):
+                teacher = model(ids).logits
+            student = model(ids).logits
+    assert torch.equal(teacher, ref)
+    assert not torch.allclose(student, ref, atol=1e-3)
 
 
 def test_kl_from_teacher_matches_torch():
