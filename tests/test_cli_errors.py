@@ -309,3 +309,14 @@ def test_gptq_options_a_method_fixes_or_cannot_take(argv, needles, capsys):
     """A weight quantizer or scale search that contradicts the method, or a search the scale rule
     cannot take, is one line before anything loads."""
     one_line_error(capsys, invoke(["run", *argv]), *needles)
+
+
+def test_end_to_end_after_quarot_is_refused_before_loading(tmp_path, capsys):
+    """A recipe file pairing QuaRot's global rotation with end-to-end training: one line, exit 2,
+    before the model loads (the pipeline refuses it too, tests/test_recipes.py)."""
+    recipe = tmp_path / "quarot-e2e.yaml"
+    recipe.write_text("name: quarot-e2e\nstages:\n  - stage: quarot\n  - stage: end-to-end\n")
+    out = tmp_path / "r.json"
+    code = invoke(["run", "--recipe", str(recipe), "--output", str(out)])
+    one_line_error(capsys, code, "end-to-end training after QuaRot", "drop one")
+    assert not out.exists()

@@ -158,3 +158,19 @@ def test_bad_recipe_file_on_the_command_line_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(f) in err and "alpha" in err and "Traceback" not in err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_end_to_end_after_quarot_is_refused_before_the_model_changes():
+    """EndToEnd plans with a pass of the recipe less itself over the model as it is: after
+    QuaRot's in-place rotation that pass would rotate the model twice, so the pair is refused
+    before any stage runs and the model is untouched."""
+    from duquant.stages import EndToEnd, QuaRot
+
+    model = make_tiny_llama(3)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = copy.deepcopy(model.state_dict())
+    recipe = Recipe("quarot+e2e", (QuaRot(), EndToEnd(epochs=1)))
+    mx = QuantConfig()
+    with pytest.raises(ValueError, match="end-to-end training after QuaRot"):
+        quantize_model(model, adapter_for(model), recipe, mx, ids)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

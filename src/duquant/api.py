@@ -225,6 +225,8 @@ def check(cfg: RunConfig) -> Plan:
     check_data(cfg, needs_windows(recipe, quant))
     check_distributed(cfg, needs_windows(recipe, quant))
     check_norm_batch(cfg, recipe)
+    if recipe.conflict:
+        raise ConfigError(recipe.conflict)
     if cfg.stream and recipe.whole_model_step:
         raise ConfigError(
             f"--stream: method {recipe.name} {recipe.whole_model_step}; drop --stream to "

@@ -150,6 +150,8 @@ def check_request(ctx: QuantContext) -> None:
             f"--gptq-hessian fp is not supported for the {adapter.name} family: the statistics "
             "pass sees every token, an expert only its routed ones; use --gptq-hessian quantized"
         )
+    if recipe.conflict:
+        raise ValueError(recipe.conflict)
     if recipe.whole_model_step and not ctx.store.whole_model:
         raise ValueError(
             f"method {recipe.name} {recipe.whole_model_step}; streaming quantization holds one "

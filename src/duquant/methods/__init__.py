@@ -87,6 +87,18 @@ class Recipe:
         return next((s.whole_model for s in self.stages if s.whole_model), None)
 
     @property
+    def conflict(self) -> str | None:
+        """Why these stages cannot run together (None: they can)."""
+        if self.get(EndToEnd) is not None and self.global_rotation:
+            # EndToEnd's starting plans come from a pass of the recipe less itself over the model
+            # as it is: after QuaRot's in-place rotation that pass would rotate it again
+            return (
+                f"method {self.name}: end-to-end training after QuaRot's global rotation is not "
+                "supported; drop one of the two stages"
+            )
+        return None
+
+    @property
     def global_rotation(self) -> bool:
         """Whether the recipe rotates the residual stream (QuaRot)."""
         return self.get(QuaRot) is not None
