@@ -85,10 +85,11 @@ def test_input_quantizer_is_straight_through_under_grad():
     torch.testing.assert_close(xg.grad, rot.inverse(g), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["duquant++e2e"])
-def test_whole_model_training_is_refused_when_streaming(method):
-    """End-to-end training runs through the whole model: a streamed quantization is refused before
-    anything changes (norm tweaking goes block by block and streams: test_norm_tweak_blockwise)."""
+@pytest.mark.parametrize("method", ["quarot"])
+def test_whole_model_steps_are_refused_when_streaming(method):
+    """QuaRot rotates the whole model at once: a streamed quantization is refused before anything
+    changes (norm tweaking and end-to-end training go block by block and stream:
+    test_norm_tweak_blockwise, test_streaming)."""
     from duquant.models.streaming import InMemoryBlocks
 
     class _Streamed(InMemoryBlocks):

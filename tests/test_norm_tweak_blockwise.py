@@ -260,3 +260,65 @@ def test_teacher_targets_in_chunks_equal_one_pass(monkeypatch):
         torch.testing.assert_close(a.logp, b.logp, rtol=1e-5, atol=1e-6)
         assert torch.equal(a.index, b.index) and a.logp.shape[0] == ids.shape[1] > 5
         torch.testing.assert_close(a.tail, b.tail, rtol=1e-5, atol=1e-6)
+
+
+def _e2e_run(batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """duquant++e2e on a tiny model (block by block, like norm tweaking): every learned plan's
+    tensors, the first step's gradients (summed over ranks), whether steps split by tokens."""
+    from duquant.learn import norms
+
+    grads, sync = [], norms._sync_step
+
+    def first_grads(ts, loss, b):
+        out = sync(ts, loss, b)
+        if not grads:
+            grads.extend(t.grad.clone() for t in ts)
+        return out
+
+    model, ids = make_tiny_llama(9), _ids(4, 16, seed=8)
+    method = get_method("duquant++e2e", learn_epochs=2, learn_lr=2e-2, learn_batch=batch)
+    norms._sync_step = first_grads
+    try:
+        rep = quantize_model(model, adapter_for(model), method, QuantConfig(), ids, seed=7)
+    finally:
+        norms._sync_step = sync
+    plans = [t for block in rep.plans for p in block.values() for t in _plan_tensors(p)]
+    return plans, grads, rep.learn[-1]["sequence_parallel"]
+
+
+def _plan_tensors(plan) -> list[torch.Tensor]:
+    """A plan's transform tensors (smoothing scales, rotations) in a fixed order."""
+    return list(plan.weight_transform.state_dict().values())
+
+
+def _e2e_rank_main(rank: int, out, batch: int) -> None:
+    """One rank: duquant++e2e, write its plans and first gradients."""
+    plans, grads, split = _e2e_run(batch)
+    torch.save((plans, grads, split), f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_two_ranks_train_one_ranks_end_to_end_plans(tmp_path, batch):
+    """duquant++e2e trains through the same block-by-block steps as norm tweaking. Two windows a
+    step, one each on two gloo ranks: one process's plans exactly. One window a step, split by
+    tokens: the first step's gradients agree to float order (the rotations' weights are
+    re-rounded onto the MX grid every step, so later steps part, as any change of float order
+    would make them); both differ from the searched start."""
+    one, g_one, one_split = _e2e_run(batch)
+    assert not one_split
+    model, ids = make_tiny_llama(9), _ids(4, 16, seed=8)
+    start = quantize_model(
+        model, adapter_for(model), get_method("duquant++mx"), QuantConfig(), ids, seed=7
+    )
+    searched = [t for block in start.plans for p in block.values() for t in _plan_tensors(p)]
+    assert len(searched) == len(one) and not all(
+        torch.equal(a, b) for a, b in zip(one, searched, strict=True)
+    )
+    run_gloo_ranks(_e2e_rank_main, 2, (str(tmp_path), batch))
+    for r in range(2):
+        two, g_two, split = torch.load(tmp_path / f"rank{r}.pt")
+        assert split == (batch == 1) and len(g_two) == len(g_one) > 0
+        for a, b in zip(g_one, g_two, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+        if batch == 2:
+            assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))

@@ -7,57 +7,87 @@ full-precision model's next-token distribution over the calibration windows (Spi
 on DuQuant++'s per-input block rotations instead of a residual-stream rotation). The starting
 point is duquant++mx's searched plans; the result is still one smoothing and one 32 x 32 block
 rotation per input, so the online cost and the export are DuQuant++'s.
+
+Training runs block by block through the pipeline's block store, as norm tweaking does
+(duquant.learn.norms.train_blockwise): the teacher is the full-precision model's compact next-token
+distributions computed once beforehand (duquant.learn.teacher), each step runs the blocks forward
+keeping their inputs and backward recomputing each block, whose groups' linears are wrapped for
+training only while it runs. So neither a copy of the model nor the whole model in memory is needed
+(`--stream` works), and ranks share steps as norm tweaking's do.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from contextlib import ExitStack
 
-import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from duquant.models.adapters import Adapter
+from duquant.calibrate import block_output
+from duquant.models.adapters import Adapter, InputGroup
 from duquant.models.moe import unfuse_block
 from duquant.plan import GroupPlan, HeadShape, plan_from_steps
 
 from . import rotation_learner
-from .distill import distill_step, kl_from_teacher
-from .trainer import LearnedGroup, _clear, full_precision, quantized_wrappers
+from .norms import frozen_model, train_blockwise
+from .teacher import TopK
+from .trainer import LearnedGroup, quantized_wrappers
 
 log = logging.getLogger(__name__)
 
 
-class _Teacher:
-    """The wrapped model called with its wrappers computing as the linears they wrap: the
-    full-precision model, without a copy of it."""
+class _Wrapped:
+    """The learned transforms as the block-by-block trainer calls them: block `i` runs with its
+    groups' linears wrapped (straight-through quantization through the learned transforms) for
+    the length of the call; the final norm stays the model's."""
 
-    def __init__(self, model: nn.Module, caches: list[dict]):
-        self.model, self.caches = model, caches
+    def __init__(self, adapter: Adapter, learned: list[dict[str, LearnedGroup]], quant, heads):
+        self.adapter, self.learned, self.quant, self.heads = adapter, learned, quant, heads
 
-    def __call__(self, ids: Tensor):
-        with full_precision(self.caches):
-            return self.model(ids)
+    def params(self) -> list[Tensor]:
+        """Every learned group's parameters, block by block."""
+        return [p for lgs in self.learned for lg in lgs.values() for p in lg.parameters()]
+
+    def call(self, i: int, block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        """Block `i`'s hidden-state output through its wrapped linears."""
+        unfuse_block(block, self.adapter)  # a streamed block comes back with its experts stacked
+        groups = self.adapter.block_groups(block)
+        with quantized_wrappers(block, groups, self.learned[i], self.quant, self.heads):
+            return block_output(block, hidden, kwargs)
+
+    def final_weight(self) -> None:
+        """The final norm is not trained here: the model's own weight."""
+        return None
 
 
-@torch.no_grad()
-def _mean_kl(student: nn.Module, teacher: _Teacher, windows: Tensor, caches) -> float:
-    """KL of the wrapped model from the teacher, averaged over the windows."""
-    total = 0.0
-    for w in windows:
-        total += kl_from_teacher(student(w[None]).logits, teacher(w[None]).logits).item()
-        _clear(caches)
-    return total / max(1, len(windows))
+def _learners(
+    model, adapter: Adapter, store, plans, heads, per_block: bool
+) -> tuple[list[dict[str, LearnedGroup]], list[tuple[InputGroup, ...]]]:
+    """Per block, the trainable transform of each group that has smoothing + one rotation, and
+    the block's groups (each block loaded once)."""
+    learned, groups = [], []
+    for i in range(len(adapter.blocks(model))):
+        block = store.load(i)
+        unfuse_block(block, adapter)
+        gs = adapter.block_groups(block)
+        lgs = {}
+        for g in gs:
+            lg = rotation_learner(block, g, plans[i][g.name], None, heads, per_block=per_block)
+            if lg is not None:
+                lgs[g.name] = lg
+        store.release(i)  # full precision: dropped, never written
+        learned.append(lgs)
+        groups.append(gs)
+    return learned, groups
 
 
 def learn_end_to_end(
     model: nn.Module,
     adapter: Adapter,
+    store,
     plans: list[dict[str, GroupPlan]],
     quant,
     windows: Tensor,
+    targets: list[TopK],
     seed: int = 0,
     *,
     epochs: int,
@@ -65,55 +95,36 @@ def learn_end_to_end(
     batch: int,
     fold: bool = True,
     per_block: bool = False,
+    split_tokens: bool = True,
 ) -> tuple[list[dict[str, GroupPlan]], dict]:
-    """`plans` of every block (as searched) after joint training. The model itself is the student
-    (its linears wrapped while training) and, with the wrappers passing through, the teacher: no
-    copy of it is made; it is left as it was (stacked experts unfused, as the pipeline does)."""
+    """`plans` of every block (as searched) after joint training towards the teacher's `targets`
+    (one per window), block by block through `store`; the model is left as it was (stacked
+    experts unfused, as the pipeline does)."""
     heads = HeadShape.of(model.config)
-    student = model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.requires_grad_(False)  # only the learned transforms train
-    learned: list[dict[str, LearnedGroup]] = []
-    with ExitStack() as stack:
-        stack.callback(lambda: [p.requires_grad_(True) for p in trainable])
-        caches = []
-        for i, block in enumerate(adapter.blocks(student)):
-            unfuse_block(block, adapter)
-            groups = adapter.block_groups(block)
-            lgs = {}
-            for g in groups:
-                lg = rotation_learner(block, g, plans[i][g.name], None, heads, per_block=per_block)
-                if lg is not None:
-                    lgs[g.name] = lg
-            learned.append(lgs)
-            caches += stack.enter_context(quantized_wrappers(block, groups, lgs, quant, heads))
-        teacher = _Teacher(model, caches)
-        params = [p for lgs in learned for lg in lgs.values() for p in lg.parameters()]
-        n_windows = len(windows)
-        probe = windows[: min(4, n_windows)]
-        info = {"loss_before": _mean_kl(student, teacher, probe, caches), "steps": 0, "loss": "kl"}
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        batch = max(1, batch)
-        n_batches = math.ceil(n_windows / batch)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * n_batches))
-        gen = torch.Generator().manual_seed(seed)
-        bar = tqdm(total=epochs * n_batches, desc="learn e2e", leave=False)
-        for _ in range(epochs):
-            order = torch.randperm(n_windows, generator=gen)
-            for b in range(n_batches):
-                idx = order[b * batch : (b + 1) * batch]
-                loss = distill_step(student, teacher, windows[idx], opt, sched)
-                _clear(caches)
-                info["steps"] += 1
-                bar.update(1)
-                bar.set_postfix(kl=f"{loss:.4f}")
-        bar.close()
-        info["loss_after"] = _mean_kl(student, teacher, probe, caches)
-    log.info("end-to-end: KL %.4g -> %.4g", info["loss_before"], info["loss_after"])
+    learned, groups = _learners(model, adapter, store, plans, heads, per_block)
+    with frozen_model(model):
+        info = train_blockwise(
+            model,
+            adapter,
+            store,
+            windows,
+            targets,
+            _Wrapped(adapter, learned, quant, heads),
+            epochs=epochs,
+            lr=lr,
+            batch=batch,
+            seed=seed,
+            split_tokens=split_tokens,
+            info={"loss": "kl"},
+            desc="learn e2e",
+        )
+    kls = info["kl_per_epoch"]
+    if kls:
+        log.info("end-to-end: mean KL %.4g (first epoch) -> %.4g (last)", kls[0], kls[-1])
     out = []
-    for i, block in enumerate(adapter.blocks(student)):
+    for i, gs in enumerate(groups):
         new = dict(plans[i])
-        for g in adapter.block_groups(block):
+        for g in gs:
             lg = learned[i].get(g.name)
             if lg is not None:
                 new[g.name] = plan_from_steps(

@@ -26,7 +26,8 @@ idle in that step (the same result as one process, no faster).
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,10 @@ def collect_slots(model: nn.Module, adapter: Adapter, store) -> list[NormSlot]:
 
 
 class _Slots:
-    """The slots by block, for the passes."""
+    """The slots by block, as the block-by-block passes call them (what a `Trained` provides)."""
 
     def __init__(self, slots: list[NormSlot]):
+        self.slots = slots
         self.final = next(s for s in slots if s.block is None)
         self.by_block: dict[int, list[NormSlot]] = {}
         for s in slots:
@@ -125,6 +127,18 @@ class _Slots:
         """Block `i`'s norm weights as the functional call's parameters."""
         return {f"{s.name}.weight": s.weight() for s in self.by_block.get(i, [])}
 
+    def params(self) -> list[Tensor]:
+        """The trained tensors, in slot order."""
+        return [s.t for s in self.slots]
+
+    def call(self, i: int, block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+        """Block `i`'s hidden-state output with its trained norm weights."""
+        return _block_call(block, self.weights(i), hidden, kwargs)
+
+    def final_weight(self) -> Tensor:
+        """The final norm's trained weight."""
+        return self.final.weight()
+
 
 def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kwargs: dict):
     """The block's hidden-state output with its norm weights replaced by `weights`."""
@@ -133,7 +147,7 @@ def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kw
 
 
 def _forward(
-    model, adapter: Adapter, store, windows: Tensor, slots: _Slots, tokens: range | None = None
+    model, adapter: Adapter, store, windows: Tensor, slots, tokens: range | None = None
 ) -> list[BlockInputs]:
     """Each block's inputs for `windows` (no gradient), then the last block's output; only
     `tokens` of them under sequence parallelism."""
@@ -145,8 +159,7 @@ def _forward(
     for i in range(len(adapter.blocks(model))):
         block = store.load(i)
         with torch.no_grad():
-            w = slots.weights(i)
-            out = [_block_call(block, w, h, inputs.kwargs) for h in inputs.hidden]
+            out = [slots.call(i, block, h, inputs.kwargs) for h in inputs.hidden]
         store.release(i)
         saved.append(inputs)
         inputs = inputs.next(out, i + 1)
@@ -154,7 +167,7 @@ def _forward(
     return saved
 
 
-def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots: _Slots, n: int):
+def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots, n: int):
     """The loss summed over windows (each the mean over its `n` tokens, of which `last` may hold a
     share starting at the targets' first row) and its gradient with respect to each window's last
     hidden state; the final norm's gradient accumulates. The head and loss run HEAD_CHUNK tokens
@@ -166,7 +179,7 @@ def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slo
             m = x.shape[1]
             for a in range(0, m, HEAD_CHUNK):
                 b = min(m, a + HEAD_CHUNK)
-                logits = head_logits(model, adapter, x[:, a:b], slots.final.weight())
+                logits = head_logits(model, adapter, x[:, a:b], slots.final_weight())
                 # the window's loss is the mean over its n tokens: each chunk's mean times its share
                 loss = top_k_kl(logits[0], target.rows(a, b)) * ((b - a) / n)
                 loss.backward()
@@ -176,7 +189,7 @@ def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slo
     return total, grads
 
 
-def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots: _Slots) -> None:
+def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots) -> None:
     """Back through the blocks in reverse order, each forward recomputed from its saved input; the
     norm weights' gradients accumulate (the embedding is frozen: block 0's input needs none)."""
     for i in reversed(range(len(saved) - 1)):
@@ -185,7 +198,7 @@ def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots: _Slot
         with torch.enable_grad():
             for h, g in zip(inputs.hidden, grads, strict=True):
                 x = h.detach().requires_grad_(i > 0)
-                out = _block_call(block, slots.weights(i), x, inputs.kwargs)
+                out = slots.call(i, block, x, inputs.kwargs)
                 if out.requires_grad:  # a first block without tuned norms needs nothing
                     out.backward(g)
                 new.append(x.grad)
@@ -195,9 +208,10 @@ def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots: _Slot
 
 
 def step_grads(
-    model, adapter: Adapter, store, windows, targets, slots: _Slots, tokens: range | None = None
+    model, adapter: Adapter, store, windows, targets, slots, tokens: range | None = None
 ) -> float:
-    """Gradients of the loss summed over `windows` into the slots' t; the summed loss. With
+    """Gradients of the loss summed over `windows` into the trained tensors of `slots` (a
+    `_Slots`, or anything with its `call`, `final_weight` and `params`); the summed loss. With
     `tokens` (sequence parallelism, inside `sequence.parallel`), this rank's tokens' part of both."""
     saved = _forward(model, adapter, store, windows, slots, tokens)
     if tokens is not None:
@@ -232,9 +246,8 @@ def check_batch(batch: int, windows: int) -> None:
         )
 
 
-def _sync_step(slots: list[NormSlot], loss: float, batch: int) -> float:
+def _sync_step(ts: list[Tensor], loss: float, batch: int) -> float:
     """Sum the gradients (and the loss) over ranks and average them over the global batch."""
-    ts = [s.t for s in slots]
     for t in ts:
         if t.grad is None:
             t.grad = torch.zeros_like(t)
@@ -243,6 +256,19 @@ def _sync_step(slots: list[NormSlot], loss: float, batch: int) -> float:
     for t in ts:
         t.grad.div_(batch)
     return float(loss_t.item()) / batch
+
+
+@contextmanager
+def frozen_model(model: nn.Module) -> Iterator[None]:
+    """Inside, nothing of the model itself trains: no weight gradients (the trained tensors live
+    outside it); afterwards its parameters train as they did."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def tune_norms(
@@ -263,16 +289,10 @@ def tune_norms(
     `split_tokens`: whether a one-window step may be split by tokens over the ranks (False when
     the activation format scales each tensor as a whole, NVFP4: a share's scale would differ)."""
     check_batch(batch, len(windows))
-    # nothing of the model itself trains: no weight gradients (the trained tensors are the slots')
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    model.requires_grad_(False)
-    try:
+    with frozen_model(model):
         info = _train(
             model, adapter, store, windows, targets, epochs, lr, batch, seed, split_tokens
         )
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     kls = info["kl_per_epoch"]
     if kls:
         log.info("norm tweaking: mean KL %.4g (first epoch) -> %.4g (last)", kls[0], kls[-1])
@@ -283,17 +303,57 @@ def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, spl
     """tune_norms' loop (the model frozen)."""
     slots = collect_slots(model, adapter, store)
     by = _Slots(slots)
-    opt = torch.optim.AdamW([s.t for s in slots], lr=lr, weight_decay=0.0)
+    info = train_blockwise(
+        model,
+        adapter,
+        store,
+        windows,
+        targets,
+        by,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+        split_tokens=split_tokens,
+        info={"kl_per_epoch": [], "norms": len(slots)},
+        desc="tune norms",
+    )
+    write_back(model, adapter, store, by)
+    return info
+
+
+def train_blockwise(
+    model,
+    adapter: Adapter,
+    store,
+    windows: Tensor,
+    targets: list[TopK],
+    trained,
+    *,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    split_tokens: bool,
+    info: dict,
+    desc: str,
+) -> dict:
+    """AdamW on `trained.params()` (a `_Slots`, or anything with its `call`, `final_weight` and
+    `params`) towards the teacher's `targets`, `batch` windows a step in a seeded order, cosine
+    schedule, block by block through `store` (the model frozen); `info` gains the mean KL per
+    epoch, the step count and whether steps were split by tokens over the ranks."""
+    params = trained.params()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
     tokens = _token_share(model, adapter, store, windows, batch) if split_tokens else None
     # one window a step split by tokens over the ranks, else the batch's windows shared by them
     share = range(batch) if tokens is not None else dist.shard(batch)
-    info: dict = {"kl_per_epoch": [], "norms": len(slots), "steps": 0}
+    info = {**info, "kl_per_epoch": [], "steps": 0}
     info["sequence_parallel"] = tokens is not None
     with sequence.parallel(model, tokens) if tokens is not None else nullcontext():
-        for _ in tqdm(range(epochs), desc="tune norms", leave=False, disable=not dist.is_main()):
+        for _ in tqdm(range(epochs), desc=desc, leave=False, disable=not dist.is_main()):
             order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
             for s in range(steps):
                 mine = order[s * batch : (s + 1) * batch][share.start : share.stop]
@@ -301,14 +361,19 @@ def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, spl
                 loss = 0.0  # a rank with no window this step (batch < ranks) adds zero gradients
                 if mine:
                     loss = step_grads(
-                        model, adapter, store, windows[mine], [targets[j] for j in mine], by, tokens
+                        model,
+                        adapter,
+                        store,
+                        windows[mine],
+                        [targets[j] for j in mine],
+                        trained,
+                        tokens,
                     )
-                total += _sync_step(slots, loss, batch)
+                total += _sync_step(params, loss, batch)
                 opt.step()
                 sched.step()
                 info["steps"] += 1
             info["kl_per_epoch"].append(total / max(1, steps))
-    write_back(model, adapter, store, by)
     return info
 
 
@@ -325,4 +390,13 @@ def _token_share(model, adapter: Adapter, store, windows: Tensor, batch: int) ->
     return dist.shard(windows.shape[1])
 
 
-__all__ = ["NormSlot", "RelativeScale", "collect_slots", "step_grads", "tune_norms", "tuned_norms"]
+__all__ = [
+    "NormSlot",
+    "RelativeScale",
+    "collect_slots",
+    "frozen_model",
+    "step_grads",
+    "train_blockwise",
+    "tune_norms",
+    "tuned_norms",
+]

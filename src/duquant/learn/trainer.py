@@ -105,8 +105,6 @@ class _TrainLinear(nn.Module):
         return w, b
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cache.get("full_precision"):  # the teacher's pass through the same model
-            return self.linear(x)
         # the group's linears receive the same tensor: transform and quantize it once per forward
         ref = self.cache.get("input")
         if ref is not None and ref() is x:
@@ -158,19 +156,6 @@ def quantized_wrappers(
         _clear(caches)
         for p in frozen:
             p.requires_grad_(True)
-
-
-@contextmanager
-def full_precision(caches: list[dict]) -> Iterator[None]:
-    """Inside, the wrapped linears compute as the linears they wrap: the model they sit in is its
-    full-precision self again (a teacher without a second copy of the model)."""
-    for c in caches:
-        c["full_precision"] = True
-    try:
-        yield
-    finally:
-        for c in caches:
-            c.pop("full_precision", None)
 
 
 @torch.no_grad()

@@ -169,27 +169,40 @@ class EndToEnd(Stage):
     def needs_calibration(self) -> bool:
         return True
 
-    @property
-    def whole_model(self) -> str | None:
-        return "trains through the whole model at once (end-to-end training or norm tweaking)"
-
     def transform_model(self, ctx) -> None:
-        """Plan every block on a scratch copy, then train the plans end to end; the pipeline
-        applies them block by block instead of planning."""
+        """Plan every block (on copies of one block at a time), keep the full-precision model's
+        compact next-token distributions, then train the plans end to end block by block; the
+        pipeline applies them block by block instead of planning."""
         from duquant.learn.e2e import learn_end_to_end
+        from duquant.learn.norms import check_batch
+        from duquant.learn.teacher import teacher_targets
 
-        searched = ctx.plan_scratch()  # the recipe without this stage, RTN weights, on a copy
+        check_batch(self.batch, len(ctx.windows))
+        if ctx.store.reused():  # the teacher and the plans need the full-precision blocks
+            raise ValueError(
+                "end-to-end training needs the full-precision blocks, but the --work-dir holds "
+                "blocks quantized by an earlier run: give an empty --work-dir"
+            )
+        searched = ctx.plan_scratch()  # the recipe without this stage, RTN weights
+        targets = teacher_targets(ctx.model, ctx.adapter, ctx.store, ctx.windows, TEACHER_TOPK)
         ctx.block_plans, info = learn_end_to_end(
             ctx.model,
             ctx.adapter,
+            ctx.store,
             searched,
             ctx.quant,
             ctx.windows,
+            targets,
             ctx.seed,
             epochs=self.epochs,
             lr=self.lr,
             batch=self.batch,
             fold=ctx.recipe.fold,
             per_block=ctx.recipe.per_block_rotation,
+            # NVFP4 activations take one scale per tensor: a share of the tokens would get another
+            split_tokens=not (ctx.quant.act is not None and ctx.quant.act.per_tensor_scale),
         )
         ctx.report.learn.append(info)
+
+
+TEACHER_TOPK = 256  # the teacher's most likely tokens kept per position (as norm tweaking's)
