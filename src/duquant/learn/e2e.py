@@ -9,16 +9,18 @@ point is duquant++mx's searched plans; the result is still one smoothing and one
 rotation per input, so the online cost and the export are DuQuant++'s.
 
 Training runs block by block through the pipeline's block store, as norm tweaking does
-(duquant.learn.norms.train_blockwise): the teacher is the full-precision model's compact next-token
-distributions computed once beforehand (duquant.learn.teacher), each step runs the blocks forward
-keeping their inputs and backward recomputing each block, whose groups' linears are wrapped for
-training only while it runs. So neither a copy of the model nor the whole model in memory is needed
-(`--stream` works), and ranks share steps as norm tweaking's do.
+(duquant.learn.norms.train_blockwise): each step runs the blocks forward keeping their inputs and
+backward recomputing each block, whose groups' linears are wrapped for training only while it runs.
+The teacher is the exact next-token distribution of the step's window from a full-precision pass of
+that window through the same store (duquant.learn.teacher.LiveTargets; between the trainer's calls
+the blocks are the full-precision ones). So neither a copy of the model nor the whole model in
+memory is needed (`--stream` works), and ranks share steps as norm tweaking's do.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -87,7 +89,7 @@ def learn_end_to_end(
     plans: list[dict[str, GroupPlan]],
     quant,
     windows: Tensor,
-    targets: list[TopK],
+    targets: Sequence[TopK],
     seed: int = 0,
     *,
     epochs: int,
@@ -98,7 +100,7 @@ def learn_end_to_end(
     split_tokens: bool = True,
 ) -> tuple[list[dict[str, GroupPlan]], dict]:
     """`plans` of every block (as searched) after joint training towards the teacher's `targets`
-    (one per window), block by block through `store`; the model is left as it was (stacked
+    (one per window, indexable: a list or `LiveTargets`), block by block through `store`; the model is left as it was (stacked
     experts unfused, as the pipeline does)."""
     heads = HeadShape.of(model.config)
     learned, groups = _learners(model, adapter, store, plans, heads, per_block)

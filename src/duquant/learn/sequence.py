@@ -169,6 +169,23 @@ def parallel(model: nn.Module, share: range):
         _ACTIVE.pop()
 
 
+@contextmanager
+def paused(model: nn.Module):
+    """Within `parallel`: the model's own attention again, for a pass over whole windows (a
+    teacher's); outside it, nothing changes."""
+    if not _ACTIVE:
+        yield
+        return
+    configs = _configs(model.config)
+    for c in configs:
+        c._attn_implementation_internal = _ACTIVE[-1].inner
+    try:
+        yield
+    finally:
+        for c in configs:
+            c._attn_implementation_internal = NAME
+
+
 def _configs(config) -> list:
     """`config` and its sub-configs (a multimodal model's text config), each once."""
     out, todo = [], [config]
@@ -181,4 +198,4 @@ def _configs(config) -> list:
     return out
 
 
-__all__ = ["applies", "causal", "parallel", "share_mask", "splittable", "token_slice"]
+__all__ = ["applies", "causal", "parallel", "paused", "share_mask", "splittable", "token_slice"]

@@ -100,25 +100,30 @@ def _window_top_k(model: nn.Module, adapter: Adapter, hidden: Tensor, k: int) ->
 
 
 @torch.no_grad()
-def teacher_targets(
-    model: nn.Module, adapter: Adapter, store, windows: Tensor, k: int
+def window_targets(
+    model: nn.Module, adapter: Adapter, store, windows: Tensor, k: int, progress: bool = False
 ) -> list[TopK]:
-    """Each window's compact teacher distribution from the model as it is now (full precision),
-    one block in memory at a time; under torch.distributed each rank computes its share and
-    every rank gets them all."""
-    share = dist.shard(len(windows))
-    mine = windows[share.start : share.stop]
+    """Each of `windows`' compact teacher distribution from the model as it is now (full
+    precision), one block in memory at a time, in this process alone."""
     with store.embedding(model):
-        inputs = capture_block_inputs(model, adapter, mine)
-    for i in tqdm(
-        range(len(adapter.blocks(model))), desc="teacher", leave=False, disable=not dist.is_main()
-    ):
+        inputs = capture_block_inputs(model, adapter, windows)
+    blocks = range(len(adapter.blocks(model)))
+    for i in tqdm(blocks, desc="teacher", leave=False, disable=not (progress and dist.is_main())):
         block = store.load(i)
         hidden = run_block(block, inputs)
         store.release(i)  # a full-precision block is dropped, never written
         inputs = inputs.next(hidden, i + 1)
     with store.head():
-        out = [_window_top_k(model, adapter, h, k) for h in inputs.hidden]
+        return [_window_top_k(model, adapter, h, k) for h in inputs.hidden]
+
+
+def teacher_targets(
+    model: nn.Module, adapter: Adapter, store, windows: Tensor, k: int
+) -> list[TopK]:
+    """Each window's compact teacher distribution (`window_targets`); under torch.distributed
+    each rank computes its share and every rank gets them all."""
+    share = dist.shard(len(windows))
+    out = window_targets(model, adapter, store, windows[share.start : share.stop], k, True)
     if not dist.active():
         return out
     # tensors, not pickled objects: 128 windows x 2048 tokens x k = 256 is 0.5 GiB
@@ -126,4 +131,36 @@ def teacher_targets(
     return [TopK(*row) for row in zip(every.logp, every.index, every.tail, strict=True)]
 
 
-__all__ = ["HEAD_CHUNK", "TopK", "head_logits", "teacher_targets", "top_k", "top_k_kl"]
+class LiveTargets:
+    """The teacher's exact distribution of window j (k = vocab − 1: the full KL), computed when a
+    step asks for it by a full-precision pass of that window alone, block by block through the
+    store (the blocks are the full-precision ones between a trainer's calls): exact targets
+    without keeping every window's [tokens, vocab] distribution, at one forward pass a step."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, store, windows: Tensor):
+        self.model, self.adapter, self.store, self.windows = model, adapter, store, windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, j: int) -> TopK:
+        from . import sequence
+
+        with sequence.paused(self.model), torch.no_grad():  # whole windows, this rank alone
+            w = self.windows[j : j + 1]
+            return window_targets(self.model, self.adapter, self.store, w, EXACT)[0]
+
+
+EXACT = 1 << 62  # a k no vocabulary reaches: top_k keeps vocab − 1 tokens, the KL is exact
+
+
+__all__ = [
+    "HEAD_CHUNK",
+    "LiveTargets",
+    "TopK",
+    "head_logits",
+    "teacher_targets",
+    "top_k",
+    "top_k_kl",
+    "window_targets",
+]

@@ -175,7 +175,7 @@ class EndToEnd(Stage):
         pipeline applies them block by block instead of planning."""
         from duquant.learn.e2e import learn_end_to_end
         from duquant.learn.norms import check_batch
-        from duquant.learn.teacher import teacher_targets
+        from duquant.learn.teacher import LiveTargets
 
         check_batch(self.batch, len(ctx.windows))
         if ctx.store.reused():  # the teacher and the plans need the full-precision blocks
@@ -184,7 +184,9 @@ class EndToEnd(Stage):
                 "blocks quantized by an earlier run: give an empty --work-dir"
             )
         searched = ctx.plan_scratch()  # the recipe without this stage, RTN weights
-        targets = teacher_targets(ctx.model, ctx.adapter, ctx.store, ctx.windows, TEACHER_TOPK)
+        # the exact KL, each step's window through the full-precision blocks: the rotations,
+        # re-rounded every step, trained on top-256 targets ended worse than untrained (§14)
+        targets = LiveTargets(ctx.model, ctx.adapter, ctx.store, ctx.windows)
         ctx.block_plans, info = learn_end_to_end(
             ctx.model,
             ctx.adapter,
@@ -203,6 +205,3 @@ class EndToEnd(Stage):
             split_tokens=not (ctx.quant.act is not None and ctx.quant.act.per_tensor_scale),
         )
         ctx.report.learn.append(info)
-
-
-TEACHER_TOPK = 256  # the teacher's most likely tokens kept per position (as norm tweaking's)
