@@ -100,8 +100,8 @@ def learn_end_to_end(
     split_tokens: bool = True,
 ) -> tuple[list[dict[str, GroupPlan]], dict]:
     """`plans` of every block (as searched) after joint training towards the teacher's `targets`
-    (one per window, indexable: a list or `LiveTargets`), block by block through `store`; the model is left as it was (stacked
-    experts unfused, as the pipeline does)."""
+    (one per window, indexable: a list or `LiveTargets`), block by block through `store`; the
+    model is left as it was (stacked experts unfused, as the pipeline does)."""
     heads = HeadShape.of(model.config)
     learned, groups = _learners(model, adapter, store, plans, heads, per_block)
     with frozen_model(model):
