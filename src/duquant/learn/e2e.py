@@ -19,7 +19,6 @@ memory is needed (`--stream` works), and ranks share steps as norm tweaking's do
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -30,11 +29,9 @@ from duquant.models.moe import unfuse_block
 from duquant.plan import GroupPlan, HeadShape, plan_from_steps
 
 from . import rotation_learner
-from .norms import frozen_model, train_blockwise
+from .norms import train_blockwise
 from .teacher import TopK
 from .trainer import LearnedGroup, quantized_wrappers
-
-log = logging.getLogger(__name__)
 
 
 class _Wrapped:
@@ -42,8 +39,9 @@ class _Wrapped:
     groups' linears wrapped (straight-through quantization through the learned transforms) for
     the length of the call; the final norm stays the model's."""
 
-    def __init__(self, adapter: Adapter, learned: list[dict[str, LearnedGroup]], quant, heads):
-        self.adapter, self.learned, self.quant, self.heads = adapter, learned, quant, heads
+    def __init__(self, adapter: Adapter, learned, groups, quant, heads):
+        self.adapter, self.learned, self.groups = adapter, learned, groups
+        self.quant, self.heads = quant, heads
 
     def params(self) -> list[Tensor]:
         """Every learned group's parameters, block by block."""
@@ -52,7 +50,7 @@ class _Wrapped:
     def call(self, i: int, block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
         """Block `i`'s hidden-state output through its wrapped linears."""
         unfuse_block(block, self.adapter)  # a streamed block comes back with its experts stacked
-        groups = self.adapter.block_groups(block)
+        groups = self.groups[i]
         with quantized_wrappers(block, groups, self.learned[i], self.quant, self.heads):
             return block_output(block, hidden, kwargs)
 
@@ -104,25 +102,21 @@ def learn_end_to_end(
     model is left as it was (stacked experts unfused, as the pipeline does)."""
     heads = HeadShape.of(model.config)
     learned, groups = _learners(model, adapter, store, plans, heads, per_block)
-    with frozen_model(model):
-        info = train_blockwise(
-            model,
-            adapter,
-            store,
-            windows,
-            targets,
-            _Wrapped(adapter, learned, quant, heads),
-            epochs=epochs,
-            lr=lr,
-            batch=batch,
-            seed=seed,
-            split_tokens=split_tokens,
-            info={"loss": "kl"},
-            desc="learn e2e",
-        )
-    kls = info["kl_per_epoch"]
-    if kls:
-        log.info("end-to-end: mean KL %.4g (first epoch) -> %.4g (last)", kls[0], kls[-1])
+    info = train_blockwise(
+        model,
+        adapter,
+        store,
+        windows,
+        targets,
+        _Wrapped(adapter, learned, groups, quant, heads),
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+        split_tokens=split_tokens,
+        info={"loss": "kl"},
+        desc="learn e2e",
+    )
     out = []
     for i, gs in enumerate(groups):
         new = dict(plans[i])

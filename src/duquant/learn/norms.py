@@ -26,7 +26,7 @@ idle in that step (the same result as one process, no faster).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -113,7 +113,8 @@ def collect_slots(model: nn.Module, adapter: Adapter, store) -> list[NormSlot]:
 
 
 class _Slots:
-    """The slots by block, as the block-by-block passes call them (what a `Trained` provides)."""
+    """The slots by block, as the block-by-block passes call them (`call`, `final_weight` and
+    `params`, what `train_blockwise` asks of what it trains)."""
 
     def __init__(self, slots: list[NormSlot]):
         self.slots = slots
@@ -259,7 +260,7 @@ def _sync_step(ts: list[Tensor], loss: float, batch: int) -> float:
 
 
 @contextmanager
-def frozen_model(model: nn.Module) -> Iterator[None]:
+def _frozen(model: nn.Module) -> Iterator[None]:
     """Inside, nothing of the model itself trains: no weight gradients (the trained tensors live
     outside it); afterwards its parameters train as they did."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -289,18 +290,6 @@ def tune_norms(
     `split_tokens`: whether a one-window step may be split by tokens over the ranks (False when
     the activation format scales each tensor as a whole, NVFP4: a share's scale would differ)."""
     check_batch(batch, len(windows))
-    with frozen_model(model):
-        info = _train(
-            model, adapter, store, windows, targets, epochs, lr, batch, seed, split_tokens
-        )
-    kls = info["kl_per_epoch"]
-    if kls:
-        log.info("norm tweaking: mean KL %.4g (first epoch) -> %.4g (last)", kls[0], kls[-1])
-    return info
-
-
-def _train(model, adapter, store, windows, targets, epochs, lr, batch, seed, split_tokens) -> dict:
-    """tune_norms' loop (the model frozen)."""
     slots = collect_slots(model, adapter, store)
     by = _Slots(slots)
     info = train_blockwise(
@@ -327,7 +316,7 @@ def train_blockwise(
     adapter: Adapter,
     store,
     windows: Tensor,
-    targets: list[TopK],
+    targets: Sequence[TopK],
     trained,
     *,
     epochs: int,
@@ -340,8 +329,9 @@ def train_blockwise(
 ) -> dict:
     """AdamW on `trained.params()` (a `_Slots`, or anything with its `call`, `final_weight` and
     `params`) towards the teacher's `targets`, `batch` windows a step in a seeded order, cosine
-    schedule, block by block through `store` (the model frozen); `info` gains the mean KL per
-    epoch, the step count and whether steps were split by tokens over the ranks."""
+    schedule, block by block through `store`, nothing of the model itself training; `info`
+    gains the mean KL per epoch, the step count and whether steps were split by tokens over the
+    ranks. `desc` names the training in the progress bar and the log."""
     params = trained.params()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
@@ -352,7 +342,8 @@ def train_blockwise(
     share = range(batch) if tokens is not None else dist.shard(batch)
     info = {**info, "kl_per_epoch": [], "steps": 0}
     info["sequence_parallel"] = tokens is not None
-    with sequence.parallel(model, tokens) if tokens is not None else nullcontext():
+    split = sequence.parallel(model, tokens) if tokens is not None else nullcontext()
+    with _frozen(model), split:
         for _ in tqdm(range(epochs), desc=desc, leave=False, disable=not dist.is_main()):
             order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
             for s in range(steps):
@@ -374,6 +365,9 @@ def train_blockwise(
                 sched.step()
                 info["steps"] += 1
             info["kl_per_epoch"].append(total / max(1, steps))
+    kls = info["kl_per_epoch"]
+    if kls:
+        log.info("%s: mean KL %.4g (first epoch) -> %.4g (last)", desc, kls[0], kls[-1])
     return info
 
 
@@ -385,7 +379,7 @@ def _token_share(model, adapter: Adapter, store, windows: Tensor, batch: int) ->
     with store.embedding(model):
         probe = capture_block_inputs(model, adapter, windows[:1])
     if not all(sequence.splittable(k) for k in [probe.kwargs, *probe.layer_kwargs]):
-        log.info("norm tweaking: this family's blocks do not split by tokens; one rank a step")
+        log.info("this family's blocks do not split by tokens: one rank a training step")
         return None
     return dist.shard(windows.shape[1])
 
@@ -394,7 +388,6 @@ __all__ = [
     "NormSlot",
     "RelativeScale",
     "collect_slots",
-    "frozen_model",
     "step_grads",
     "train_blockwise",
     "tune_norms",

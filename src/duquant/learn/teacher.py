@@ -24,6 +24,8 @@ from duquant import distributed as dist
 from duquant.calibrate import capture_block_inputs, run_block
 from duquant.models.adapters import Adapter
 
+from . import sequence
+
 log = logging.getLogger(__name__)
 
 # the rest bucket's log-mass floor: exp(-80) is 0 in float32 sums, and 0·(−80 − x) stays finite
@@ -144,8 +146,6 @@ class LiveTargets:
         return len(self.windows)
 
     def __getitem__(self, j: int) -> TopK:
-        from . import sequence
-
         with sequence.paused(self.model), torch.no_grad():  # whole windows, this rank alone
             w = self.windows[j : j + 1]
             return window_targets(self.model, self.adapter, self.store, w, EXACT)[0]

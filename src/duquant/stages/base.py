@@ -103,6 +103,22 @@ def one_of(stage: Stage, name: str, choices: tuple[str, ...]) -> None:
         raise StageError(f"{stage.KIND}.{name} {v!r}: choose one of {', '.join(choices)}")
 
 
+def require_full_precision_blocks(ctx, what: str) -> None:
+    """Refuse a stage that reads the full-precision model (a teacher) when the block store holds
+    blocks quantized by an earlier run (a reused --work-dir)."""
+    if ctx.store.reused():
+        raise ValueError(
+            f"{what} needs the full-precision blocks, but the --work-dir holds blocks quantized "
+            "by an earlier run: give an empty --work-dir"
+        )
+
+
+def tokens_split(quant) -> bool:
+    """Whether a one-window training step may be split by tokens over the ranks: not with NVFP4
+    activations, which take one scale per tensor (a share of the tokens would get another)."""
+    return not (quant.act is not None and quant.act.per_tensor_scale)
+
+
 def option_names(cls: type[Stage]) -> list[str]:
     """The options of a stage class."""
     return [f.name for f in fields(cls)]

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
 
-from duquant.stages.base import Stage, at_least, one_of, positive
+from duquant.stages.base import (
+    Stage,
+    at_least,
+    one_of,
+    positive,
+    require_full_precision_blocks,
+    tokens_split,
+)
 
 # the run-level overrides every learned stage takes (--learn-epochs, --learn-lr, --learn-batch)
 _LEARN_OVERRIDES = {"learn_epochs": "epochs", "learn_lr": "lr", "learn_batch": "batch"}
@@ -170,19 +177,15 @@ class EndToEnd(Stage):
         return True
 
     def transform_model(self, ctx) -> None:
-        """Plan every block (on copies of one block at a time), keep the full-precision model's
-        compact next-token distributions, then train the plans end to end block by block; the
+        """Plan every block (on copies of one block at a time), then train the plans end to end
+        block by block against each step's window through the full-precision blocks; the
         pipeline applies them block by block instead of planning."""
         from duquant.learn.e2e import learn_end_to_end
         from duquant.learn.norms import check_batch
         from duquant.learn.teacher import LiveTargets
 
         check_batch(self.batch, len(ctx.windows))
-        if ctx.store.reused():  # the teacher and the plans need the full-precision blocks
-            raise ValueError(
-                "end-to-end training needs the full-precision blocks, but the --work-dir holds "
-                "blocks quantized by an earlier run: give an empty --work-dir"
-            )
+        require_full_precision_blocks(ctx, "end-to-end training")
         searched = ctx.plan_scratch()  # the recipe without this stage, RTN weights
         # the exact KL, each step's window through the full-precision blocks: the rotations,
         # re-rounded every step, trained on top-256 targets ended worse than untrained (§14)
@@ -201,7 +204,6 @@ class EndToEnd(Stage):
             batch=self.batch,
             fold=ctx.recipe.fold,
             per_block=ctx.recipe.per_block_rotation,
-            # NVFP4 activations take one scale per tensor: a share of the tokens would get another
-            split_tokens=not (ctx.quant.act is not None and ctx.quant.act.per_tensor_scale),
+            split_tokens=tokens_split(ctx.quant),
         )
         ctx.report.learn.append(info)

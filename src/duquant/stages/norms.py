@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from duquant.stages.base import Stage, at_least, positive
+from duquant.stages.base import (
+    Stage,
+    at_least,
+    positive,
+    require_full_precision_blocks,
+    tokens_split,
+)
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,7 @@ class NormTweak(Stage):
         from duquant.learn.teacher import teacher_targets
 
         check_batch(self.batch, len(ctx.windows))  # refused before any work
-        if ctx.store.reused():  # the teacher must be the full-precision model, not kept blocks
-            raise ValueError(
-                "norm tweaking needs the full-precision blocks, but the --work-dir holds blocks "
-                "quantized by an earlier run: give an empty --work-dir"
-            )
+        require_full_precision_blocks(ctx, "norm tweaking")
         ctx.teacher = teacher_targets(
             ctx.model, ctx.adapter, ctx.store, self._windows(ctx), self.topk
         )
@@ -87,7 +89,6 @@ class NormTweak(Stage):
             lr=self.lr,
             batch=self.batch,
             seed=ctx.seed,
-            # NVFP4 activations take one scale per tensor: a share of the tokens would get another
-            split_tokens=not (ctx.quant.act is not None and ctx.quant.act.per_tensor_scale),
+            split_tokens=tokens_split(ctx.quant),
         )
         ctx.teacher = None
