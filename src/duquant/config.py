@@ -283,8 +283,8 @@ class QuantSettings:
     norm_lr: float | None = opt(None, "learning rate of norm tweaking, > 0 (default: the method's)")
     norm_batch: int | None = opt(
         None,
-        "calibration windows per norm-tweaking step; under torchrun one window is split by tokens "
-        "over the ranks, a multiple of the rank count is shared by windows (default: the method's)",
+        "calibration windows per norm-tweaking step; one window is cut into token shares (one a "
+        "rank under torchrun), a multiple of the rank count is shared by windows (default: the method's)",
         minimum=1,
     )
     seqlen: int = opt(2048, "evaluation window in tokens", minimum=2)

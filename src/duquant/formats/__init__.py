@@ -85,6 +85,14 @@ class QuantSpec:
         """Grid values `q` back to float32 on their scales, as `fake_quant` computes them."""
         return self.codec.decode_with_scale(q, scale, self.scale_rule, tensor_scale)
 
+    def encode_decode(
+        self, x: Tensor, scale: Tensor, tensor_scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(`encode`, `decode` of it) of float32 `x` on finite positive scales, in the fewest ops."""
+        return self.codec.encode_decode_with_scale(
+            x, scale, self.scale_rule, self.rounding, tensor_scale
+        )
+
     def quantize_weight(
         self, w: Tensor, name: str = "weight", clip: Tensor | None = None
     ) -> QuantizedWeight:

@@ -218,6 +218,19 @@ def encode_with_scale(
     return round_to_e2m1(x / scale, rounding)
 
 
+def encode_decode_with_scale(
+    x: Tensor, scale: Tensor, rule: str, rounding: str, tensor_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(grid values, decoded float32) of float32 `x` on finite positive `scale`: `encode_with_scale`
+    then `decode_with_scale` bit for bit, without their checks, copies and NaN mask (GPTQ's column loop)."""
+    if rule in GLOBAL_FACTOR:
+        q = encode_with_scale(x, scale, rule, rounding)
+        return q, decode_with_scale(q, scale, rule)
+    q = x / scale
+    round_e2m1_(q, rounding, sign=x)  # a positive scale keeps x's sign, so x can stand for q's
+    return q, q * scale
+
+
 def decode_with_scale(
     q: Tensor, scale: Tensor, rule: str, tensor_scale: Tensor | None = None
 ) -> Tensor:

@@ -109,6 +109,14 @@ def decode_with_scale(
     return q.float() * scale.float() * tensor_scale
 
 
+def encode_decode_with_scale(
+    x: Tensor, scale: Tensor, rule: str, rounding: str, tensor_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(grid values, decoded float32) of `x`: `encode_with_scale` then `decode_with_scale`."""
+    q = encode_with_scale(x, scale, rule, rounding, tensor_scale)
+    return q, decode_with_scale(q, scale, rule, tensor_scale)
+
+
 def _fused_kernel(rounding: str, given_scale: bool) -> Callable[..., tuple[Tensor, Tensor]]:
     """The whole NVFP4 fake-quant of a (rows, K) tensor as one function, for torch.compile.
 

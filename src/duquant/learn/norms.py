@@ -17,9 +17,10 @@ from its saved input with the gradient on. The trained tensors live outside the 
 store reloads them from disk) and are written into the blocks, and the final norm, at the end. One
 step is a global batch of windows; under torch.distributed each rank runs its share and the gradients
 are summed over ranks, so any number of ranks follows the single-process trajectory. The default step
-of one window is split by tokens instead (duquant.learn.sequence: each rank a contiguous share of the
-window, attention over the gathered keys and values), the same gradient up to float summation order;
-a window whose length the ranks do not divide, or another batch smaller than the world, leaves ranks
+of one window is cut into token shares instead (duquant.learn.sequence: each a contiguous part of the
+window, attention over its own and the earlier shares' keys and values), one a rank, or two one after
+the other in one process, so that two ranks compute what one process computes bit for bit; a window
+whose length the share count does not divide, or another batch smaller than the world, leaves ranks
 idle in that step (the same result as one process, no faster).
 """
 
@@ -148,24 +149,70 @@ def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kw
 
 
 def _forward(
-    model, adapter: Adapter, store, windows: Tensor, slots, tokens: range | None = None
-) -> list[BlockInputs]:
-    """Each block's inputs for `windows` (no gradient), then the last block's output; only
-    `tokens` of them under sequence parallelism."""
+    model, adapter: Adapter, store, windows: Tensor, slots, shares: list[range] | None = None
+) -> list[list[BlockInputs]]:
+    """Each block's inputs for `windows` (no gradient), then the last block's output: one
+    `BlockInputs` of every window, or, with token `shares`, one of each share's tokens."""
     with store.embedding(model):
         inputs = capture_block_inputs(model, adapter, windows)
-    if tokens is not None:
-        inputs = sequence.token_slice(inputs, tokens)
+    units = [inputs] if shares is None else [sequence.token_slice(inputs, t) for t in shares]
     saved = []
     for i in range(len(adapter.blocks(model))):
         block = store.load(i)
+        outs = []
         with torch.no_grad():
-            out = [slots.call(i, block, h, inputs.kwargs) for h in inputs.hidden]
+            for k, u in enumerate(units):
+                with _share(shares, k):
+                    outs.append([slots.call(i, block, h, u.kwargs) for h in u.hidden])
+        _block_done(shares)
         store.release(i)
-        saved.append(inputs)
-        inputs = inputs.next(out, i + 1)
-    saved.append(inputs)
+        saved.append(units)
+        units = [u.next(o, i + 1) for u, o in zip(units, outs, strict=True)]
+    saved.append(units)
     return saved
+
+
+def _share(shares: list[range] | None, k: int):
+    """The context of share k's block calls (nothing without shares)."""
+    return nullcontext() if shares is None else sequence.running(shares[k])
+
+
+def _block_done(shares: list[range] | None) -> None:
+    """A block's shares have run: their published keys and values go."""
+    if shares is not None:
+        sequence.block_done()
+
+
+class _ShareGrads:
+    """Each token share's own gradient of the trained tensors over a step, added in share order at
+    its end: what the ranks' all-reduce adds when each holds one share (a missing gradient counts
+    as zeros, as `_sync_step` fills it)."""
+
+    def __init__(self, params: list[Tensor], shares: list[range]):
+        self.params, self.shares = params, shares
+        self.acc: list[list[Tensor | None]] = [[None] * len(params) for _ in shares]
+
+    @contextmanager
+    def of(self, k: int) -> Iterator[None]:
+        """Within: gradients accumulate into share k's."""
+        for p, g in zip(self.params, self.acc[k], strict=True):
+            p.grad = g
+        try:
+            yield
+        finally:
+            self.acc[k] = [p.grad for p in self.params]
+
+    def merge(self) -> None:
+        """The trained tensors' gradients: the shares' summed (one share: its own, as it is)."""
+        for j, p in enumerate(self.params):
+            gs = [a[j] for a in self.acc]
+            if len(gs) == 1:
+                p.grad = gs[0]
+            elif any(g is not None for g in gs):
+                total = torch.zeros_like(p) if gs[0] is None else gs[0]
+                for g in gs[1:]:
+                    total = total + (torch.zeros_like(p) if g is None else g)
+                p.grad = total
 
 
 def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slots, n: int):
@@ -190,36 +237,77 @@ def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slo
     return total, grads
 
 
-def _backward(store, saved: list[BlockInputs], grads: list[Tensor], slots) -> None:
+def _backward(store, saved: list[list[BlockInputs]], grads: list[list[Tensor]], slots, acc) -> None:
     """Back through the blocks in reverse order, each forward recomputed from its saved input; the
-    norm weights' gradients accumulate (the embedding is frozen: block 0's input needs none)."""
+    norm weights' gradients accumulate (the embedding is frozen: block 0's input needs none).
+    Token shares are recomputed in order (a later share reads the earlier ones' keys and values)
+    and run backwards in reverse, each into its own gradients (`acc`)."""
     for i in reversed(range(len(saved) - 1)):
         block = store.load(i)
-        inputs, new = saved[i], []
+        units = saved[i]
         with torch.enable_grad():
-            for h, g in zip(inputs.hidden, grads, strict=True):
-                x = h.detach().requires_grad_(i > 0)
-                out = slots.call(i, block, x, inputs.kwargs)
-                if out.requires_grad:  # a first block without tuned norms needs nothing
-                    out.backward(g)
-                new.append(x.grad)
-                del out
+            if acc is None:  # whole windows: each recomputed and run back on its own
+                u = units[0]
+                new = [
+                    [
+                        _back_one(i, block, h, g, u.kwargs, slots)
+                        for h, g in zip(u.hidden, grads[0], strict=True)
+                    ]
+                ]
+            else:
+                new = _back_shares(i, block, units, grads, slots, acc)
         store.release(i)
         saved[i], grads = None, new  # this block's inputs are done with
 
 
+def _back_one(i: int, block, h: Tensor, g: Tensor, kwargs: dict, slots) -> Tensor | None:
+    """Block i recomputed from input `h`, its output's gradient `g` run back: the input's gradient."""
+    x = h.detach().requires_grad_(i > 0)
+    out = slots.call(i, block, x, kwargs)
+    if out.requires_grad:  # a first block without tuned norms needs nothing
+        out.backward(g)
+    return x.grad
+
+
+def _back_shares(i: int, block, units, grads, slots, acc) -> list[list[Tensor | None]]:
+    """Block i over token shares (one window each): recomputed in order, run back in reverse."""
+    shares = acc.shares
+    xs, outs = [], []
+    for k, u in enumerate(units):
+        with sequence.running(shares[k]):
+            x = u.hidden[0].detach().requires_grad_(i > 0)
+            outs.append(slots.call(i, block, x, u.kwargs))
+            xs.append(x)
+    for k in reversed(range(len(units))):
+        if outs[k].requires_grad:
+            with acc.of(k):
+                outs[k].backward(grads[k][0])
+    sequence.block_done()
+    return [[x.grad] for x in xs]
+
+
 def step_grads(
-    model, adapter: Adapter, store, windows, targets, slots, tokens: range | None = None
+    model, adapter: Adapter, store, windows, targets, slots, shares: list[range] | None = None
 ) -> float:
     """Gradients of the loss summed over `windows` into the trained tensors of `slots` (a
     `_Slots`, or anything with its `call`, `final_weight` and `params`); the summed loss. With
-    `tokens` (sequence parallelism, inside `sequence.parallel`), this rank's tokens' part of both."""
-    saved = _forward(model, adapter, store, windows, slots, tokens)
-    if tokens is not None:
-        targets = [t.rows(tokens.start, tokens.stop) for t in targets]
+    token `shares` of the one window (inside `sequence.parallel`), this process's shares' part
+    of both, each share's gradient summed on its own and the shares' added at the end."""
+    saved = _forward(model, adapter, store, windows, slots, shares)
     n = windows.shape[1]
-    total, grads = _head_grads(model, adapter, store, saved[-1].hidden, targets, slots, n)
-    _backward(store, saved, grads, slots)
+    if shares is None:
+        total, grads = _head_grads(model, adapter, store, saved[-1][0].hidden, targets, slots, n)
+        _backward(store, saved, [grads], slots, None)
+        return total
+    acc = _ShareGrads(slots.params(), shares)
+    total, grads = 0.0, []
+    for k, (u, t) in enumerate(zip(saved[-1], shares, strict=True)):
+        with acc.of(k):
+            rows = [tg.rows(t.start, t.stop) for tg in targets]
+            loss, g = _head_grads(model, adapter, store, u.hidden, rows, slots, n)
+        total, grads = total + loss, [*grads, g]
+    _backward(store, saved, grads, slots, acc)
+    acc.merge()
     return total
 
 
@@ -287,8 +375,8 @@ def tune_norms(
 ) -> dict:
     """Train the quantized model's norm weights towards the teacher's `targets` (one per window),
     block by block through `store`; the weights end up in the model. The mean KL per epoch.
-    `split_tokens`: whether a one-window step may be split by tokens over the ranks (False when
-    the activation format scales each tensor as a whole, NVFP4: a share's scale would differ)."""
+    `split_tokens`: whether a one-window step may be cut into token shares (False when the
+    activation format scales each tensor as a whole, NVFP4: a share's scale would differ)."""
     check_batch(batch, len(windows))
     slots = collect_slots(model, adapter, store)
     by = _Slots(slots)
@@ -330,19 +418,20 @@ def train_blockwise(
     """AdamW on `trained.params()` (a `_Slots`, or anything with its `call`, `final_weight` and
     `params`) towards the teacher's `targets`, `batch` windows a step in a seeded order, cosine
     schedule, block by block through `store`, nothing of the model itself training; `info`
-    gains the mean KL per epoch, the step count and whether steps were split by tokens over the
-    ranks. `desc` names the training in the progress bar and the log."""
+    gains the mean KL per epoch, the step count, the token shares of a step (1: not cut) and whether
+    they ran on several ranks. `desc` names the training in the progress bar and the log."""
     params = trained.params()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = len(windows) // batch  # a last partial batch is left out (another one each epoch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     gen = torch.Generator().manual_seed(seed)
-    tokens = _token_share(model, adapter, store, windows, batch) if split_tokens else None
-    # one window a step split by tokens over the ranks, else the batch's windows shared by them
-    share = range(batch) if tokens is not None else dist.shard(batch)
+    shares = _token_shares(model, adapter, store, windows, batch) if split_tokens else None
+    # one window a step cut into token shares (one a rank), else the batch's windows shared by ranks
+    share = range(batch) if shares is not None else dist.shard(batch)
     info = {**info, "kl_per_epoch": [], "steps": 0}
-    info["sequence_parallel"] = tokens is not None
-    split = sequence.parallel(model, tokens) if tokens is not None else nullcontext()
+    info["token_shares"] = sequence.share_count(dist.world()) if shares is not None else 1
+    info["sequence_parallel"] = shares is not None and dist.world() > 1
+    split = sequence.parallel(model) if shares is not None else nullcontext()
     with _frozen(model), split:
         for _ in tqdm(range(epochs), desc=desc, leave=False, disable=not dist.is_main()):
             order, total = torch.randperm(len(windows), generator=gen).tolist(), 0.0
@@ -358,7 +447,7 @@ def train_blockwise(
                         windows[mine],
                         [targets[j] for j in mine],
                         trained,
-                        tokens,
+                        shares,
                     )
                 total += _sync_step(params, loss, batch)
                 opt.step()
@@ -371,9 +460,11 @@ def train_blockwise(
     return info
 
 
-def _token_share(model, adapter: Adapter, store, windows: Tensor, batch: int) -> range | None:
-    """This rank's tokens of each step's window when steps are split by tokens (one window a step,
-    several ranks, a family whose block calls split by token), else None."""
+def _token_shares(
+    model, adapter: Adapter, store, windows: Tensor, batch: int
+) -> list[range] | None:
+    """The token shares this process runs of each step's window when steps are cut by tokens (one
+    window a step, a causal family whose block calls split by token), else None."""
     if not sequence.applies(batch, windows.shape[1]) or not sequence.causal(model.config):
         return None
     with store.embedding(model):
@@ -381,7 +472,7 @@ def _token_share(model, adapter: Adapter, store, windows: Tensor, batch: int) ->
     if not all(sequence.splittable(k) for k in [probe.kwargs, *probe.layer_kwargs]):
         log.info("this family's blocks do not split by tokens: one rank a training step")
         return None
-    return dist.shard(windows.shape[1])
+    return sequence.shares(windows.shape[1])
 
 
 __all__ = [

@@ -1,24 +1,31 @@
-"""Sequence parallelism for norm tweaking's one-window steps under torch.distributed.
+"""Token shares for norm tweaking's one-window steps: one summation order for 1 and 2 processes.
 
 Norm tweaking's default step is one window: the steps are sequential, so data parallelism over
-windows leaves every rank but one idle. Instead each rank runs a contiguous share of the window's
-tokens through the blocks, the head and the loss (norms, linears, MX activation quantization, the
-MLP and the loss are per token). Attention is the one place tokens meet: each rank's keys and values
-are all-gathered, its queries attend to every earlier token (causal, and within the sliding window
-where a layer has one) and, backwards, the gradients of the gathered keys and values are summed over
-ranks and each rank keeps its own. The norm weights' gradients are then summed over ranks as for data
-parallelism: the same gradient as one process up to float summation order.
+windows leaves every rank but one idle. Instead the window's tokens are cut into contiguous shares
+(norms, linears, MX activation quantization, the MLP and the loss are per token), each run through
+the blocks, the head and the loss on its own. Attention is the one place tokens meet: a share's
+queries attend to its own and every earlier share's keys and values (causal, and within the sliding
+window where a layer has one) and, backwards, the gradients of an earlier share's keys and values
+from the later shares are added to that share's own; each share's gradient of the trained tensors is
+summed over the step and the shares' sums are added at its end.
+
+Under torch.distributed every rank runs one share (keys and values all-gathered, their gradients
+all-reduced, the trained tensors' gradients all-reduced). One process runs `LOCAL_SHARES` shares one
+after the other in the same way (the earlier shares' keys and values kept per attention module, their
+gradients collected on detached copies), so that two ranks compute what one process computes, bit for
+bit: every cross-share sum has two terms, and a + b = b + a. Other rank counts agree with it to float
+summation order.
 
 It uses transformers' attention registry: while a step runs, the model's attention implementation is
-this module's, which wraps the model's own (`sdpa`, or the family's eager function) with the gathered
-keys and values and the matching mask.
+this module's, which wraps the model's own (`sdpa`, or the family's eager function) with the earlier
+shares' keys and values and the matching mask.
 """
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -36,23 +43,47 @@ _REPLACED = ("attention_mask",)
 
 
 @dataclass
-class _Share:
-    """The running share: global positions start..stop of a window of `length` tokens, and the
-    attention the model had (name)."""
+class _Split:
+    """A split step: the attention the model had (name), the share running now (global positions
+    start..stop, its index), and in one process each attention module's published keys and values
+    of the shares run so far (detached leaves that collect the later shares' gradients)."""
 
-    start: int
-    stop: int
     inner: str | None
+    start: int = 0
+    stop: int = 0
+    index: int = 0
+    published: dict = field(default_factory=dict)
 
 
-_ACTIVE: list[_Share] = []
+_ACTIVE: list[_Split] = []
+
+# shares of a one-window step in one process: what two ranks (one share each) compute, bit for bit
+LOCAL_SHARES = 2
+
+
+def share_count(world: int) -> int:
+    """Token shares of a one-window step: one a rank, or `LOCAL_SHARES` in one process."""
+    return world if world > 1 else LOCAL_SHARES
+
+
+def _world() -> int:
+    """Ranks of the running job (1 without torch.distributed)."""
+    return dist.world() if dist.active() else 1
 
 
 def applies(batch: int, seqlen: int) -> bool:
-    """Whether one step's window is split over the ranks: one window a step, several ranks,
-    equal token shares."""
-    w = dist.world() if dist.active() else 1
-    return w > 1 and batch == 1 and seqlen % w == 0
+    """Whether one step's window is cut into token shares: one window a step whose length the
+    share count divides."""
+    return batch == 1 and seqlen % share_count(_world()) == 0
+
+
+def shares(seqlen: int) -> list[range]:
+    """The token shares this process runs, in order: its rank's one, or all of them in one process."""
+    w = _world()
+    n = seqlen // share_count(w)
+    first = dist.rank() if w > 1 else 0
+    last = first + 1 if w > 1 else LOCAL_SHARES
+    return [range(k * n, (k + 1) * n) for k in range(first, last)]
 
 
 def causal(config) -> bool:
@@ -99,22 +130,65 @@ def token_slice(inputs: BlockInputs, share: range) -> BlockInputs:
 
 
 class _GatherTokens(torch.autograd.Function):
-    """All ranks' [batch, heads, tokens, dim] shares concatenated along tokens; backwards the
-    gradient summed over ranks (every rank's queries read every key) and this rank's share kept."""
+    """This rank's [batch, heads, tokens, dim] share after every earlier rank's; backwards the
+    gradient summed over ranks (every later rank's queries read this rank's keys) and this rank's
+    share kept."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(dist.world())]
         tdist.all_gather(parts, x)
-        ctx.n = x.shape[2]
-        return torch.cat(parts, dim=2)
+        ctx.n, ctx.world = x.shape[2], len(parts)
+        return torch.cat(parts[: dist.rank() + 1], dim=2)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        tdist.all_reduce(grad)
-        return grad.narrow(2, dist.rank() * ctx.n, ctx.n)
+        full = grad.new_zeros(*grad.shape[:2], ctx.n * ctx.world, *grad.shape[3:])
+        full.narrow(2, 0, grad.shape[2]).copy_(grad)
+        tdist.all_reduce(full)
+        return full.narrow(2, dist.rank() * ctx.n, ctx.n)
+
+
+class _Leaf:
+    """A share's published keys (values): a detached leaf whose gradient the later shares fill."""
+
+    def __init__(self, x: Tensor):
+        self.x = x.detach().requires_grad_(True)
+
+
+class _LocalGather(torch.autograd.Function):
+    """One process: this share's [batch, heads, tokens, dim] keys (values) after the earlier
+    shares' published ones; backwards the later shares' gradient of this share's (on its published
+    leaf, filled by their earlier backward) is added to its own, as the ranks' all-reduce adds it,
+    and the earlier shares' parts go to their leaves."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mine: _Leaf, *earlier: Tensor) -> Tensor:
+        ctx.mine = mine
+        ctx.sizes = [e.shape[2] for e in earlier] + [x.shape[2]]
+        return torch.cat([*earlier, x], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        parts = grad.split(ctx.sizes, dim=2)
+        later = ctx.mine.x.grad
+        # + 0.0 where no later share read it: the ranks' all-reduce adds a zero there too (-0 -> +0)
+        own = parts[-1] + (later if later is not None else 0.0)
+        return (own, None, *parts[:-1])
+
+
+def _with_earlier(split: _Split, module: nn.Module, x: Tensor, which: int) -> Tensor:
+    """`x` (keys 0 or values 1 of the running share) after every earlier share's."""
+    if _world() > 1:
+        return _GatherTokens.apply(x)
+    published = split.published.setdefault((module, which), [])
+    if len(published) != split.index:
+        raise RuntimeError("token shares must run in order within a block")
+    mine = _Leaf(x)
+    out = _LocalGather.apply(x, mine, *published)
+    published.append(mine.x)
+    return out
 
 
 def share_mask(start: int, stop: int, window: int | None, dtype, device) -> Tensor:
@@ -140,25 +214,25 @@ def _inner(module: nn.Module, name: str | None):
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention of this rank's queries over every rank's keys and values up to its last token."""
-    share = _ACTIVE[-1]
-    keys = _GatherTokens.apply(key)[:, :, : share.stop]
-    values = _GatherTokens.apply(value)[:, :, : share.stop]
+    """Attention of the running share's queries over its own and every earlier share's keys and values."""
+    split = _ACTIVE[-1]
+    keys = _with_earlier(split, module, key, 0)
+    values = _with_earlier(split, module, value, 1)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    mask = share_mask(share.start, share.stop, window, query.dtype, query.device)
+    mask = share_mask(split.start, split.stop, window, query.dtype, query.device)
     kwargs.pop("is_causal", None)
-    return _inner(module, share.inner)(module, query, keys, values, mask, **kwargs)
+    return _inner(module, split.inner)(module, query, keys, values, mask, **kwargs)
 
 
 @contextmanager
-def parallel(model: nn.Module, share: range):
-    """Within: the model's attention is split over the ranks, this rank holding tokens `share`."""
+def parallel(model: nn.Module):
+    """Within: the model's attention runs token shares (`running` says which)."""
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(NAME, _attention)
     configs = _configs(model.config)
     before = [c._attn_implementation for c in configs]
-    _ACTIVE.append(_Share(share.start, share.stop, before[0]))
+    _ACTIVE.append(_Split(before[0]))
     for c in configs:
         c._attn_implementation_internal = NAME
     try:
@@ -167,6 +241,20 @@ def parallel(model: nn.Module, share: range):
         for c, name in zip(configs, before, strict=True):
             c._attn_implementation_internal = name
         _ACTIVE.pop()
+
+
+@contextmanager
+def running(share: range):
+    """Within `parallel`: the block calls are share `share` (global token positions)."""
+    split = _ACTIVE[-1]
+    split.start, split.stop, split.index = share.start, share.stop, share.start // len(share)
+    yield
+
+
+def block_done() -> None:
+    """Within `parallel`: the shares of one block have run (forward, or forward and backward):
+    drop their published keys and values."""
+    _ACTIVE[-1].published.clear()
 
 
 @contextmanager
@@ -198,4 +286,17 @@ def _configs(config) -> list:
     return out
 
 
-__all__ = ["applies", "causal", "parallel", "paused", "share_mask", "splittable", "token_slice"]
+__all__ = [
+    "LOCAL_SHARES",
+    "applies",
+    "block_done",
+    "causal",
+    "parallel",
+    "paused",
+    "running",
+    "share_count",
+    "share_mask",
+    "shares",
+    "splittable",
+    "token_slice",
+]

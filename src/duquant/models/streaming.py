@@ -41,6 +41,17 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def copy_block(block: nn.Module) -> nn.Module:
+    """A deep copy of `block` that shares its modules' configs (the model's): what the model's
+    config switches (the attention implementation, as token shares do) reaches the copy too."""
+    memo: dict[int, object] = {}
+    for m in block.modules():
+        c = getattr(m, "config", None)
+        if c is not None and not isinstance(c, (nn.Module, Tensor)):
+            memo[id(c)] = c
+    return copy.deepcopy(block, memo)
+
+
 class BlockStore(Protocol):
     """Where the decoder blocks live while a model is quantized."""
 
@@ -120,7 +131,7 @@ class ScratchBlocks:
 
     def load(self, i: int) -> nn.Module:
         """A copy of the inner store's block `i` (whose own is released unchanged)."""
-        self._copies[i] = copy.deepcopy(self.inner.load(i))
+        self._copies[i] = copy_block(self.inner.load(i))
         self.inner.release(i)
         return self._copies[i]
 
@@ -310,7 +321,7 @@ class StreamedBlocks:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         _buffers_to(model, self.device)
         # each block as built (parameters on meta): the structure a kept block is read back into
-        self._pristine = [copy.deepcopy(b) for b in self.blocks]
+        self._pristine = [copy_block(b) for b in self.blocks]
 
     def block_file(self, i: int) -> Path:
         """Where quantized block `i` is kept."""
@@ -388,7 +399,7 @@ class StreamedBlocks:
         else:
             block = self.blocks[i]
             if isinstance(block, _Released):  # dropped in full precision: read it again
-                block = copy.deepcopy(self._pristine[i])
+                block = copy_block(self._pristine[i])
             prefix = f"{self.adapter.layers}.{i}."
             tensors = {
                 n.removeprefix(prefix): t for n, t in self._read(self.checkpoint.names(prefix))
@@ -734,7 +745,7 @@ def _load_block(path: Path, pristine: nn.Module, device, digest: str | None) -> 
         tree, tensors = json.loads(data["tree"]), data["tensors"]
         if not isinstance(tensors, dict) or not isinstance(tree, dict):
             raise ValueError("malformed")
-        dec = _Decoder(tensors, tree["objects"], copy.deepcopy(pristine), path)
+        dec = _Decoder(tensors, tree["objects"], copy_block(pristine), path)
         block = dec.obj(tree["root"])
         if not isinstance(block, nn.Module) or type(block) is not type(pristine):
             raise ValueError("its root is not the block")

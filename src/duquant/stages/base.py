@@ -114,7 +114,7 @@ def require_full_precision_blocks(ctx, what: str) -> None:
 
 
 def tokens_split(quant) -> bool:
-    """Whether a one-window training step may be split by tokens over the ranks: not with NVFP4
+    """Whether a one-window training step may be cut into token shares: not with NVFP4
     activations, which take one scale per tensor (a share of the tokens would get another)."""
     return not (quant.act is not None and quant.act.per_tensor_scale)
 
