@@ -137,6 +137,33 @@ def test_token_shares_gradient_equals_the_whole_model_gradient(family):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("batch", "family", "seqlen"), [(1, "llama", 16), (2, "llama", 16), (1, "gemma3", 24)]
+)
+def test_kept_graphs_train_what_recomputing_trains(monkeypatch, batch, family, seqlen):
+    """Keeping the forward's block graphs for the backward (in memory, within the budget) trains
+    the norm weights bit for bit as recomputing every block does (budget 0), and as keeping only
+    the first blocks' graphs does (a budget one block's saved tensors exceed)."""
+    import duquant.learn.norms as norms_mod
+
+    kept, run = [], norms_mod._Graphs.run
+
+    def counted(self, i, *args):
+        kept.append(i)
+        return run(self, i, *args)
+
+    monkeypatch.setattr(norms_mod._Graphs, "run", counted)
+    runs, blocks = [], []
+    for budget in (0, 1 << 40, 3000):
+        monkeypatch.setattr(norms_mod, "KEEP_GRAPHS_BYTES", budget)
+        runs.append(_tweak(batch, family, seqlen))
+        blocks.append(sorted(set(kept)))
+        kept.clear()
+    assert blocks == [[], [0, 1], [0]]  # none kept, both blocks, the first only
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+
+
 def test_streamed_best_equals_in_memory_best(tmp_path):
     """`best` streamed from a safetensors checkpoint (one block in memory at a time) gives the
     in-memory run's norm weights and perplexity with the same seed; it is no longer refused."""

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -149,27 +150,79 @@ def _block_call(block: nn.Module, weights: dict[str, Tensor], hidden: Tensor, kw
 
 
 def _forward(
-    model, adapter: Adapter, store, windows: Tensor, slots, shares: list[range] | None = None
+    model,
+    adapter: Adapter,
+    store,
+    windows: Tensor,
+    slots,
+    shares: list[range] | None = None,
+    graphs: _Graphs | None = None,
 ) -> list[list[BlockInputs]]:
-    """Each block's inputs for `windows` (no gradient), then the last block's output: one
-    `BlockInputs` of every window, or, with token `shares`, one of each share's tokens."""
+    """Each block's inputs for `windows`, then the last block's output: one `BlockInputs` of
+    every window, or, with token `shares`, one of each share's tokens. Blocks run without
+    gradient, or, while `graphs` has room, with it, their graphs kept for the backward."""
     with store.embedding(model):
         inputs = capture_block_inputs(model, adapter, windows)
     units = [inputs] if shares is None else [sequence.token_slice(inputs, t) for t in shares]
     saved = []
     for i in range(len(adapter.blocks(model))):
         block = store.load(i)
+        keep = graphs is not None and graphs.room()
         outs = []
-        with torch.no_grad():
-            for k, u in enumerate(units):
-                with _share(shares, k):
-                    outs.append([slots.call(i, block, h, u.kwargs) for h in u.hidden])
+        for k, u in enumerate(units):
+            with _share(shares, k):
+                if keep:
+                    outs.append(
+                        graphs.run(i, k, partial(slots.call, i, block, kwargs=u.kwargs), u.hidden)
+                    )
+                else:
+                    with torch.no_grad():
+                        outs.append([slots.call(i, block, h, u.kwargs) for h in u.hidden])
         _block_done(shares)
         store.release(i)
         saved.append(units)
         units = [u.next(o, i + 1) for u, o in zip(units, outs, strict=True)]
     saved.append(units)
     return saved
+
+
+# a step keeps its blocks' forward graphs for the backward (no recompute) while the tensors they save
+# stay under this many bytes (counted as saved: weights too); a streamed store never keeps them
+KEEP_GRAPHS_BYTES = 4 << 30
+
+
+class _Graphs:
+    """The forward's autograd graphs of a step's blocks, kept for its backward (no recompute)
+    while the tensors they save stay within `budget` bytes in all; later blocks are recomputed.
+    Only for a store whose blocks stay in memory."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.kept: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
+
+    def room(self) -> bool:
+        """Whether the next block's graphs may be kept."""
+        return self.used < self.budget
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.used += t.numel() * t.element_size()  # an overcount: weights are saved as well
+        return t
+
+    def run(self, i: int, k: int, call, hidden: list[Tensor]) -> list[Tensor]:
+        """Block i's outputs of unit k's windows `hidden` with their graphs kept (detached)."""
+        xs = [h.detach().requires_grad_(i > 0) for h in hidden]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, _same):
+            outs = [call(x) for x in xs]
+        self.kept[i, k] = (xs, outs)
+        return [o.detach() for o in outs]
+
+    def take(self, i: int, k: int) -> tuple[list[Tensor], list[Tensor]] | None:
+        """Block i's kept inputs and outputs of unit k, given up (None if recomputed)."""
+        return self.kept.pop((i, k), None)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _share(shares: list[range] | None, k: int):
@@ -237,47 +290,56 @@ def _head_grads(model, adapter: Adapter, store, last: list[Tensor], targets, slo
     return total, grads
 
 
-def _backward(store, saved: list[list[BlockInputs]], grads: list[list[Tensor]], slots, acc) -> None:
-    """Back through the blocks in reverse order, each forward recomputed from its saved input; the
-    norm weights' gradients accumulate (the embedding is frozen: block 0's input needs none).
-    Token shares are recomputed in order (a later share reads the earlier ones' keys and values)
-    and run backwards in reverse, each into its own gradients (`acc`)."""
+def _backward(
+    store, saved: list[list[BlockInputs]], grads: list[list[Tensor]], slots, acc, graphs
+) -> None:
+    """Back through the blocks in reverse order, each from the graph its forward kept or that
+    forward recomputed from its saved input; the norm weights' gradients accumulate (the
+    embedding is frozen: block 0's input needs none). Token shares run backwards in reverse
+    order, each into its own gradients (`acc`)."""
     for i in reversed(range(len(saved) - 1)):
         block = store.load(i)
         units = saved[i]
         with torch.enable_grad():
-            if acc is None:  # whole windows: each recomputed and run back on its own
-                u = units[0]
-                new = [
-                    [
-                        _back_one(i, block, h, g, u.kwargs, slots)
-                        for h, g in zip(u.hidden, grads[0], strict=True)
-                    ]
-                ]
+            if acc is None:  # whole windows: each (recomputed and) run back on its own
+                u, kept = units[0], _taken(graphs, i, 0)
+                new = [[_back_one(i, block, u, j, g, slots, kept) for j, g in enumerate(grads[0])]]
             else:
-                new = _back_shares(i, block, units, grads, slots, acc)
+                new = _back_shares(i, block, units, grads, slots, acc, graphs)
         store.release(i)
         saved[i], grads = None, new  # this block's inputs are done with
 
 
-def _back_one(i: int, block, h: Tensor, g: Tensor, kwargs: dict, slots) -> Tensor | None:
-    """Block i recomputed from input `h`, its output's gradient `g` run back: the input's gradient."""
-    x = h.detach().requires_grad_(i > 0)
-    out = slots.call(i, block, x, kwargs)
+def _taken(graphs: _Graphs | None, i: int, k: int):
+    """Block i's kept graph of unit k, given up (None: recompute it)."""
+    return None if graphs is None else graphs.take(i, k)
+
+
+def _back_one(i: int, block, u: BlockInputs, j: int, g: Tensor, slots, kept) -> Tensor | None:
+    """Window j of block i (from its kept graph, else recomputed from its input), its output's
+    gradient `g` run back: the input's gradient."""
+    if kept is not None:
+        x, out = kept[0][j], kept[1][j]
+    else:
+        x = u.hidden[j].detach().requires_grad_(i > 0)
+        out = slots.call(i, block, x, u.kwargs)
     if out.requires_grad:  # a first block without tuned norms needs nothing
         out.backward(g)
     return x.grad
 
 
-def _back_shares(i: int, block, units, grads, slots, acc) -> list[list[Tensor | None]]:
-    """Block i over token shares (one window each): recomputed in order, run back in reverse."""
-    shares = acc.shares
+def _back_shares(i: int, block, units, grads, slots, acc, graphs) -> list[list[Tensor | None]]:
+    """Block i over token shares (one window each): kept, or recomputed in order (a later share
+    reads the earlier ones' keys and values), then run back in reverse."""
     xs, outs = [], []
     for k, u in enumerate(units):
-        with sequence.running(shares[k]):
-            x = u.hidden[0].detach().requires_grad_(i > 0)
-            outs.append(slots.call(i, block, x, u.kwargs))
-            xs.append(x)
+        kept = _taken(graphs, i, k)
+        if kept is None:
+            with sequence.running(acc.shares[k]):
+                kept = ([u.hidden[0].detach().requires_grad_(i > 0)], None)
+                kept = (kept[0], [slots.call(i, block, kept[0][0], u.kwargs)])
+        xs.append(kept[0][0])
+        outs.append(kept[1][0])
     for k in reversed(range(len(units))):
         if outs[k].requires_grad:
             with acc.of(k):
@@ -293,11 +355,16 @@ def step_grads(
     `_Slots`, or anything with its `call`, `final_weight` and `params`); the summed loss. With
     token `shares` of the one window (inside `sequence.parallel`), this process's shares' part
     of both, each share's gradient summed on its own and the shares' added at the end."""
-    saved = _forward(model, adapter, store, windows, slots, shares)
+    graphs = _Graphs(KEEP_GRAPHS_BYTES) if getattr(store, "whole_model", False) else None
+    saved = _forward(model, adapter, store, windows, slots, shares, graphs)
+    if graphs is not None:
+        log.debug(
+            "step: %d block graphs kept, %.0f MiB saved", len(graphs.kept), graphs.used / 2**20
+        )
     n = windows.shape[1]
     if shares is None:
         total, grads = _head_grads(model, adapter, store, saved[-1][0].hidden, targets, slots, n)
-        _backward(store, saved, [grads], slots, None)
+        _backward(store, saved, [grads], slots, None, graphs)
         return total
     acc = _ShareGrads(slots.params(), shares)
     total, grads = 0.0, []
@@ -306,7 +373,7 @@ def step_grads(
             rows = [tg.rows(t.start, t.stop) for tg in targets]
             loss, g = _head_grads(model, adapter, store, u.hidden, rows, slots, n)
         total, grads = total + loss, [*grads, g]
-    _backward(store, saved, grads, slots, acc)
+    _backward(store, saved, grads, slots, acc, graphs)
     acc.merge()
     return total
 
