@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,11 @@ def test_import_linter_contract_is_kept():
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(Path(exe).parent)},
+        # the system PATH after the script's folder: a pyenv shim is a bash script
+        env={
+            "PYTHONPATH": str(ROOT / "src"),
+            "PATH": os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]),
+        },
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "1 kept, 0 broken" in res.stdout

@@ -351,6 +351,20 @@ def _e2e_run(batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     return plans, grads, rep.learn[-1]["sequence_parallel"]
 
 
+def test_e2e_token_shares_gradient_equals_the_whole_window_gradient(monkeypatch):
+    """duquant++e2e's first step cut into two token shares (the default) gives the gradient of the
+    same step over the whole window (a share count that never divides: no cut) to float order."""
+    from duquant.learn import sequence
+
+    _, cut, _ = _e2e_run(1)
+    monkeypatch.setattr(sequence, "LOCAL_SHARES", 7)  # 16 tokens: not cut
+    _, whole, _ = _e2e_run(1)
+    assert len(cut) == len(whole) > 0
+    for a, b in zip(cut, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert not all(torch.equal(a, b) for a, b in zip(cut, whole, strict=True))
+
+
 def _plan_tensors(plan) -> list[torch.Tensor]:
     """A plan's transform tensors (smoothing scales, rotations) in a fixed order."""
     return list(plan.weight_transform.state_dict().values())
