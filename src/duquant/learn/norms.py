@@ -30,7 +30,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -172,9 +171,7 @@ def _forward(
         for k, u in enumerate(units):
             with _share(shares, k):
                 if keep:
-                    outs.append(
-                        graphs.run(i, k, partial(slots.call, i, block, kwargs=u.kwargs), u.hidden)
-                    )
+                    outs.append(graphs.run(i, k, block, u, slots))
                 else:
                     with torch.no_grad():
                         outs.append([slots.call(i, block, h, u.kwargs) for h in u.hidden])
@@ -208,11 +205,10 @@ class _Graphs:
         self.used += t.numel() * t.element_size()  # an overcount: weights are saved as well
         return t
 
-    def run(self, i: int, k: int, call, hidden: list[Tensor]) -> list[Tensor]:
-        """Block i's outputs of unit k's windows `hidden` with their graphs kept (detached)."""
-        xs = [h.detach().requires_grad_(i > 0) for h in hidden]
+    def run(self, i: int, k: int, block, u: BlockInputs, slots) -> list[Tensor]:
+        """Block i's outputs of unit k's windows with their graphs kept (detached)."""
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, _same):
-            outs = [call(x) for x in xs]
+            xs, outs = _with_graph(i, block, u.hidden, u.kwargs, slots)
         self.kept[i, k] = (xs, outs)
         return [o.detach() for o in outs]
 
@@ -223,6 +219,15 @@ class _Graphs:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _with_graph(
+    i: int, block, hidden: list[Tensor], kwargs: dict, slots
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Block i run on windows `hidden` with the gradient on: (inputs, outputs); the inputs want
+    a gradient past block 0 (the embedding is frozen)."""
+    xs = [h.detach().requires_grad_(i > 0) for h in hidden]
+    return xs, [slots.call(i, block, x, kwargs) for x in xs]
 
 
 def _share(shares: list[range] | None, k: int):
@@ -321,8 +326,7 @@ def _back_one(i: int, block, u: BlockInputs, j: int, g: Tensor, slots, kept) -> 
     if kept is not None:
         x, out = kept[0][j], kept[1][j]
     else:
-        x = u.hidden[j].detach().requires_grad_(i > 0)
-        out = slots.call(i, block, x, u.kwargs)
+        (x,), (out,) = _with_graph(i, block, u.hidden[j : j + 1], u.kwargs, slots)
     if out.requires_grad:  # a first block without tuned norms needs nothing
         out.backward(g)
     return x.grad
@@ -336,8 +340,7 @@ def _back_shares(i: int, block, units, grads, slots, acc, graphs) -> list[list[T
         kept = _taken(graphs, i, k)
         if kept is None:
             with sequence.running(acc.shares[k]):
-                kept = ([u.hidden[0].detach().requires_grad_(i > 0)], None)
-                kept = (kept[0], [slots.call(i, block, kept[0][0], u.kwargs)])
+                kept = _with_graph(i, block, u.hidden, u.kwargs, slots)
         xs.append(kept[0][0])
         outs.append(kept[1][0])
     for k in reversed(range(len(units))):
