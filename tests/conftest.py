@@ -243,6 +243,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test: on a shared 2-core machine, OpenMP threads that
+    wait on each other while other processes hold the cores made forwards ~8x slower than one thread;
+    and a one-process reference compared bit for bit with gloo ranks (one thread each): a matmul's
+    summation order can depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _gloo_rank(rank: int, fn, world: int, port: int, args: tuple) -> None:
     """One forked rank: join the gloo group on 127.0.0.1, run `fn(rank, *args)`, leave."""
     import torch.distributed as tdist

@@ -206,16 +206,6 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> float:
     return sum(logp[i, t].item() for i, t in enumerate(cont))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the duration of a test: on a shared 2-core machine, OpenMP threads that
-    wait on each other while other processes hold the cores made forwards ~8x slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.model
 def test_zero_shot_matches_hand_computed(smollm, offline_zeroshot, one_thread):
     """ARC-Easy acc/acc_norm and WinoGrande acc from our lm-eval wiring equal a hand computation."""

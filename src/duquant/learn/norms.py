@@ -154,7 +154,7 @@ def _forward(
     store,
     windows: Tensor,
     slots,
-    shares: list[range] | None = None,
+    shares: list[sequence.Share] | None = None,
     graphs: _Graphs | None = None,
 ) -> list[list[BlockInputs]]:
     """Each block's inputs for `windows`, then the last block's output: one `BlockInputs` of
@@ -230,12 +230,12 @@ def _with_graph(
     return xs, [slots.call(i, block, x, kwargs) for x in xs]
 
 
-def _share(shares: list[range] | None, k: int):
+def _share(shares: list[sequence.Share] | None, k: int):
     """The context of share k's block calls (nothing without shares)."""
     return nullcontext() if shares is None else sequence.running(shares[k])
 
 
-def _block_done(shares: list[range] | None) -> None:
+def _block_done(shares: list[sequence.Share] | None) -> None:
     """A block's shares have run: their published keys and values go."""
     if shares is not None:
         sequence.block_done()
@@ -246,7 +246,7 @@ class _ShareGrads:
     its end: what the ranks' all-reduce adds when each holds one share (a missing gradient counts
     as zeros, as `_sync_step` fills it)."""
 
-    def __init__(self, params: list[Tensor], shares: list[range]):
+    def __init__(self, params: list[Tensor], shares: list[sequence.Share]):
         self.params, self.shares = params, shares
         self.acc: list[list[Tensor | None]] = [[None] * len(params) for _ in shares]
 
@@ -352,7 +352,13 @@ def _back_shares(i: int, block, units, grads, slots, acc, graphs) -> list[list[T
 
 
 def step_grads(
-    model, adapter: Adapter, store, windows, targets, slots, shares: list[range] | None = None
+    model,
+    adapter: Adapter,
+    store,
+    windows,
+    targets,
+    slots,
+    shares: list[sequence.Share] | None = None,
 ) -> float:
     """Gradients of the loss summed over `windows` into the trained tensors of `slots` (a
     `_Slots`, or anything with its `call`, `final_weight` and `params`); the summed loss. With
@@ -532,7 +538,7 @@ def train_blockwise(
 
 def _token_shares(
     model, adapter: Adapter, store, windows: Tensor, batch: int
-) -> list[range] | None:
+) -> list[sequence.Share] | None:
     """The token shares this process runs of each step's window when steps are cut by tokens (one
     window a step, a causal family whose block calls split by token), else None."""
     if not sequence.applies(batch, windows.shape[1]) or not sequence.causal(model.config):
@@ -542,7 +548,7 @@ def _token_shares(
     if not all(sequence.splittable(k) for k in [probe.kwargs, *probe.layer_kwargs]):
         log.info("this family's blocks do not split by tokens: one rank a training step")
         return None
-    return sequence.shares(windows.shape[1])
+    return sequence.shares(windows.shape[1], model.config)
 
 
 __all__ = [

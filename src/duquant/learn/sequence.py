@@ -7,7 +7,9 @@ the blocks, the head and the loss on its own. Attention is the one place tokens 
 queries attend to its own and every earlier share's keys and values (causal, and within the sliding
 window where a layer has one) and, backwards, the gradients of an earlier share's keys and values
 from the later shares are added to that share's own; each share's gradient of the trained tensors is
-summed over the step and the shares' sums are added at its end.
+summed over the step and the shares' sums are added at its end. The shares are cut where they cost
+alike: a later token attends over more keys, so an even cut would leave the earlier shares waiting
+(`cuts`, from the model's shapes).
 
 Under torch.distributed every rank runs one share (keys and values all-gathered, their gradients
 all-reduced, the trained tensors' gradients all-reduced). One process runs `LOCAL_SHARES` shares one
@@ -42,16 +44,32 @@ _PER_TOKEN = {"position_embeddings": 1, "position_ids": 1, "cache_position": 0}
 _REPLACED = ("attention_mask",)
 
 
+@dataclass(frozen=True)
+class Share:
+    """Tokens start..stop of a window cut at `bounds` (every share's first token, then the
+    window's length): what each share holds, for the gather of keys and values."""
+
+    start: int
+    stop: int
+    bounds: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def index(self) -> int:
+        """Which share of the window this is."""
+        return self.bounds.index(self.start)
+
+
 @dataclass
 class _Split:
-    """A split step: the attention the model had (name), the share running now (global positions
-    start..stop, its index), and in one process each attention module's published keys and values
-    of the shares run so far (detached leaves that collect the later shares' gradients)."""
+    """A split step: the attention the model had (name), the share running now, and in one
+    process each attention module's published keys and values of the shares run so far
+    (detached leaves that collect the later shares' gradients)."""
 
     inner: str | None
-    start: int = 0
-    stop: int = 0
-    index: int = 0
+    share: Share | None = None
     published: dict = field(default_factory=dict)
 
 
@@ -72,18 +90,59 @@ def _world() -> int:
 
 
 def applies(batch: int, seqlen: int) -> bool:
-    """Whether one step's window is cut into token shares: one window a step whose length the
-    share count divides."""
-    return batch == 1 and seqlen % share_count(_world()) == 0
+    """Whether one step's window is cut into token shares: one window a step, at least one token
+    a share."""
+    return batch == 1 and seqlen >= share_count(_world())
 
 
-def shares(seqlen: int) -> list[range]:
-    """The token shares this process runs, in order: its rank's one, or all of them in one process."""
+def token_costs(config, seqlen: int) -> Tensor:
+    """Multiply-adds of each of a window's `seqlen` tokens through the blocks and the head
+    (float64): the linears' and the head's per token, attention's per key the token reads (all
+    earlier tokens, or a layer's sliding window)."""
+    text = getattr(config, "get_text_config", lambda **_: config)()
+    h, layers = text.hidden_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    d = getattr(text, "head_dim", None) or h // heads
+    inter = text.intermediate_size
+    if getattr(text, "num_experts_per_tok", None) and getattr(text, "moe_intermediate_size", None):
+        inter = text.num_experts_per_tok * text.moe_intermediate_size  # routed: active experts only
+    per_block = h * heads * d * 2 + 2 * h * kv * d + 3 * h * inter
+    fixed = float(layers * per_block + text.vocab_size * h)
+    keys = torch.arange(1, seqlen + 1, dtype=torch.float64)
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * layers
+    read = torch.zeros(seqlen, dtype=torch.float64)
+    for kind in kinds:
+        read += keys.clamp(max=window) if window and kind == "sliding_attention" else keys
+    return fixed + 2.0 * heads * d * read  # q·k and p·v per key read
+
+
+def cuts(costs: Tensor, count: int) -> tuple[int, ...]:
+    """Share bounds (each share's first token, then the window's length) cutting tokens of
+    `costs` into `count` contiguous shares of about equal summed cost, each at least one token."""
+    n = len(costs)
+    total = torch.cumsum(costs, 0)
+    bounds = [0]
+    for k in range(1, count):
+        # the first token whose cumulative cost passes k / count of the whole
+        at = int(torch.searchsorted(total, total[-1] * k / count).item()) + 1
+        bounds.append(min(max(at, bounds[-1] + 1), n - (count - k)))
+    return (*bounds, n)
+
+
+def shares(seqlen: int, config=None) -> list[Share]:
+    """The token shares this process runs, in order: its rank's one, or all of them in one process;
+    cut by `config`'s token costs (None: evenly)."""
     w = _world()
-    n = seqlen // share_count(w)
+    count = share_count(w)
+    if config is None:
+        bounds = tuple(seqlen * k // count for k in range(count + 1))
+    else:
+        bounds = cuts(token_costs(config, seqlen), count)
     first = dist.rank() if w > 1 else 0
-    last = first + 1 if w > 1 else LOCAL_SHARES
-    return [range(k * n, (k + 1) * n) for k in range(first, last)]
+    last = first + 1 if w > 1 else count
+    return [Share(bounds[k], bounds[k + 1], bounds) for k in range(first, last)]
 
 
 def causal(config) -> bool:
@@ -106,7 +165,7 @@ def splittable(kwargs: dict) -> bool:
     return True
 
 
-def token_slice(inputs: BlockInputs, share: range) -> BlockInputs:
+def token_slice(inputs: BlockInputs, share: Share) -> BlockInputs:
     """`inputs` restricted to tokens `share` (hidden states and per-token arguments of every
     block); the attention mask left to this module."""
 
@@ -130,24 +189,29 @@ def token_slice(inputs: BlockInputs, share: range) -> BlockInputs:
 
 
 class _GatherTokens(torch.autograd.Function):
-    """This rank's [batch, heads, tokens, dim] share after every earlier rank's; backwards the
-    gradient summed over ranks (every later rank's queries read this rank's keys) and this rank's
-    share kept."""
+    """This rank's [batch, heads, tokens, dim] share after every earlier rank's (shares of unequal
+    length padded to the longest for the gather); backwards the gradient summed over ranks (every
+    later rank's queries read this rank's keys) and this rank's share kept."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.world())]
-        tdist.all_gather(parts, x)
-        ctx.n, ctx.world = x.shape[2], len(parts)
-        return torch.cat(parts[: dist.rank() + 1], dim=2)
+    def forward(ctx, x: Tensor, share: Share) -> Tensor:
+        b = share.bounds
+        sizes = [b[k + 1] - b[k] for k in range(len(b) - 1)]
+        pad = x.new_zeros(*x.shape[:2], max(sizes), *x.shape[3:])
+        pad.narrow(2, 0, x.shape[2]).copy_(x)
+        parts = [torch.empty_like(pad) for _ in range(dist.world())]
+        tdist.all_gather(parts, pad)
+        ctx.share = share
+        mine = zip(parts[: share.index + 1], sizes, strict=False)  # this rank's and the earlier
+        return torch.cat([p.narrow(2, 0, n) for p, n in mine], dim=2)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        full = grad.new_zeros(*grad.shape[:2], ctx.n * ctx.world, *grad.shape[3:])
+    def backward(ctx, grad: Tensor):
+        share = ctx.share
+        full = grad.new_zeros(*grad.shape[:2], share.bounds[-1], *grad.shape[3:])
         full.narrow(2, 0, grad.shape[2]).copy_(grad)
         tdist.all_reduce(full)
-        return full.narrow(2, dist.rank() * ctx.n, ctx.n)
+        return full.narrow(2, share.start, len(share)), None
 
 
 class _Leaf:
@@ -181,9 +245,9 @@ class _LocalGather(torch.autograd.Function):
 def _with_earlier(split: _Split, module: nn.Module, x: Tensor, which: int) -> Tensor:
     """`x` (keys 0 or values 1 of the running share) after every earlier share's."""
     if _world() > 1:
-        return _GatherTokens.apply(x)
+        return _GatherTokens.apply(x, split.share)
     published = split.published.setdefault((module, which), [])
-    if len(published) != split.index:
+    if sum(t.shape[2] for t in published) != split.share.start:
         raise RuntimeError("token shares must run in order within a block")
     mine = _Leaf(x)
     out = _LocalGather.apply(x, mine, *published)
@@ -219,7 +283,8 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     keys = _with_earlier(split, module, key, 0)
     values = _with_earlier(split, module, value, 1)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    mask = share_mask(split.start, split.stop, window, query.dtype, query.device)
+    share = split.share
+    mask = share_mask(share.start, share.stop, window, query.dtype, query.device)
     kwargs.pop("is_causal", None)
     return _inner(module, split.inner)(module, query, keys, values, mask, **kwargs)
 
@@ -244,10 +309,9 @@ def parallel(model: nn.Module):
 
 
 @contextmanager
-def running(share: range):
+def running(share: Share):
     """Within `parallel`: the block calls are share `share` (global token positions)."""
-    split = _ACTIVE[-1]
-    split.start, split.stop, split.index = share.start, share.stop, share.start // len(share)
+    _ACTIVE[-1].share = share
     yield
 
 
@@ -288,9 +352,11 @@ def _configs(config) -> list:
 
 __all__ = [
     "LOCAL_SHARES",
+    "Share",
     "applies",
     "block_done",
     "causal",
+    "cuts",
     "parallel",
     "paused",
     "running",
@@ -298,5 +364,6 @@ __all__ = [
     "share_mask",
     "shares",
     "splittable",
+    "token_costs",
     "token_slice",
 ]
