@@ -131,15 +131,12 @@ def cuts(costs: Tensor, count: int) -> tuple[int, ...]:
     return (*bounds, n)
 
 
-def shares(seqlen: int, config=None) -> list[Share]:
+def shares(seqlen: int, config) -> list[Share]:
     """The token shares this process runs, in order: its rank's one, or all of them in one process;
-    cut by `config`'s token costs (None: evenly)."""
+    cut by `config`'s token costs."""
     w = _world()
     count = share_count(w)
-    if config is None:
-        bounds = tuple(seqlen * k // count for k in range(count + 1))
-    else:
-        bounds = cuts(token_costs(config, seqlen), count)
+    bounds = cuts(token_costs(config, seqlen), count)
     first = dist.rank() if w > 1 else 0
     last = first + 1 if w > 1 else count
     return [Share(bounds[k], bounds[k + 1], bounds) for k in range(first, last)]
